@@ -1,0 +1,1 @@
+"""Protocol surfaces: parse and validate, call the gateway, format. No business logic."""

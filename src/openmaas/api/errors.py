@@ -1,0 +1,128 @@
+"""The one table that maps catalogue error codes to each protocol's wire format."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from openmaas.api.responses import JSONResponse, ProblemResponse
+from openmaas.errors import STATUS, ErrorCode, OpenMaaSError
+
+log = logging.getLogger(__name__)
+
+# OpenAI error ``type`` for each status class, as the OpenAI API uses them.
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def protocol_of(path: str) -> str:
+    if path == "/v1" or path.startswith("/v1/"):
+        return "openai"
+    if path == "/v2" or path.startswith("/v2/"):
+        return "v2"
+    return "api"
+
+
+def error_response(
+    protocol: str,
+    code: ErrorCode,
+    message: str,
+    *,
+    param: str | None = None,
+    status: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """The error in the wire format of ``protocol``: OpenAI error object, v2 ``{"error"}`` or RFC 9457."""
+    status = status or STATUS[code]
+    headers = dict(headers or {})
+    if status == 401:
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    body: dict[str, Any]
+    if protocol == "openai":
+        body = {
+            "error": {
+                "message": message,
+                "type": _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+                "param": param,
+                "code": code.value,
+            }
+        }
+        return JSONResponse(body, status_code=status, headers=headers)
+    if protocol == "v2":
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    problem: dict[str, Any] = {
+        "type": f"https://openmaas.dev/errors/{code.value}",
+        "title": code.value.replace("_", " ").capitalize(),
+        "status": status,
+        "detail": message,
+        "code": code.value,
+    }
+    if param:
+        problem["param"] = param
+    return ProblemResponse(problem, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[ErrorCode, str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return ErrorCode.INVALID_REQUEST, "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return ErrorCode.INVALID_JSON, "the request body is not valid JSON", None
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    msg = str(first.get("msg", "invalid value"))
+    if first.get("type") == "missing":
+        return ErrorCode.INVALID_REQUEST, f"missing required parameter '{param}'", param
+    return ErrorCode.INVALID_REQUEST, f"invalid value for '{param}': {msg}" if param else msg, param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def domain_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, OpenMaaSError)
+        if exc.status >= 500:
+            log.error("server error", extra={"code": exc.code.value, "error": exc.message})
+        return error_response(protocol_of(request.url.path), exc.code, exc.message, param=exc.param)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        code, message, param = _validation_message(exc)
+        return error_response(protocol_of(request.url.path), code, message, param=param)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
+            exc.status_code, ErrorCode.INVALID_REQUEST
+        )
+        message = str(exc.detail) if exc.detail else code.value
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        return error_response(
+            protocol_of(request.url.path), code, message, status=exc.status_code, headers=dict(exc.headers or {})
+        )
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", extra={"path": request.url.path})
+        return error_response(
+            protocol_of(request.url.path),
+            ErrorCode.INTERNAL,
+            "internal server error; the request id in X-Request-Id identifies it in the server logs",
+        )
+
+    app.add_exception_handler(OpenMaaSError, domain_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

@@ -1,0 +1,154 @@
+"""Open Inference Protocol v2 (KServe / Triton) with the binary tensor and model repository extensions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from openmaas import __version__
+from openmaas.api.deps import GatewayDep, PrincipalDep, principal
+from openmaas.api.responses import JSONResponse
+from openmaas.api.v2_codec import HEADER_LENGTH, decode_request, encode_response
+from openmaas.errors import Forbidden, InvalidRequest
+from openmaas.gateway.auth import Principal
+from openmaas.gateway.service import Gateway
+from openmaas.registry.models import ModelVersion
+
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+
+
+def health_router() -> APIRouter:
+    """Liveness and readiness: open to everyone (load balancers carry no keys)."""
+    router = APIRouter(prefix="/v2/health", tags=["v2"])
+
+    @router.get("/live")
+    async def live() -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    @router.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        is_ready = bool(getattr(request.app.state, "ready", False))
+        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+    return router
+
+
+def _version_number(version: str | None) -> int | None:
+    if version is None or version == "":
+        return None
+    try:
+        number = int(version)
+    except ValueError:
+        raise InvalidRequest(f"model version must be an integer, got '{version}'", param="version") from None
+    if number < 1:
+        raise InvalidRequest(f"model version must be 1 or more, got {number}", param="version")
+    return number
+
+
+def _metadata(gw: Gateway, who: Principal, mv: ModelVersion) -> dict[str, Any]:
+    from openmaas.runtimes import RUNTIMES
+
+    versions = [str(v.version) for v in gw.registry.list_versions(mv.model)]
+    return {
+        "name": mv.model,
+        "versions": versions,
+        "platform": RUNTIMES[mv.format].platform,
+        "inputs": [t.model_dump() for t in mv.signature.inputs],
+        "outputs": [t.model_dump() for t in mv.signature.outputs],
+    }
+
+
+def router() -> APIRouter:
+    r = APIRouter(prefix="/v2", tags=["v2"], dependencies=[Depends(principal)])
+
+    @r.get("")
+    async def server_metadata() -> JSONResponse:
+        return JSONResponse({"name": "openmaas", "version": __version__, "extensions": EXTENSIONS})
+
+    @r.get("/models/{model}")
+    async def model_metadata(model: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+        return JSONResponse(_metadata(gw, who, gw.model_version(who, model)))
+
+    @r.get("/models/{model}/versions/{version}")
+    async def version_metadata(model: str, version: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+        return JSONResponse(_metadata(gw, who, gw.model_version(who, model, _version_number(version))))
+
+    @r.get("/models/{model}/ready")
+    async def model_ready(model: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+        mv = gw.model_version(who, model)
+        return JSONResponse({"name": mv.model, "ready": True})
+
+    @r.get("/models/{model}/versions/{version}/ready")
+    async def version_ready(model: str, version: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+        mv = gw.model_version(who, model, _version_number(version))
+        return JSONResponse({"name": mv.model, "ready": True})
+
+    async def _infer(request: Request, gw: Gateway, who: Principal, model: str, version: int | None) -> Response:
+        raw_length = request.headers.get(HEADER_LENGTH)
+        header_length: int | None = None
+        if raw_length is not None:
+            try:
+                header_length = int(raw_length)
+            except ValueError:
+                raise InvalidRequest(
+                    f"Inference-Header-Content-Length must be an integer, got '{raw_length}'",
+                    param="Inference-Header-Content-Length",
+                ) from None
+        body = await request.body()
+        if not body:
+            raise InvalidRequest("the request body is empty; send a JSON object with 'inputs'")
+        decoded = decode_request(body, header_length)
+        result = await gw.infer(who, model, version, decoded.request, "v2")
+        content, json_length = encode_response(result, decoded.binary_outputs, decoded.default_binary)
+        if json_length is None:
+            return Response(content, media_type="application/json")
+        return Response(
+            content,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(json_length)},
+        )
+
+    @r.post("/models/{model}/infer")
+    async def infer(model: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> Response:
+        return await _infer(request, gw, who, model, None)
+
+    @r.post("/models/{model}/versions/{version}/infer")
+    async def infer_version(model: str, version: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> Response:
+        return await _infer(request, gw, who, model, _version_number(version))
+
+    # -- model repository extension --------------------------------------------------------------------------
+
+    def _require_manage(who: Principal) -> None:
+        if not who.has_scope("manage"):
+            raise Forbidden("loading and unloading models needs an API key with the 'manage' scope")
+
+    @r.post("/repository/index")
+    async def repository_index(gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+        entries = []
+        for model in gw.list_models(who):
+            for mv in gw.registry.list_versions(model.name):
+                if gw.pool.get(mv.model, mv.version) is not None:
+                    state, reason = "READY", ""
+                elif gw.pool.is_loading(mv.model, mv.version):
+                    state, reason = "LOADING", ""
+                else:
+                    state, reason = "UNAVAILABLE", "unloaded (loads on first request)"
+                entries.append({"name": mv.model, "version": str(mv.version), "state": state, "reason": reason})
+        return JSONResponse(entries)
+
+    @r.post("/repository/models/{model}/load")
+    async def repository_load(model: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+        _require_manage(who)
+        await gw.pool.load(gw.model_version(who, model))
+        return JSONResponse({})
+
+    @r.post("/repository/models/{model}/unload")
+    async def repository_unload(model: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+        _require_manage(who)
+        gw.get_model(who, model)
+        await gw.pool.unload(model)
+        return JSONResponse({})
+
+    return r

@@ -1,0 +1,133 @@
+"""The composition root: ``create_app(settings)`` builds every part from Settings. Nothing happens at import."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
+
+from openmaas import __version__
+from openmaas.api import health, manage, openai, v2
+from openmaas.api.errors import install_error_handlers
+from openmaas.api.middleware import RequestContextMiddleware
+from openmaas.artifacts import LocalArtifactStore
+from openmaas.config import Settings
+from openmaas.gateway.auth import KeyAuthenticator, load_or_create_secret
+from openmaas.gateway.service import Gateway
+from openmaas.registry.service import ModelRegistry
+from openmaas.runtimes import RuntimeOptions
+from openmaas.serving.pool import ResidencyPool
+from openmaas.store import db
+from openmaas.store.registry import RegistryStore
+from openmaas.telemetry import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Platform:
+    """Every long-lived part, built once per app."""
+
+    settings: Settings
+    engine: Engine
+    metrics: Metrics
+    registry: ModelRegistry
+    pool: ResidencyPool
+    gateway: Gateway
+    executor: ThreadPoolExecutor
+
+
+def build_platform(settings: Settings) -> Platform:
+    """Wire stores, registry, serving and gateway together (no I/O beyond creating folders)."""
+    # Models ship in packages; nothing may fetch weights from a hub at run time.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = db.create_db_engine(settings.resolved_database_url)
+    sessions = db.session_factory(engine)
+    metrics = Metrics()
+    options = RuntimeOptions(onnx_threads=settings.onnx_threads, torch_threads=settings.torch_threads)
+    registry = ModelRegistry(RegistryStore(sessions), LocalArtifactStore(settings.artifacts_dir), options)
+    executor = ThreadPoolExecutor(max_workers=settings.inference_workers, thread_name_prefix="openmaas-infer")
+    pool = ResidencyPool(registry.artifact_path, options, metrics, executor)
+    secret = load_or_create_secret(
+        settings.secret_key.get_secret_value() if settings.secret_key else None,
+        settings.data_dir / "secret.key",
+    )
+    gateway = Gateway(KeyAuthenticator(sessions, secret), registry, pool, metrics)
+    return Platform(settings, engine, metrics, registry, pool, gateway, executor)
+
+
+def _start(platform: Platform) -> None:
+    """Blocking start-up work: migrations, the admin key, the bundled catalogue."""
+    from openmaas.catalogue import ensure_catalogue
+
+    settings = platform.settings
+    db.upgrade(platform.engine)
+    configured = settings.admin_key.get_secret_value() if settings.admin_key else None
+    key_file = settings.data_dir / "admin.key"
+    generated = platform.gateway.auth.ensure_admin_key(configured, key_file)
+    if generated is not None:
+        # Printed once, on the console only (never logged); the file keeps it for the CLI.
+        print(
+            f"\nGenerated the platform-admin API key (shown once; also saved to {key_file}, mode 0600):\n"
+            f"  {generated}\n",
+            file=sys.stdout,
+            flush=True,
+        )
+    if settings.bundled_models:
+        ensure_catalogue(platform.registry, settings.data_dir / "tmp")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The ASGI application for ``settings``."""
+    platform = build_platform(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(_start, platform)
+        app.state.ready = True
+        log.info("openmaas ready", extra={"version": __version__, "data_dir": str(settings.data_dir)})
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            await platform.pool.close()
+            platform.executor.shutdown(wait=False, cancel_futures=True)
+            platform.engine.dispose()
+
+    app = FastAPI(
+        title="OpenMaaS",
+        version=__version__,
+        description="Model-as-a-service: OpenAI-compatible and Open Inference Protocol v2 endpoints, "
+        "model registry and management API.",
+        lifespan=lifespan,
+    )
+    app.state.platform = platform
+    app.state.gateway = platform.gateway
+    app.state.metrics = platform.metrics
+    app.state.ready = False
+
+    install_error_handlers(app)
+    app.include_router(health.router())
+    app.include_router(v2.health_router())
+    app.include_router(v2.router())
+    app.include_router(openai.router(settings.max_embedding_inputs))
+    app.include_router(manage.router(settings.data_dir / "tmp", settings.max_upload_bytes))
+
+    def body_limit(method: str, path: str) -> int:
+        if method == "POST" and path == "/api/models":
+            return settings.max_upload_bytes
+        return settings.max_request_bytes
+
+    app.add_middleware(RequestContextMiddleware, metrics=platform.metrics, body_limit=body_limit)
+    return app

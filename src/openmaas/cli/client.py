@@ -1,0 +1,75 @@
+"""A small HTTP client for the management API, used by the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def resolve_key(explicit: str | None, data_dir: Path) -> str | None:
+    """The API key: --api-key, then OPENMAAS_API_KEY, then the admin key file a local server wrote."""
+    if explicit:
+        return explicit
+    env = os.environ.get("OPENMAAS_API_KEY")
+    if env:
+        return env
+    key_file = data_dir / "admin.key"
+    if key_file.is_file():
+        return key_file.read_text().strip()
+    return None
+
+
+class Client:
+    def __init__(self, url: str, key: str | None, timeout: float = 600.0) -> None:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._http.close()
+
+    def _check(self, response: httpx.Response) -> Any:
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                message = body.get("detail") or body.get("error") or response.text
+                if isinstance(message, dict):
+                    message = message.get("message", str(message))
+            except ValueError:
+                message = response.text
+            raise ApiError(response.status_code, str(message))
+        return response.json() if response.content else None
+
+    def get(self, path: str) -> Any:
+        return self._check(self._http.get(path))
+
+    def post(self, path: str, json: Any = None) -> Any:
+        return self._check(self._http.post(path, json=json))
+
+    def register_model(self, path: Path, name: str, fmt: str | None, card_json: str | None) -> Any:
+        """Upload a model file, or a folder zipped on the fly."""
+        data: dict[str, str] = {"name": name}
+        if fmt:
+            data["format"] = fmt
+        if card_json:
+            data["card"] = card_json
+        with tempfile.TemporaryDirectory() as tmp:
+            upload = path
+            if path.is_dir():
+                upload = Path(shutil.make_archive(str(Path(tmp) / path.name), "zip", root_dir=path))
+            with upload.open("rb") as f:
+                return self._check(self._http.post("/api/models", data=data, files={"file": (upload.name, f)}))

@@ -1,0 +1,161 @@
+"""``openmaas``: run the server and manage models from the terminal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from openmaas.cli.client import ApiError, Client, resolve_key
+
+app = typer.Typer(help="OpenMaaS: models as a service.", no_args_is_help=True, add_completion=False)
+models_app = typer.Typer(help="Register, list, show, load and unload models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="OPENMAAS_URL", help="Server address.")]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="OPENMAAS_API_KEY", help="API key (default: <data-dir>/admin.key)."),
+]
+DataDirOpt = Annotated[
+    Path, typer.Option("--data-dir", envvar="OPENMAAS_DATA_DIR", help="Data folder of a local server.")
+]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000; 0 picks a free one).")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Data folder (default ./.openmaas).")] = None,
+) -> None:
+    """Start the server (first start registers the bundled models)."""
+    import uvicorn
+
+    from openmaas.app import create_app
+    from openmaas.config import Settings
+    from openmaas.telemetry import configure_logging
+
+    overrides: dict[str, Any] = {}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level, settings.log_format)
+    application = create_app(settings)
+    uvicorn.run(
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        loop="auto",
+        http="auto",
+        timeout_graceful_shutdown=10,
+    )
+
+
+def _client(url: str, key: str | None, data_dir: Path) -> Client:
+    return Client(url, resolve_key(key, data_dir))
+
+
+def _fail(e: ApiError) -> None:
+    err.print(f"[red]error {e.status}:[/red] {e.message}")
+    raise typer.Exit(1)
+
+
+@models_app.command("register")
+def models_register(
+    path: Annotated[Path, typer.Argument(exists=True, help="ONNX/skops file or a model folder.")],
+    name: Annotated[str, typer.Option("--name", help="Model name.")],
+    format: Annotated[str | None, typer.Option("--format", help="onnx, sentence-transformers or skops.")] = None,
+    card: Annotated[Path | None, typer.Option("--card", exists=True, help="Model card as a JSON file.")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+    data_dir: DataDirOpt = Path(".openmaas"),
+) -> None:
+    """Upload a model as the next version of NAME."""
+    card_json = card.read_text() if card else None
+    with _client(url, api_key, data_dir) as c, console.status(f"Uploading and checking {path.name}..."):
+        try:
+            mv = c.register_model(path, name, format, card_json)
+        except ApiError as e:
+            _fail(e)
+            return
+    console.print(
+        f"Registered [bold]{mv['model']}[/bold] version {mv['version']} ({mv['format']}, sha256 {mv['sha256'][:12]})"
+    )
+
+
+@models_app.command("list")
+def models_list(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, data_dir: DataDirOpt = Path(".openmaas")) -> None:
+    """List the models you can see."""
+    with _client(url, api_key, data_dir) as c:
+        try:
+            models = c.get("/api/models")["models"]
+        except ApiError as e:
+            _fail(e)
+            return
+    table = Table("name", "latest", "visibility", "owner", "created")
+    for m in models:
+        table.add_row(
+            m["name"],
+            str(m["latest_version"]),
+            m["visibility"],
+            m["owner_org_id"] or "platform",
+            m["created_at"][:19],
+        )
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(
+    name: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, data_dir: DataDirOpt = Path(".openmaas")
+) -> None:
+    """Show a model's versions, signature and card."""
+    with _client(url, api_key, data_dir) as c:
+        try:
+            model = c.get(f"/api/models/{name}")
+        except ApiError as e:
+            _fail(e)
+            return
+    console.print_json(json.dumps(model))
+
+
+def _repository(action: str, name: str, url: str, api_key: str | None, data_dir: Path) -> None:
+    with _client(url, api_key, data_dir) as c, console.status(f"{action.capitalize()}ing {name}..."):
+        try:
+            c.post(f"/v2/repository/models/{name}/{action}")
+        except ApiError as e:
+            _fail(e)
+            return
+    console.print(f"{name}: {action}ed")
+
+
+@models_app.command("load")
+def models_load(
+    name: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, data_dir: DataDirOpt = Path(".openmaas")
+) -> None:
+    """Load a model's latest version into memory now."""
+    _repository("load", name, url, api_key, data_dir)
+
+
+@models_app.command("unload")
+def models_unload(
+    name: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, data_dir: DataDirOpt = Path(".openmaas")
+) -> None:
+    """Unload a model (after its in-flight requests finish)."""
+    _repository("unload", name, url, api_key, data_dir)
+
+
+def main() -> None:
+    app()

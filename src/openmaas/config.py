@@ -1,0 +1,77 @@
+"""The one Settings object: every knob of the platform, read from ``OPENMAAS_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class Settings(BaseSettings):
+    """Platform settings. Each field is documented in docs/settings.md (a test keeps the two in step)."""
+
+    model_config = SettingsConfigDict(env_prefix="OPENMAAS_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path(".openmaas"),
+        description="Folder for the embedded database, artifacts, the admin key and the server secret.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address `openmaas serve` binds to.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port `openmaas serve` listens on.")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the database; default SQLite (WAL) at <data_dir>/openmaas.db. "
+        "Use postgresql+psycopg://user@host/db for PostgreSQL.",
+    )
+    admin_key: SecretStr | None = Field(
+        default=None,
+        description="Platform-admin API key. When unset, one is generated at first start, printed once "
+        "and written to <data_dir>/admin.key (mode 0600).",
+    )
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="Server secret for keyed hashes of API keys. When unset, one is generated into "
+        "<data_dir>/secret.key. Servers sharing a database must share it.",
+    )
+    bundled_models: bool = Field(
+        default=True, description="Register the bundled model catalogue at start (first start trains it)."
+    )
+    onnx_threads: int = Field(
+        default_factory=_default_threads, ge=1, description="Intra-op threads of each ONNX Runtime session."
+    )
+    torch_threads: int = Field(
+        default_factory=_default_threads, ge=1, description="Threads PyTorch runtimes use for inference."
+    )
+    inference_workers: int = Field(
+        default=2, ge=1, description="Threads that run model computations off the event loop."
+    )
+    max_request_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413."
+    )
+    max_upload_bytes: int = Field(
+        default=2 * 1024 * 1024 * 1024, ge=1024, description="Largest model upload accepted by /api/models."
+    )
+    max_embedding_inputs: int = Field(
+        default=2048, ge=1, description="Most strings one /v1/embeddings request may carry."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log level of the server's JSON logs."
+    )
+    log_format: Literal["json", "text"] = Field(default="json", description="Log line format.")
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'openmaas.db').resolve()}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"

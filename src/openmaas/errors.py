@@ -1,0 +1,115 @@
+"""The error catalogue: every domain error has a code; each protocol maps codes to its wire format in api/errors.py."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Stable machine-readable error codes. The HTTP status of each lives in ``STATUS``."""
+
+    UNAUTHENTICATED = "invalid_api_key"
+    FORBIDDEN = "permission_denied"
+    NOT_FOUND = "not_found"
+    MODEL_NOT_FOUND = "model_not_found"
+    ALREADY_EXISTS = "already_exists"
+    INVALID_REQUEST = "invalid_request"
+    INVALID_JSON = "invalid_json"
+    INVALID_INPUT = "invalid_input"
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    UNSAFE_FORMAT = "unsafe_format"
+    UNSUPPORTED_OPERATION = "unsupported_operation"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    MODEL_NOT_READY = "model_not_ready"
+    MODEL_LOAD_FAILED = "model_load_failed"
+    INTERNAL = "internal_error"
+
+
+STATUS: dict[ErrorCode, int] = {
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.MODEL_NOT_FOUND: 404,
+    ErrorCode.ALREADY_EXISTS: 409,
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.INVALID_JSON: 400,
+    ErrorCode.INVALID_INPUT: 400,
+    ErrorCode.UNSUPPORTED_FORMAT: 400,
+    ErrorCode.UNSAFE_FORMAT: 400,
+    ErrorCode.UNSUPPORTED_OPERATION: 400,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.METHOD_NOT_ALLOWED: 405,
+    ErrorCode.MODEL_NOT_READY: 503,
+    ErrorCode.MODEL_LOAD_FAILED: 500,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+class OpenMaaSError(Exception):
+    """A domain error with a catalogue code, a human message and optionally the offending parameter."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.message = message
+        self.param = param
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.code]
+
+
+class Unauthenticated(OpenMaaSError):
+    code = ErrorCode.UNAUTHENTICATED
+
+
+class Forbidden(OpenMaaSError):
+    code = ErrorCode.FORBIDDEN
+
+
+class NotFound(OpenMaaSError):
+    code = ErrorCode.NOT_FOUND
+
+
+class ModelNotFound(OpenMaaSError):
+    code = ErrorCode.MODEL_NOT_FOUND
+
+    def __init__(self, name: str, version: str | int | None = None) -> None:
+        what = f"model '{name}'" if version is None else f"version {version} of model '{name}'"
+        super().__init__(f"The {what} does not exist or you do not have access to it.", param="model")
+
+
+class AlreadyExists(OpenMaaSError):
+    code = ErrorCode.ALREADY_EXISTS
+
+
+class InvalidRequest(OpenMaaSError):
+    code = ErrorCode.INVALID_REQUEST
+
+
+class InvalidInput(OpenMaaSError):
+    """A tensor or text input that does not match the model's signature."""
+
+    code = ErrorCode.INVALID_INPUT
+
+
+class UnsupportedFormat(OpenMaaSError):
+    code = ErrorCode.UNSUPPORTED_FORMAT
+
+
+class UnsafeFormat(OpenMaaSError):
+    """A model file that could run code when loaded (pickle and friends)."""
+
+    code = ErrorCode.UNSAFE_FORMAT
+
+
+class PayloadTooLarge(OpenMaaSError):
+    code = ErrorCode.PAYLOAD_TOO_LARGE
+
+
+class ModelLoadFailed(OpenMaaSError):
+    code = ErrorCode.MODEL_LOAD_FAILED

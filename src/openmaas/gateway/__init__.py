@@ -1,0 +1,1 @@
+"""The gateway: authenticate, authorise, admit, dispatch, settle."""

@@ -1,0 +1,1 @@
+"""The model registry: models, immutable versions, signatures and model cards."""

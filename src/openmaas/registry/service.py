@@ -1,0 +1,113 @@
+"""Registering models: detect and check the format, load once to read the signature, store, version."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+
+from openmaas.artifacts import ArtifactStore
+from openmaas.errors import InvalidRequest, ModelLoadFailed, ModelNotFound, OpenMaaSError
+from openmaas.registry.formats import detect_format
+from openmaas.registry.models import Model, ModelCard, ModelVersion, Visibility
+from openmaas.runtimes import RuntimeOptions, create_runtime
+from openmaas.store.registry import RegistryStore
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# How long a resolved "latest version" may be served from memory; bounds staleness across processes.
+_CACHE_TTL_S = 2.0
+
+
+class ModelRegistry:
+    """The registry domain service used by the gateway and the management API."""
+
+    def __init__(self, store: RegistryStore, artifacts: ArtifactStore, options: RuntimeOptions) -> None:
+        self.store = store
+        self.artifacts = artifacts
+        self.options = options
+        self._cache: dict[tuple[str, int | None], tuple[float, ModelVersion]] = {}
+        self._lock = threading.Lock()
+
+    def register(
+        self,
+        source: Path,
+        name: str,
+        *,
+        format: str | None = None,
+        card: ModelCard | None = None,
+        owner_org_id: str | None = None,
+        visibility: Visibility = "private",
+    ) -> ModelVersion:
+        """Add ``source`` (file or folder) as the next version of ``name``, creating the model if new."""
+        if not NAME_RE.match(name):
+            raise InvalidRequest(
+                f"invalid model name '{name}': use 1-128 letters, digits, '.', '_' or '-', starting with a "
+                "letter or digit",
+                param="name",
+            )
+        fmt = detect_format(source, format)
+        runtime = create_runtime(fmt, source, self.options)
+        try:
+            runtime.load()
+            signature = runtime.signature
+        except OpenMaaSError:
+            raise
+        except Exception as e:
+            log.info("model failed to load at registration", extra={"model": name, "error": str(e)})
+            raise InvalidRequest(f"the {fmt} model could not be loaded: {e}", param="file") from None
+        finally:
+            runtime.unload()
+        artifact = self.artifacts.put(source)
+        try:
+            self.store.get_model(name)
+        except ModelNotFound:
+            self.store.create_model(name, owner_org_id=owner_org_id, visibility=visibility)
+        version = self.store.add_version(
+            name,
+            format=fmt,
+            sha256=artifact.sha256,
+            size_bytes=artifact.size_bytes,
+            signature=signature,
+            card=card or ModelCard(),
+        )
+        self.invalidate(name)
+        log.info("model registered", extra={"model": name, "version": version.version, "format": fmt})
+        return version
+
+    def resolve(self, name: str, version: int | None = None) -> ModelVersion:
+        """The version to serve (latest when None), cached briefly for the request path."""
+        key = (name, version)
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and now - hit[0] < _CACHE_TTL_S:
+            return hit[1]
+        mv = self.store.get_version(name, version)
+        with self._lock:
+            self._cache[key] = (now, mv)
+        return mv
+
+    def invalidate(self, name: str) -> None:
+        with self._lock:
+            for key in [k for k in self._cache if k[0] == name]:
+                del self._cache[key]
+
+    def list_models(self) -> list[Model]:
+        return self.store.list_models()
+
+    def get_model(self, name: str) -> Model:
+        return self.store.get_model(name)
+
+    def list_versions(self, name: str) -> list[ModelVersion]:
+        return self.store.list_versions(name)
+
+    def artifact_path(self, mv: ModelVersion) -> Path:
+        try:
+            return self.artifacts.local_path(mv.sha256)
+        except FileNotFoundError:
+            raise ModelLoadFailed(
+                f"the artifact of {mv.model} version {mv.version} is missing from the artifact store"
+            ) from None

@@ -1,0 +1,68 @@
+"""The small contract every runtime implements: load, infer(batch), signature, memory_bytes, unload."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from openmaas.runtimes.types import Signature
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Resources a runtime may use; built from Settings by the composition root."""
+
+    onnx_threads: int = 1
+    torch_threads: int = 1
+
+
+@dataclass
+class RuntimeResult:
+    """Named output arrays (batch first) plus, for text models, the tokens each item used."""
+
+    outputs: dict[str, np.ndarray]
+    tokens: np.ndarray | None = field(default=None)
+
+
+class Runtime(ABC):
+    """A loaded model. Receives arrays and strings, returns arrays; knows nothing of HTTP or tenants."""
+
+    #: Format name as stored in the registry (``onnx``, ``sentence-transformers``, ``skops``).
+    format: str = ""
+    #: Platform string shown in Open Inference Protocol model metadata.
+    platform: str = ""
+
+    def __init__(self, path: Path, options: RuntimeOptions) -> None:
+        self.path = path
+        self.options = options
+
+    @abstractmethod
+    def load(self) -> None:
+        """Read the artifact into memory; after this ``signature`` and ``infer`` work."""
+
+    @property
+    @abstractmethod
+    def signature(self) -> Signature:
+        """Inputs and outputs, batch dimension first (-1)."""
+
+    @abstractmethod
+    def infer(self, batch: Mapping[str, np.ndarray]) -> RuntimeResult:
+        """Compute outputs for a batch of validated inputs (every array shares the first dimension)."""
+
+    @abstractmethod
+    def memory_bytes(self) -> int:
+        """Estimated resident memory of the loaded model."""
+
+    @abstractmethod
+    def unload(self) -> None:
+        """Release the model's memory; the object may be loaded again."""
+
+
+def directory_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

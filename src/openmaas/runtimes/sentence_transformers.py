@@ -1,0 +1,77 @@
+"""sentence-transformers: text embeddings from a Hugging Face / sentence-transformers folder (safetensors)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from openmaas.runtimes.base import Runtime, RuntimeResult
+from openmaas.runtimes.types import Signature, TensorSpec
+
+
+class SentenceTransformerRuntime(Runtime):
+    """Input ``text`` BYTES [-1]; output ``embedding`` FP32 [-1, dim]; counts the tokens each text used."""
+
+    format = "sentence-transformers"
+    platform = "sentence_transformers"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._model: Any = None
+        self._signature: Signature | None = None
+
+    def load(self) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(self.options.torch_threads)
+        model = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
+        model.eval()
+        dim = int(model.get_embedding_dimension() or 0)
+        self._signature = Signature(
+            inputs=[TensorSpec(name="text", datatype="BYTES", shape=[-1])],
+            outputs=[TensorSpec(name="embedding", datatype="FP32", shape=[-1, dim])],
+        )
+        self._model = model
+
+    @property
+    def signature(self) -> Signature:
+        if self._signature is None:
+            raise RuntimeError("sentence-transformers model is not loaded")
+        return self._signature
+
+    @property
+    def max_tokens(self) -> int:
+        """Longest input in tokens; longer texts are truncated to it (the model's max_seq_length)."""
+        return int(self._model.max_seq_length)
+
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings (N, dim) and the number of tokens the model read for each text."""
+        import torch
+
+        model = self._model
+        if model is None:
+            raise RuntimeError("sentence-transformers model is not loaded")
+        # Same pipeline as SentenceTransformer.encode, minus its per-call bookkeeping, so the tokenisation
+        # done for the forward pass also gives the token counts.
+        features = model.preprocess(texts)
+        tokens = features["attention_mask"].sum(dim=1).numpy().astype(np.int64)
+        with torch.inference_mode():
+            out = model(features)
+        return out["sentence_embedding"].float().numpy(), tokens
+
+    def infer(self, batch: Mapping[str, np.ndarray]) -> RuntimeResult:
+        texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in batch["text"].reshape(-1)]
+        embeddings, tokens = self.embed(texts)
+        return RuntimeResult(outputs={"embedding": embeddings}, tokens=tokens)
+
+    def memory_bytes(self) -> int:
+        model = self._model
+        if model is None:
+            return 0
+        return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+    def unload(self) -> None:
+        self._model = None

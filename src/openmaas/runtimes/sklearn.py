@@ -1,0 +1,78 @@
+"""scikit-learn estimators stored with skops (no pickle): classifiers and regressors on numeric features."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from openmaas.runtimes.base import Runtime, RuntimeResult
+from openmaas.runtimes.types import Signature, TensorSpec
+
+
+def untrusted_types(path: str) -> list[str]:
+    """Types in a .skops file that skops does not trust by default (loading them is refused)."""
+    import skops.io as sio
+
+    return list(sio.get_untrusted_types(file=path))
+
+
+class SkopsRuntime(Runtime):
+    """Input ``features`` FP32 [-1, n]; outputs ``probabilities`` + ``label`` (classifiers) or ``prediction``."""
+
+    format = "skops"
+    platform = "sklearn_skops"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._estimator: Any = None
+        self._signature: Signature | None = None
+
+    def load(self) -> None:
+        import skops.io as sio
+
+        # trusted=None: only the types skops trusts by default; anything else raises instead of running.
+        estimator = sio.load(str(self.path), trusted=None)
+        n_features = getattr(estimator, "n_features_in_", None)
+        if n_features is None:
+            raise ValueError("the skops file holds an estimator that has not been fitted (no n_features_in_)")
+        inputs = [TensorSpec(name="features", datatype="FP32", shape=[-1, int(n_features)])]
+        classes = getattr(estimator, "classes_", None)
+        if classes is not None and hasattr(estimator, "predict_proba"):
+            label_type = "INT64" if np.asarray(classes).dtype.kind in "iub" else "BYTES"
+            outputs = [
+                TensorSpec(name="probabilities", datatype="FP32", shape=[-1, len(classes)]),
+                TensorSpec(name="label", datatype=label_type, shape=[-1]),  # type: ignore[arg-type]
+            ]
+        else:
+            outputs = [TensorSpec(name="prediction", datatype="FP32", shape=[-1])]
+        self._signature = Signature(inputs=inputs, outputs=outputs)
+        self._estimator = estimator
+
+    @property
+    def signature(self) -> Signature:
+        if self._signature is None:
+            raise RuntimeError("skops model is not loaded")
+        return self._signature
+
+    def infer(self, batch: Mapping[str, np.ndarray]) -> RuntimeResult:
+        est = self._estimator
+        if est is None:
+            raise RuntimeError("skops model is not loaded")
+        x = np.asarray(batch["features"], dtype=np.float32)
+        if self.signature.output("prediction") is not None:
+            return RuntimeResult(outputs={"prediction": np.asarray(est.predict(x), dtype=np.float32).reshape(-1)})
+        proba = np.asarray(est.predict_proba(x), dtype=np.float32)
+        labels = np.asarray(est.classes_)[proba.argmax(axis=1)]
+        if labels.dtype.kind in "iub":
+            labels = labels.astype(np.int64)
+        else:
+            labels = np.array([str(v).encode() for v in labels], dtype=object)
+        return RuntimeResult(outputs={"probabilities": proba, "label": labels})
+
+    def memory_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def unload(self) -> None:
+        self._estimator = None

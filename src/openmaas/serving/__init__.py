@@ -1,0 +1,1 @@
+"""Serving core: neutral request/response types, validation, and the residency pool."""

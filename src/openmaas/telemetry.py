@@ -1,0 +1,100 @@
+"""Metrics (one Prometheus registry per app) and structured logs."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# The request id of the request being handled, so log lines anywhere in the call can carry it.
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("openmaas_request_id", default=None)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every metric the platform exports, on a registry of its own (no process-global state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ("model", "version", "protocol", "status")
+        self.requests = Counter(
+            "openmaas_inference_requests",
+            "Inference requests by model, version, protocol and status.",
+            labels,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "openmaas_inference_latency_seconds",
+            "Inference request latency, end to end inside the server.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "openmaas_inference_in_flight",
+            "Inference requests being processed now.",
+            ("model",),
+            registry=self.registry,
+        )
+        self.load_seconds = Histogram(
+            "openmaas_model_load_seconds",
+            "Time to load a model version into memory.",
+            ("model", "version"),
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+            registry=self.registry,
+        )
+        self.resident_models = Gauge(
+            "openmaas_resident_models", "Model versions loaded in memory.", registry=self.registry
+        )
+        self.http_requests = Counter(
+            "openmaas_http_requests",
+            "HTTP requests by protocol and status.",
+            ("protocol", "status"),
+            registry=self.registry,
+        )
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the request id when one is in scope."""
+
+    _skip = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        rid = request_id_var.get()
+        if rid:
+            entry["request_id"] = rid
+        for key, value in vars(record).items():
+            if key not in self._skip and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def configure_logging(level: str = "info", fmt: str = "json") -> None:
+    """Route the platform's and uvicorn's logs to stderr in one format. Called by the CLI, never at import."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    # The middleware writes one access line per request with the request id; uvicorn's would repeat it.
+    logging.getLogger("uvicorn.access").disabled = True
