@@ -92,27 +92,40 @@ def _tensor_from_json(data: Any, datatype: str, shape: tuple[int, ...], name: st
         array[:] = [v.encode("utf-8") for v in flat]
         return array.reshape(shape)
     dtype = NUMPY_DTYPES[datatype]
+    if dtype.kind in "iu":
+        return _integers_from_json(data, datatype, dtype, shape, name)
     try:
         array = np.asarray(data)
     except (ValueError, TypeError):
         raise InvalidInput(f"input '{name}': 'data' is ragged or not numeric", param=name) from None
     if array.size != count:
         raise InvalidInput(
-            f"input '{name}': 'data' has {array.size} elements but shape {list(shape)} needs {count}",
-            param=name,
+            f"input '{name}': 'data' has {array.size} elements but shape {list(shape)} needs {count}", param=name
         )
     kind = array.dtype.kind
     if count and kind not in "biuf":
         raise InvalidInput(f"input '{name}': {datatype} data must be numbers", param=name)
     if datatype == "BOOL" and count and kind != "b":
         raise InvalidInput(f"input '{name}': BOOL data must be true/false", param=name)
-    if dtype.kind in "iu" and kind == "f":
-        raise InvalidInput(f"input '{name}': {datatype} data must be integers", param=name)
-    if dtype.kind in "iu" and count:
-        info = np.iinfo(dtype.type)  # type: ignore[type-var]
-        if int(array.min()) < info.min or int(array.max()) > info.max:
-            raise InvalidInput(f"input '{name}': a value is out of range for {datatype}", param=name)
     return array.astype(dtype, copy=False).reshape(shape)
+
+
+def _integers_from_json(
+    data: list[Any], datatype: str, dtype: np.dtype[Any], shape: tuple[int, ...], name: str
+) -> np.ndarray:
+    # Checked in Python: numpy would turn integers past int64 into floats and lose precision silently.
+    flat = _flatten(data)
+    count = math.prod(shape)
+    if len(flat) != count:
+        raise InvalidInput(
+            f"input '{name}': 'data' has {len(flat)} elements but shape {list(shape)} needs {count}", param=name
+        )
+    if not all(type(v) is int for v in flat):
+        raise InvalidInput(f"input '{name}': {datatype} data must be integers", param=name)
+    info = np.iinfo(dtype.type)  # type: ignore[type-var]
+    if flat and (min(flat) < info.min or max(flat) > info.max):
+        raise InvalidInput(f"input '{name}': a value is out of range for {datatype}", param=name)
+    return np.array(flat, dtype=dtype).reshape(shape)
 
 
 def _tensor_from_binary(chunk: memoryview, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ServerProcess
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ADMIN_KEY = "om_test-admin-key-0123456789abcdefghijklmnop"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server with the bundled catalogue, shared by the end-to-end tests."""
+    data_dir = tmp_path_factory.mktemp("server") / "data"
+    proc = ServerProcess(data_dir, env={"OPENMAAS_ADMIN_KEY": ADMIN_KEY, "OPENMAAS_MAX_REQUEST_BYTES": "4194304"})
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def admin_key() -> str:
+    return ADMIN_KEY
+
+
+@pytest.fixture(scope="session")
+def auth_headers(admin_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {admin_key}"}
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from openmaas.catalogue.minilm import model_dir
+
+    return model_dir()
