@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,9 @@ SENTENCES = ["A man is eating food.", "A man rides a horse.", "Ein Mann isst Ess
 
 
 @pytest.fixture(scope="module")
-def client(server: ServerProcess, admin_key: str) -> OpenAI:
-    return OpenAI(base_url=server.url + "/v1", api_key=admin_key, max_retries=0)
+def client(server: ServerProcess, admin_key: str) -> Iterator[OpenAI]:
+    with OpenAI(base_url=server.url + "/v1", api_key=admin_key, max_retries=0) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +104,9 @@ def test_unknown_model_is_404_and_non_embedding_model_is_400(client: OpenAI) -> 
 
 
 def test_wrong_key_is_401_in_openai_format(server: ServerProcess) -> None:
-    bad = OpenAI(base_url=server.url + "/v1", api_key="om_wrong", max_retries=0)
-    with pytest.raises(openai.AuthenticationError) as info:
-        bad.models.list()
-    assert info.value.body["code"] == "invalid_api_key"  # type: ignore[index]
-    with pytest.raises(openai.AuthenticationError):
-        bad.embeddings.create(model="all-minilm-l6-v2", input="hi")
+    with OpenAI(base_url=server.url + "/v1", api_key="om_wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError) as info:
+            bad.models.list()
+        assert info.value.body["code"] == "invalid_api_key"  # type: ignore[index]
+        with pytest.raises(openai.AuthenticationError):
+            bad.embeddings.create(model="all-minilm-l6-v2", input="hi")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import tritonclient.http as http
@@ -11,8 +13,10 @@ from tests.helpers import ServerProcess
 
 
 @pytest.fixture(scope="module")
-def triton(server: ServerProcess) -> http.InferenceServerClient:
-    return http.InferenceServerClient(server.url.removeprefix("http://"))
+def triton(server: ServerProcess) -> Iterator[http.InferenceServerClient]:
+    client = http.InferenceServerClient(server.url.removeprefix("http://"))
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="module")

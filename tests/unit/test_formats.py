@@ -54,7 +54,7 @@ def test_declared_pickle_format_is_refused(tmp_path: Path) -> None:
 def test_folder_with_pickle_weights_is_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps(1))
-    with pytest.raises(UnsafeFormat, match="pytorch_model.bin"):
+    with pytest.raises(UnsafeFormat, match=r"pytorch_model\.bin"):
         detect_format(tmp_path)
 
 
