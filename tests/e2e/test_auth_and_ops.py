@@ -1,0 +1,119 @@
+"""Bootstrap auth in every protocol's format, health and metrics, request ids and logs, secrets kept out."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tests.helpers import ServerProcess
+
+PROTECTED = [
+    ("GET", "/v1/models"),
+    ("POST", "/v1/embeddings"),
+    ("GET", "/v2"),
+    ("GET", "/v2/models/digits-cnn"),
+    ("POST", "/v2/models/digits-cnn/infer"),
+    ("POST", "/v2/repository/index"),
+    ("GET", "/api/models"),
+    ("POST", "/api/models"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), PROTECTED)
+@pytest.mark.parametrize("auth", [None, "Bearer om_wrong-key", "Basic abc", "Bearer"])
+def test_every_endpoint_needs_a_valid_key(server: ServerProcess, method: str, path: str, auth: str | None) -> None:
+    headers = {"Authorization": auth} if auth else {}
+    r = httpx.request(method, server.url + path, headers=headers, content=b"{}")
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+    body = r.json()
+    if path.startswith("/v1"):
+        assert body["error"]["code"] == "invalid_api_key"
+        assert body["error"]["type"] == "invalid_request_error"
+    elif path.startswith("/v2"):
+        assert isinstance(body["error"], str)
+        assert "API key" in body["error"]
+    else:
+        assert r.headers["content-type"] == "application/problem+json"
+        assert body["status"] == 401
+
+
+@pytest.mark.parametrize("path", ["/v2/health/live", "/v2/health/ready", "/healthz", "/metrics"])
+def test_health_and_metrics_are_open(server: ServerProcess, path: str) -> None:
+    assert httpx.get(server.url + path).status_code == 200
+
+
+def test_request_ids_are_echoed_and_logged(server: ServerProcess, auth_headers: dict[str, str]) -> None:
+    r = httpx.get(server.url + "/v1/models", headers={**auth_headers, "X-Request-Id": "client-chosen-42"})
+    assert r.headers["x-request-id"] == "client-chosen-42"
+    generated = httpx.get(server.url + "/v1/models", headers=auth_headers).headers["x-request-id"]
+    assert len(generated) == 32
+    bogus = httpx.get(server.url + "/v1/models", headers={**auth_headers, "X-Request-Id": "bad id\twith spaces"})
+    assert bogus.headers["x-request-id"] != "bad id\twith spaces"
+    lines = [orjson.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    access = [entry for entry in lines if entry.get("request_id") == "client-chosen-42"]
+    assert access
+    assert access[-1]["path"] == "/v1/models"
+    assert access[-1]["status"] == 200
+
+
+def test_metrics_count_requests_by_model_version_protocol_and_status(
+    server: ServerProcess, auth_headers: dict[str, str]
+) -> None:
+    body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 10], "data": [0.0] * 10}]}
+    assert (
+        httpx.post(server.url + "/v2/models/diabetes-linreg/infer", json=body, headers=auth_headers).status_code == 200
+    )
+    bad = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 9], "data": [0.0] * 9}]}
+    assert (
+        httpx.post(server.url + "/v2/models/diabetes-linreg/infer", json=bad, headers=auth_headers).status_code == 400
+    )
+    text = httpx.get(server.url + "/metrics").text
+    ok = 'openmaas_inference_requests_total{model="diabetes-linreg",protocol="v2",status="ok",version="1"}'
+    assert ok in text
+    assert 'openmaas_inference_latency_seconds_bucket{le="0.001",model="diabetes-linreg"' in text
+    assert "openmaas_model_load_seconds_count" in text
+    assert "openmaas_inference_in_flight" in text
+
+
+def test_admin_key_never_appears_in_logs_or_database(server: ServerProcess, admin_key: str) -> None:
+    assert admin_key not in server.log()
+    db = (server.data_dir / "openmaas.db").read_bytes()
+    for suffix in ("-wal", "-shm"):
+        wal = server.data_dir / ("openmaas.db" + suffix)
+        if wal.exists():
+            db += wal.read_bytes()
+    assert admin_key.encode() not in db
+
+
+def test_generated_admin_key_first_start(tmp_path: Path) -> None:
+    data_dir = tmp_path / "fresh"
+    proc = ServerProcess(data_dir, env={"OPENMAAS_BUNDLED_MODELS": "false", "OPENMAAS_ADMIN_KEY": ""})
+    proc.env.pop("OPENMAAS_ADMIN_KEY")
+    proc.start()
+    try:
+        key_file = data_dir / "admin.key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        key = key_file.read_text().strip()
+        assert key.startswith("om_")
+        assert len(key) > 40
+        assert proc.log().count(key) == 1  # printed once, on the console
+        json_lines = [line for line in proc.log().splitlines() if line.startswith("{")]
+        assert not any(key in line for line in json_lines)  # never in a log line
+        assert httpx.get(proc.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        with sqlite3.connect(data_dir / "openmaas.db") as conn:
+            (stored,) = conn.execute("select key_hash from api_keys").fetchone()
+        assert key not in stored
+    finally:
+        proc.stop()
+    # A restart reuses the key and prints nothing new.
+    proc.start()
+    try:
+        assert proc.log().count(key) == 1
+        assert httpx.get(proc.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    finally:
+        proc.stop()
