@@ -8,7 +8,7 @@ import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import FastAPI
 from sqlalchemy import Engine
@@ -22,8 +22,10 @@ from openmaas.artifacts import LocalArtifactStore
 from openmaas.config import Settings
 from openmaas.gateway.auth import KeyAuthenticator, load_or_create_secret
 from openmaas.gateway.service import Gateway
+from openmaas.registry.models import ModelVersion
 from openmaas.registry.service import ModelRegistry
 from openmaas.runtimes import RuntimeOptions
+from openmaas.serving.batcher import BatchConfig
 from openmaas.serving.pool import ResidencyPool
 from openmaas.store import db
 from openmaas.store.registry import RegistryStore
@@ -58,7 +60,31 @@ def build_platform(settings: Settings) -> Platform:
     options = RuntimeOptions(onnx_threads=settings.onnx_threads, torch_threads=settings.torch_threads)
     registry = ModelRegistry(RegistryStore(sessions), LocalArtifactStore(settings.artifacts_dir), options)
     executor = ThreadPoolExecutor(max_workers=settings.inference_workers, thread_name_prefix="openmaas-infer")
-    pool = ResidencyPool(registry.artifact_path, options, metrics, executor)
+    defaults = BatchConfig(
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_ms=settings.max_queue_delay_ms,
+        max_queue_size=settings.max_queue_size,
+        max_batch_tokens=settings.max_batch_tokens,
+    )
+
+    def batch_config(mv: ModelVersion) -> BatchConfig:
+        overrides = registry.get_model(mv.model).serving.model_dump(exclude_none=True)
+        overrides.pop("pinned", None)
+        return replace(defaults, **overrides)
+
+    def pinned(mv: ModelVersion) -> bool:
+        configured = registry.get_model(mv.model).serving.pinned
+        return configured if configured is not None else mv.model in settings.pinned
+
+    pool = ResidencyPool(
+        registry.artifact_path,
+        options,
+        metrics,
+        executor,
+        budget_bytes=settings.model_memory_mb * 1024 * 1024 or None,
+        batch_config=batch_config,
+        pinned=pinned,
+    )
     secret = load_or_create_secret(
         settings.secret_key.get_secret_value() if settings.secret_key else None,
         settings.data_dir / "secret.key",

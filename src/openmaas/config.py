@@ -61,6 +61,28 @@ class Settings(BaseSettings):
     max_embedding_inputs: int = Field(
         default=2048, ge=1, description="Most strings one /v1/embeddings request may carry."
     )
+    model_memory_mb: int = Field(
+        default=0,
+        ge=0,
+        description="Memory budget for loaded models in MiB; least-recently-used idle models are unloaded to stay "
+        "within it. 0 = unlimited.",
+    )
+    pinned_models: str = Field(
+        default="", description="Comma-separated model names that, once loaded, are never evicted."
+    )
+    max_batch_size: int = Field(default=64, ge=1, description="Default most rows per model call (dynamic batching).")
+    max_queue_delay_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="Default time a request may wait for others to join its batch; 0 dispatches as soon as the model "
+        "is free (requests arriving meanwhile are batched together).",
+    )
+    max_queue_size: int = Field(
+        default=256, ge=1, description="Default most requests queued per model; beyond it 429 (OpenAI) / 503 (v2)."
+    )
+    max_batch_tokens: int = Field(
+        default=16384, ge=1, description="Default most (estimated) tokens per batch for text models."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Log level of the server's JSON logs."
     )
@@ -71,6 +93,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'openmaas.db').resolve()}"
+
+    @property
+    def pinned(self) -> frozenset[str]:
+        return frozenset(n.strip() for n in self.pinned_models.split(",") if n.strip())
 
     @property
     def artifacts_dir(self) -> Path:

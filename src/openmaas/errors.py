@@ -23,6 +23,8 @@ class ErrorCode(StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     MODEL_NOT_READY = "model_not_ready"
     MODEL_LOAD_FAILED = "model_load_failed"
+    OVERLOADED = "overloaded"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL = "internal_error"
 
 
@@ -42,6 +44,9 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.MODEL_NOT_READY: 503,
     ErrorCode.MODEL_LOAD_FAILED: 500,
+    # 503 by default; the OpenAI surface answers 429, as OpenAI clients retry that (api/errors.py).
+    ErrorCode.OVERLOADED: 503,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.INTERNAL: 500,
 }
 
@@ -51,12 +56,20 @@ class OpenMaaSError(Exception):
 
     code: ErrorCode = ErrorCode.INTERNAL
 
-    def __init__(self, message: str, *, code: ErrorCode | None = None, param: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: ErrorCode | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
         self.message = message
         self.param = param
+        self.headers = headers or {}
 
     @property
     def status(self) -> int:
@@ -113,3 +126,24 @@ class PayloadTooLarge(OpenMaaSError):
 
 class ModelLoadFailed(OpenMaaSError):
     code = ErrorCode.MODEL_LOAD_FAILED
+
+
+class Overloaded(OpenMaaSError):
+    """The model's queue (or the memory budget) is full: retry after ``retry_after`` seconds."""
+
+    code = ErrorCode.OVERLOADED
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        seconds = max(1, round(retry_after))
+        super().__init__(message, headers={"Retry-After": str(seconds)})
+        self.retry_after = seconds
+
+
+class DeadlineExceeded(OpenMaaSError):
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
+class BatchMismatch(OpenMaaSError):
+    """A runtime returned a different number of rows than the batch it was given (a server fault)."""
+
+    code = ErrorCode.INTERNAL

@@ -52,6 +52,42 @@ class Metrics:
         self.resident_models = Gauge(
             "openmaas_resident_models", "Model versions loaded in memory.", registry=self.registry
         )
+        self.resident_bytes = Gauge(
+            "openmaas_resident_bytes", "Measured memory of the loaded model versions.", registry=self.registry
+        )
+        self.memory_budget_bytes = Gauge(
+            "openmaas_memory_budget_bytes", "Memory budget for loaded models (0 = unlimited).", registry=self.registry
+        )
+        self.loads = Counter("openmaas_model_loads", "Model version loads.", ("model",), registry=self.registry)
+        self.evictions = Counter(
+            "openmaas_model_evictions",
+            "Model versions evicted to stay within the memory budget.",
+            ("model",),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "openmaas_queue_depth", "Requests waiting in a model's batch queue.", ("model",), registry=self.registry
+        )
+        self.queue_wait = Histogram(
+            "openmaas_queue_wait_seconds",
+            "Time requests wait in a model's queue before their batch runs.",
+            ("model",),
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "openmaas_batch_size",
+            "Rows per runtime call.",
+            ("model",),
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "openmaas_rejected_requests",
+            "Requests refused at once because a queue was full.",
+            ("model",),
+            registry=self.registry,
+        )
         self.http_requests = Counter(
             "openmaas_http_requests",
             "HTTP requests by protocol and status.",

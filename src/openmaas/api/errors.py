@@ -28,6 +28,10 @@ _OPENAI_TYPES = {
 }
 
 
+# Where a protocol's clients expect another status for the same condition.
+_PROTOCOL_STATUS = {("openai", ErrorCode.OVERLOADED): 429}
+
+
 def protocol_of(path: str) -> str:
     if path == "/v1" or path.startswith("/v1/"):
         return "openai"
@@ -46,7 +50,7 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> Response:
     """The error in the wire format of ``protocol``: OpenAI error object, v2 ``{"error"}`` or RFC 9457."""
-    status = status or STATUS[code]
+    status = status or _PROTOCOL_STATUS.get((protocol, code)) or STATUS[code]
     headers = dict(headers or {})
     if status == 401:
         headers.setdefault("WWW-Authenticate", "Bearer")
@@ -95,7 +99,9 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, OpenMaaSError)
         if exc.status >= 500:
             log.error("server error", extra={"code": exc.code.value, "error": exc.message})
-        return error_response(protocol_of(request.url.path), exc.code, exc.message, param=exc.param)
+        return error_response(
+            protocol_of(request.url.path), exc.code, exc.message, param=exc.param, headers=exc.headers
+        )
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)

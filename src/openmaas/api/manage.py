@@ -9,15 +9,21 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from openmaas.api.deps import GatewayDep, PrincipalDep, principal
 from openmaas.api.responses import JSONResponse
 from openmaas.errors import Forbidden, InvalidRequest
 from openmaas.gateway.service import Gateway
-from openmaas.registry.models import Model, ModelCard, ModelVersion
+from openmaas.registry.models import Model, ModelCard, ModelVersion, ServingConfig
 from openmaas.registry.uploads import is_archive, unpack
+
+
+class ModelUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    serving: ServingConfig | None = None
 
 
 def _version_json(mv: ModelVersion) -> dict[str, Any]:
@@ -58,6 +64,17 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
     @r.get("/models/{name}/versions/{version}")
     async def get_version(name: str, version: int, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         return JSONResponse(_version_json(gw.model_version(who, name, version)))
+
+    @r.patch("/models/{name}")
+    async def update_model(name: str, body: ModelUpdate, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+        """Change a model's serving settings (they apply the next time the model loads)."""
+        if not who.has_scope("manage"):
+            raise Forbidden("changing models needs an API key with the 'manage' scope")
+        gw.get_model(who, name)
+        model = gw.registry.get_model(name)
+        if body.serving is not None:
+            model = await run_in_threadpool(gw.registry.set_serving, name, body.serving)
+        return JSONResponse(_model_json(gw, model, with_versions=False))
 
     @r.post("/models", status_code=201)
     async def register_model(

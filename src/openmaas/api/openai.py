@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from openmaas.api.deps import GatewayDep, PrincipalDep, principal
+from openmaas.api.requests import deadline_from, until_disconnect
 from openmaas.api.responses import JSONResponse
 from openmaas.errors import ErrorCode, InvalidRequest, OpenMaaSError
 from openmaas.registry.models import Model
@@ -88,7 +89,7 @@ def router(max_inputs: int) -> APIRouter:
                     f"omit 'dimensions' or set it to {native}",
                     param="dimensions",
                 )
-        result = await gw.embed(who, body.model, texts, "openai")
+        result = await until_disconnect(request, gw.embed(who, body.model, texts, "openai", deadline_from(request)))
         vectors = result.outputs["embedding"]
         data: list[dict[str, Any]] = []
         for i, vec in enumerate(vectors):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from openmaas import __version__
 from openmaas.api.deps import GatewayDep, PrincipalDep, principal
+from openmaas.api.requests import deadline_from, until_disconnect
 from openmaas.api.responses import JSONResponse
 from openmaas.api.v2_codec import HEADER_LENGTH, decode_request, encode_response
 from openmaas.errors import Forbidden, InvalidRequest
@@ -45,6 +47,16 @@ def _version_number(version: str | None) -> int | None:
     if number < 1:
         raise InvalidRequest(f"model version must be 1 or more, got {number}", param="version")
     return number
+
+
+def _timeout_parameter(parameters: dict[str, Any]) -> float | None:
+    """Triton's ``timeout`` request parameter, in microseconds, as seconds."""
+    raw = parameters.get("timeout")
+    if raw is None:
+        return None
+    if not isinstance(raw, int | float) or isinstance(raw, bool) or raw <= 0:
+        raise InvalidRequest("parameters.timeout must be a positive number of microseconds", param="timeout")
+    return float(raw) / 1_000_000
 
 
 def _metadata(gw: Gateway, who: Principal, mv: ModelVersion) -> dict[str, Any]:
@@ -100,7 +112,8 @@ def router() -> APIRouter:
         if not body:
             raise InvalidRequest("the request body is empty; send a JSON object with 'inputs'")
         decoded = decode_request(body, header_length)
-        result = await gw.infer(who, model, version, decoded.request, "v2")
+        decoded.request.deadline = deadline_from(request, _timeout_parameter(decoded.request.parameters))
+        result = await until_disconnect(request, gw.infer(who, model, version, decoded.request, "v2"))
         content, json_length = encode_response(result, decoded.binary_outputs, decoded.default_binary)
         if json_length is None:
             return Response(content, media_type="application/json")
@@ -139,9 +152,20 @@ def router() -> APIRouter:
         return JSONResponse(entries)
 
     @r.post("/repository/models/{model}/load")
-    async def repository_load(model: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+    async def repository_load(model: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+        """Load a model's latest version now; ``{"parameters": {"pin": true}}`` keeps it from being evicted."""
         _require_manage(who)
-        await gw.pool.load(gw.model_version(who, model))
+        pin: bool | None = None
+        raw = await request.body()
+        if raw.strip():
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise InvalidRequest("the request body is not valid JSON") from None
+            params = body.get("parameters") if isinstance(body, dict) else None
+            if isinstance(params, dict) and "pin" in params:
+                pin = bool(params["pin"])
+        await gw.pool.load(gw.model_version(who, model), pin=pin)
         return JSONResponse({})
 
     @r.post("/repository/models/{model}/unload")

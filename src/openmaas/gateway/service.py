@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -15,6 +16,14 @@ from openmaas.serving.pool import ResidencyPool
 from openmaas.serving.types import InferenceRequest, InferenceResponse
 from openmaas.serving.validation import validate_request
 from openmaas.telemetry import Metrics
+
+
+def _cost(mv: ModelVersion, request: InferenceRequest, rows: int) -> int:
+    """What a request weighs in a batch: estimated tokens for text models (about 4 bytes each), else rows."""
+    text = request.inputs.get("text")
+    if mv.format == SentenceTransformerRuntime.format and text is not None:
+        return int(sum(len(t) // 4 + 2 for t in text.reshape(-1)))
+    return rows
 
 
 class Gateway:
@@ -57,14 +66,12 @@ class Gateway:
         if not principal.has_scope("inference"):
             raise Forbidden("this API key lacks the 'inference' scope")
         mv = self.model_version(principal, name, version)
-        validate_request(mv.signature, request)
+        rows = validate_request(mv.signature, request)
         started = time.perf_counter()
         status = "error"
         self.metrics.in_flight.labels(mv.model).inc()
         try:
-            async with self.pool.use(mv) as resident:
-                runtime = resident.runtime
-                result = await self.pool.run(lambda: runtime.infer(request.inputs))
+            result = await self.pool.infer(mv, request.inputs, rows, _cost(mv, request, rows), request.deadline)
             wanted = request.outputs or [o.name for o in mv.signature.outputs]
             outputs = {k: result.outputs[k] for k in wanted}
             status = "ok"
@@ -74,13 +81,18 @@ class Gateway:
         except OpenMaaSError as e:
             status = str(e.status)
             raise
+        except asyncio.CancelledError:
+            status = "cancelled"  # the client went away
+            raise
         finally:
             self.metrics.in_flight.labels(mv.model).dec()
             labels = (mv.model, str(mv.version), protocol, status)
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
 
-    async def embed(self, principal: Principal, name: str, texts: list[str], protocol: str) -> InferenceResponse:
+    async def embed(
+        self, principal: Principal, name: str, texts: list[str], protocol: str, deadline: float | None = None
+    ) -> InferenceResponse:
         """Embeddings for ``texts`` from a text-embedding model."""
         mv = self.model_version(principal, name)
         spec = mv.signature.input("text")
@@ -90,4 +102,5 @@ class Gateway:
                 param="model",
             )
         array = np.array([t.encode("utf-8") for t in texts], dtype=object)
-        return await self.infer(principal, name, None, InferenceRequest(inputs={"text": array}), protocol)
+        request = InferenceRequest(inputs={"text": array}, deadline=deadline)
+        return await self.infer(principal, name, None, request, protocol)

@@ -27,6 +27,18 @@ class ModelCard(BaseModel):
     privacy: str = Field(default="", description="Privacy statement: what data the model saw and keeps.")
 
 
+class ServingConfig(BaseModel):
+    """Per-model overrides of the serving defaults in Settings; unset fields keep the defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int | None = Field(default=None, ge=1, le=65536)
+    max_queue_delay_ms: float | None = Field(default=None, ge=0, le=10_000)
+    max_queue_size: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_batch_tokens: int | None = Field(default=None, ge=1)
+    pinned: bool | None = Field(default=None, description="Never evict this model once loaded.")
+
+
 class ModelVersion(BaseModel):
     """One immutable version: an artifact, its signature and its card."""
 
@@ -50,3 +62,4 @@ class Model(BaseModel):
     visibility: Visibility
     created_at: datetime
     latest_version: int | None = None
+    serving: ServingConfig = Field(default_factory=ServingConfig)

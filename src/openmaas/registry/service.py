@@ -11,7 +11,7 @@ from pathlib import Path
 from openmaas.artifacts import ArtifactStore
 from openmaas.errors import InvalidRequest, ModelLoadFailed, ModelNotFound, OpenMaaSError
 from openmaas.registry.formats import detect_format
-from openmaas.registry.models import Model, ModelCard, ModelVersion, Visibility
+from openmaas.registry.models import Model, ModelCard, ModelVersion, ServingConfig, Visibility
 from openmaas.runtimes import RuntimeOptions, create_runtime
 from openmaas.store.registry import RegistryStore
 
@@ -94,6 +94,11 @@ class ModelRegistry:
         with self._lock:
             for key in [k for k in self._cache if k[0] == name]:
                 del self._cache[key]
+
+    def set_serving(self, name: str, serving: ServingConfig) -> Model:
+        model = self.store.set_serving(name, serving)
+        self.invalidate(name)
+        return model
 
     def list_models(self) -> list[Model]:
         return self.store.list_models()

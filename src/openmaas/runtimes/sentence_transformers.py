@@ -47,20 +47,39 @@ class SentenceTransformerRuntime(Runtime):
         """Longest input in tokens; longer texts are truncated to it (the model's max_seq_length)."""
         return int(self._model.max_seq_length)
 
-    def embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings (N, dim) and the number of tokens the model read for each text."""
+    def embed(self, texts: list[str], max_batch_tokens: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings (N, dim) and the number of tokens the model read for each text.
+
+        Texts are sorted by length and run in chunks whose padded size stays within ``max_batch_tokens``, so one
+        long text does not make every short one in its batch pay for its padding.
+        """
         import torch
 
         model = self._model
         if model is None:
             raise RuntimeError("sentence-transformers model is not loaded")
-        # Same pipeline as SentenceTransformer.encode, minus its per-call bookkeeping, so the tokenisation
-        # done for the forward pass also gives the token counts.
-        features = model.preprocess(texts)
-        tokens = features["attention_mask"].sum(dim=1).numpy().astype(np.int64)
-        with torch.inference_mode():
-            out = model(features)
-        return out["sentence_embedding"].float().numpy(), tokens
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        embeddings: np.ndarray | None = None
+        tokens = np.zeros(len(texts), dtype=np.int64)
+        max_len = self.max_tokens
+        start = 0
+        while start < len(texts):
+            # The first (longest) text of the chunk bounds its padded length: about 4 characters a token.
+            longest = min(max_len, len(texts[order[start]]) // 4 + 2)
+            size = max(1, max_batch_tokens // max(1, longest))
+            idx = order[start : start + size]
+            # Same pipeline as SentenceTransformer.encode, minus its per-call bookkeeping, so the tokenisation
+            # done for the forward pass also gives the token counts.
+            features = model.preprocess([texts[i] for i in idx])
+            with torch.inference_mode():
+                out = model(features)["sentence_embedding"].float().numpy()
+            if embeddings is None:
+                embeddings = np.empty((len(texts), out.shape[1]), dtype=np.float32)
+            embeddings[idx] = out
+            tokens[idx] = features["attention_mask"].sum(dim=1).numpy()
+            start += size
+        assert embeddings is not None
+        return embeddings, tokens
 
     def infer(self, batch: Mapping[str, np.ndarray]) -> RuntimeResult:
         texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in batch["text"].reshape(-1)]

@@ -1,40 +1,83 @@
-"""The residency pool: hands out loaded runtimes, loading on first use, one load per version at a time."""
+"""The residency pool: which model versions are in memory, within a memory budget.
+
+Models load on first use (concurrent first requests share one load), are admitted by their measured memory
+footprint, are evicted least-recently-used when the budget would be exceeded, can be pinned, and are never
+unloaded while a request holds them.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import Executor
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from openmaas.errors import ModelLoadFailed
+import numpy as np
+
+from openmaas.errors import ModelLoadFailed, Overloaded
 from openmaas.registry.models import ModelVersion
-from openmaas.runtimes import Runtime, RuntimeOptions, create_runtime
+from openmaas.runtimes import Runtime, RuntimeOptions, RuntimeResult, create_runtime
+from openmaas.serving.batcher import BatchConfig, Batcher
 from openmaas.telemetry import Metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Key = tuple[str, int]
 
+# How long a load waits for busy models to finish so it can evict them, before answering 503.
+_ADMISSION_WAIT_S = 30.0
 
-@dataclass
+
+def process_rss() -> int:
+    """Resident set size of this process in bytes (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@dataclass(eq=False)
 class Resident:
-    """A loaded model version and the requests using it now."""
+    """A loaded model version, its batcher, and the requests using it now."""
 
     version: ModelVersion
     runtime: Runtime
+    batcher: Batcher
     memory_bytes: int
+    pinned: bool = False
     in_flight: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    unloaded: bool = False
+
+    @property
+    def key(self) -> Key:
+        return (self.version.model, self.version.version)
+
+
+def choose_victims(residents: list[Resident], needed: int, used: int, budget: int) -> list[Resident] | None:
+    """Least-recently-used idle, unpinned residents whose eviction makes ``needed`` bytes fit; None if impossible."""
+    if used + needed <= budget:
+        return []
+    victims = []
+    for r in sorted(residents, key=lambda r: r.last_used):
+        if r.pinned or r.in_flight:
+            continue
+        victims.append(r)
+        used -= r.memory_bytes
+        if used + needed <= budget:
+            return victims
+    return None
 
 
 class ResidencyPool:
-    """Loaded model versions, keyed by (model, version)."""
+    """Loaded model versions keyed by (model, version), within ``budget_bytes`` (None: unlimited)."""
 
     def __init__(
         self,
@@ -42,17 +85,31 @@ class ResidencyPool:
         options: RuntimeOptions,
         metrics: Metrics,
         executor: Executor,
+        *,
+        budget_bytes: int | None = None,
+        batch_config: Callable[[ModelVersion], BatchConfig] = lambda mv: BatchConfig(),
+        pinned: Callable[[ModelVersion], bool] = lambda mv: False,
     ) -> None:
         self._artifact_path = artifact_path
         self._options = options
         self._metrics = metrics
         self._executor = executor
+        self.budget_bytes = budget_bytes
+        self._batch_config = batch_config
+        self._pinned = pinned
         self._resident: dict[Key, Resident] = {}
         self._loading: dict[Key, asyncio.Future[Resident]] = {}
+        # Loads run one at a time: the footprint is measured as the process's memory growth during the load.
+        self._load_lock = asyncio.Lock()
+        self._released = asyncio.Condition()
+        self._footprints: dict[Key, int] = {}
+        metrics.memory_budget_bytes.set(budget_bytes or 0)
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run blocking model work on the inference executor, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    # -- inspection --------------------------------------------------------------------------------------------
 
     def get(self, name: str, version: int) -> Resident | None:
         return self._resident.get((name, version))
@@ -63,11 +120,53 @@ class ResidencyPool:
     def is_loading(self, name: str, version: int) -> bool:
         return (name, version) in self._loading
 
-    async def load(self, mv: ModelVersion) -> Resident:
+    @property
+    def used_bytes(self) -> int:
+        return sum(r.memory_bytes for r in self._resident.values())
+
+    # -- the request path --------------------------------------------------------------------------------------
+
+    async def infer(
+        self, mv: ModelVersion, inputs: dict[str, np.ndarray], rows: int, cost: int, deadline: float | None
+    ) -> RuntimeResult:
+        """Run one request through the model's batcher, loading the model if needed."""
+        resident = await self.acquire(mv)
+        try:
+            return await resident.batcher.submit(inputs, rows, cost, deadline)
+        except Overloaded:
+            self._metrics.rejected.labels(mv.model).inc()
+            raise
+        finally:
+            await self.release(resident)
+
+    async def acquire(self, mv: ModelVersion) -> Resident:
+        """A loaded model held for one request: it is never unloaded until ``release``."""
+        while True:
+            resident = self._resident.get((mv.model, mv.version))
+            if resident is None:
+                resident = await self.load(mv)
+            if not resident.unloaded:
+                resident.in_flight += 1
+                resident.last_used = time.monotonic()
+                return resident
+            # Evicted between its load and our turn to run: load it again.
+
+    async def release(self, resident: Resident) -> None:
+        resident.in_flight -= 1
+        resident.last_used = time.monotonic()
+        if resident.in_flight == 0:
+            async with self._released:
+                self._released.notify_all()
+
+    # -- loading and eviction ----------------------------------------------------------------------------------
+
+    async def load(self, mv: ModelVersion, *, pin: bool | None = None) -> Resident:
         """The resident model for ``mv``, loading it if needed; concurrent callers share one load."""
         key = (mv.model, mv.version)
         resident = self._resident.get(key)
         if resident is not None:
+            if pin is not None:
+                resident.pinned = pin
             return resident
         pending = self._loading.get(key)
         if pending is not None:
@@ -75,55 +174,133 @@ class ResidencyPool:
         future: asyncio.Future[Resident] = asyncio.get_running_loop().create_future()
         self._loading[key] = future
         try:
-            resident = await self.run(lambda: self._load_blocking(mv))
-            self._resident[key] = resident
-            self._metrics.resident_models.set(len(self._resident))
+            async with self._load_lock:
+                await self._admit(key, self._estimate(mv))
+                runtime, footprint, seconds = await self.run(lambda: self._load_blocking(mv))
+                self._footprints[key] = footprint
+                resident = Resident(
+                    version=mv,
+                    runtime=runtime,
+                    batcher=Batcher(
+                        f"{mv.model}:{mv.version}", runtime.infer, self.run, self._batch_config(mv), self._metrics
+                    ),
+                    memory_bytes=footprint,
+                    pinned=self._pinned(mv) if pin is None else pin,
+                )
+                resident.batcher.start()
+                self._resident[key] = resident
+                # The estimate may have been low: evict idle models until the measured footprint fits.
+                await self._fit_after_load(resident)
+                self._update_gauges()
+            self._metrics.loads.labels(mv.model).inc()
+            self._metrics.load_seconds.labels(mv.model, str(mv.version)).observe(seconds)
+            log.info(
+                "model loaded",
+                extra={"model": mv.model, "version": mv.version, "seconds": round(seconds, 3), "bytes": footprint},
+            )
             future.set_result(resident)
             return resident
         except BaseException as e:
             future.set_exception(e)
-            future.exception()  # mark retrieved: waiters re-raise it, nobody else has to
+            future.exception()  # retrieved: waiters re-raise it, nobody else has to
             raise
         finally:
             del self._loading[key]
 
-    def _load_blocking(self, mv: ModelVersion) -> Resident:
+    def _estimate(self, mv: ModelVersion) -> int:
+        """Expected footprint: the one measured at a previous load, else the artifact size."""
+        return self._footprints.get((mv.model, mv.version), mv.size_bytes)
+
+    async def _admit(self, key: Key, needed: int) -> None:
+        """Evict least-recently-used idle models until ``needed`` bytes fit in the budget (waiting for busy ones)."""
+        budget = self.budget_bytes
+        if budget is None:
+            return
+        if needed > budget:
+            raise Overloaded(
+                f"model {key[0]} version {key[1]} needs about {needed >> 20} MiB, more than the whole memory budget "
+                f"({budget >> 20} MiB, OPENMAAS_MODEL_MEMORY_MB)",
+                retry_after=60,
+            )
+        deadline = time.monotonic() + _ADMISSION_WAIT_S
+        while True:
+            victims = choose_victims(list(self._resident.values()), needed, self.used_bytes, budget)
+            if victims is not None:
+                await self._evict(victims)
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Overloaded(
+                    f"no memory to load model {key[0]}: the models in memory are busy or pinned; retry later",
+                    retry_after=5,
+                )
+            async with self._released:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._released.wait(), timeout=min(remaining, 1.0))
+
+    async def _fit_after_load(self, loaded: Resident) -> None:
+        budget = self.budget_bytes
+        if budget is None or self.used_bytes <= budget:
+            return
+        others = [r for r in self._resident.values() if r is not loaded]
+        victims = choose_victims(others, loaded.memory_bytes, self.used_bytes - loaded.memory_bytes, budget)
+        if victims is None:
+            # Nothing idle to make room: give the new model back rather than exceed the budget.
+            await self._drop([loaded])
+            raise Overloaded(
+                f"model {loaded.version.model} measured {loaded.memory_bytes >> 20} MiB and does not fit the memory "
+                "budget beside the busy models; retry later",
+                retry_after=5,
+            )
+        await self._evict(victims)
+
+    async def _evict(self, victims: list[Resident]) -> None:
+        for r in victims:
+            log.info("evicting model", extra={"model": r.version.model, "version": r.version.version})
+            self._metrics.evictions.labels(r.version.model).inc()
+        await self._drop(victims)
+
+    async def _drop(self, residents: list[Resident]) -> None:
+        # First take them all out of service without yielding to the event loop, so no request can acquire one
+        # of them in between; then release their resources.
+        for r in residents:
+            r.unloaded = True
+            if self._resident.get(r.key) is r:
+                del self._resident[r.key]
+        self._update_gauges()
+        for r in residents:
+            await r.batcher.stop()
+            await self.run(r.runtime.unload)
+
+    def _load_blocking(self, mv: ModelVersion) -> tuple[Runtime, int, float]:
         started = time.perf_counter()
+        rss_before = process_rss()
         runtime = create_runtime(mv.format, self._artifact_path(mv), self._options)
         try:
             runtime.load()
         except Exception as e:
             log.exception("model load failed", extra={"model": mv.model, "version": mv.version})
             raise ModelLoadFailed(f"model '{mv.model}' version {mv.version} failed to load: {e}") from e
-        elapsed = time.perf_counter() - started
-        self._metrics.load_seconds.labels(mv.model, str(mv.version)).observe(elapsed)
-        log.info("model loaded", extra={"model": mv.model, "version": mv.version, "seconds": round(elapsed, 3)})
-        return Resident(version=mv, runtime=runtime, memory_bytes=runtime.memory_bytes())
+        grown = max(0, process_rss() - rss_before)
+        footprint = max(grown, runtime.memory_bytes())
+        return runtime, footprint, time.perf_counter() - started
 
-    @asynccontextmanager
-    async def use(self, mv: ModelVersion) -> AsyncIterator[Resident]:
-        """Hold a loaded model for the duration of one request (it is never unloaded while held)."""
-        resident = await self.load(mv)
-        resident.in_flight += 1
-        resident.last_used = time.monotonic()
-        try:
-            yield resident
-        finally:
-            resident.in_flight -= 1
+    def _update_gauges(self) -> None:
+        self._metrics.resident_models.set(len(self._resident))
+        self._metrics.resident_bytes.set(self.used_bytes)
 
     async def unload(self, name: str, version: int | None = None) -> list[Key]:
-        """Unload versions of ``name`` (all when version is None) once their in-flight requests finish."""
+        """Unload versions of ``name`` (all when None) once their in-flight requests finish."""
         keys = [k for k in self._resident if k[0] == name and (version is None or k[1] == version)]
         for key in keys:
-            resident = self._resident[key]
-            while resident.in_flight:
-                await asyncio.sleep(0.005)
-            if self._resident.get(key) is resident:
-                del self._resident[key]
-                await self.run(resident.runtime.unload)
-        self._metrics.resident_models.set(len(self._resident))
+            resident = self._resident.get(key)
+            if resident is None:
+                continue
+            async with self._released:
+                await self._released.wait_for(lambda r=resident: r.in_flight == 0)  # type: ignore[misc]
+            if not resident.unloaded:
+                await self._drop([resident])
         return keys
 
     async def close(self) -> None:
-        for name, version in list(self._resident):
-            await self.unload(name, version)
+        await self._drop(list(self._resident.values()))

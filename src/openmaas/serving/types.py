@@ -16,6 +16,8 @@ class InferenceRequest:
     outputs: list[str] | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     id: str | None = None
+    #: time.monotonic() by which the request must have started running, else it fails with 504.
+    deadline: float | None = None
 
 
 @dataclass

@@ -7,7 +7,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from openmaas.errors import AlreadyExists, ModelNotFound
-from openmaas.registry.models import Model, ModelCard, ModelVersion, Visibility
+from openmaas.registry.models import Model, ModelCard, ModelVersion, ServingConfig, Visibility
 from openmaas.runtimes.types import Signature
 from openmaas.store.tables import ModelRow, ModelVersionRow, utcnow
 
@@ -19,6 +19,7 @@ def _model(row: ModelRow, latest: int | None) -> Model:
         visibility=row.visibility,  # type: ignore[arg-type]
         created_at=row.created_at,
         latest_version=latest,
+        serving=ServingConfig.model_validate(row.serving or {}),
     )
 
 
@@ -51,6 +52,16 @@ class RegistryStore:
             except IntegrityError:
                 raise AlreadyExists(f"a model named '{name}' already exists", param="name") from None
             return _model(row, None)
+
+    def set_serving(self, name: str, serving: ServingConfig) -> Model:
+        """Replace a model's serving overrides."""
+        with self._sessions() as s:
+            row = s.scalar(select(ModelRow).where(ModelRow.name == name))
+            if row is None:
+                raise ModelNotFound(name)
+            row.serving = serving.model_dump(exclude_none=True) or None
+            s.commit()
+        return self.get_model(name)
 
     def get_model(self, name: str) -> Model:
         with self._sessions() as s:

@@ -43,6 +43,8 @@ class ModelRow(Base):
     # None: owned by the platform (the bundled catalogue). Organisations arrive with tenancy.
     owner_org_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     visibility: Mapped[str] = mapped_column(String(16), nullable=False, default="private")
+    # Overrides of the serving defaults (openmaas.registry.models.ServingConfig); None = defaults.
+    serving: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
 
 

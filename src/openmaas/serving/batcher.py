@@ -1,0 +1,257 @@
+"""Dynamic batching: concurrent requests to one model version are grouped, run once, and split back.
+
+The pure parts (``take_batch``, ``drop_expired``, ``concat_inputs``, ``split_result``) are tested without threads
+or HTTP; ``Batcher`` is the small asyncio loop around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from openmaas.errors import BatchMismatch, DeadlineExceeded, Overloaded
+from openmaas.runtimes.base import RuntimeResult
+from openmaas.telemetry import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Per-model batching settings (defaults from Settings, overridable per model in the registry)."""
+
+    #: Most rows (batch-dimension entries) one runtime call receives.
+    max_batch_size: int = 64
+    #: How long the first queued request may wait for others to join; 0 = dispatch as soon as the model is free
+    #: (requests that arrive while a batch runs are batched together, so load alone forms batches).
+    max_queue_delay_ms: float = 0.0
+    #: Most requests waiting per model; beyond it requests are refused at once (429/503 with Retry-After).
+    max_queue_size: int = 256
+    #: For text models: most tokens (estimated) one batch may carry.
+    max_batch_tokens: int = 16384
+
+
+@dataclass(eq=False)
+class Pending:
+    """One request waiting in a batcher's queue."""
+
+    inputs: dict[str, np.ndarray]
+    rows: int
+    cost: int
+    enqueued: float
+    deadline: float | None
+    future: asyncio.Future[RuntimeResult] | None = None
+    #: Requests can be concatenated only when their non-batch dimensions agree.
+    key: tuple[Any, ...] = field(default=())
+    cancelled: bool = False
+
+
+def compat_key(inputs: dict[str, np.ndarray]) -> tuple[Any, ...]:
+    return tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(inputs.items()))
+
+
+def drop_expired(queue: deque[Pending], now: float) -> list[Pending]:
+    """Remove and return the queued requests whose deadline has passed (and those cancelled, silently)."""
+    expired = []
+    kept: list[Pending] = []
+    for item in queue:
+        if item.cancelled:
+            continue
+        if item.deadline is not None and item.deadline <= now:
+            expired.append(item)
+        else:
+            kept.append(item)
+    if len(kept) != len(queue):
+        queue.clear()
+        queue.extend(kept)
+    return expired
+
+
+def take_batch(queue: deque[Pending], max_rows: int, max_cost: int) -> list[Pending]:
+    """Pop the next batch: the head request plus later compatible ones, within the row and cost limits.
+
+    The head is always taken (a request larger than the limits runs alone). Requests that do not fit or are not
+    compatible keep their place in the queue.
+    """
+    if not queue:
+        return []
+    head = queue.popleft()
+    batch = [head]
+    rows, cost = head.rows, head.cost
+    skipped: list[Pending] = []
+    while queue and rows < max_rows:
+        item = queue.popleft()
+        if item.cancelled:
+            continue
+        if item.key != head.key or rows + item.rows > max_rows or cost + item.cost > max_cost:
+            skipped.append(item)
+            if len(skipped) >= 8:  # do not scan a long queue for stragglers
+                break
+            continue
+        batch.append(item)
+        rows += item.rows
+        cost += item.cost
+    queue.extendleft(reversed(skipped))
+    return batch
+
+
+def concat_inputs(batch: list[Pending]) -> dict[str, np.ndarray]:
+    if len(batch) == 1:
+        return batch[0].inputs
+    return {name: np.concatenate([p.inputs[name] for p in batch], axis=0) for name in batch[0].inputs}
+
+
+def split_result(result: RuntimeResult, sizes: list[int]) -> list[RuntimeResult]:
+    """Cut a batch result back into per-request results; a wrong row count is a server error, never truncated."""
+    total = sum(sizes)
+    for name, array in result.outputs.items():
+        if array.ndim == 0 or array.shape[0] != total:
+            got = "a scalar" if array.ndim == 0 else f"{array.shape[0]} rows"
+            raise BatchMismatch(f"the model returned {got} for output '{name}' but the batch had {total}")
+    if result.tokens is not None and len(result.tokens) != total:
+        raise BatchMismatch(f"the model returned {len(result.tokens)} token counts for a batch of {total}")
+    if len(sizes) == 1:
+        return [result]
+    bounds = np.cumsum([0, *sizes])
+    parts = []
+    for start, end in itertools.pairwise(bounds):
+        parts.append(
+            RuntimeResult(
+                outputs={k: v[start:end] for k, v in result.outputs.items()},
+                tokens=None if result.tokens is None else result.tokens[start:end],
+            )
+        )
+    return parts
+
+
+class Batcher:
+    """The queue and dispatch loop of one loaded model version."""
+
+    def __init__(
+        self,
+        label: str,
+        infer: Callable[[dict[str, np.ndarray]], RuntimeResult],
+        run: Callable[[Callable[[], RuntimeResult]], Awaitable[RuntimeResult]],
+        config: BatchConfig,
+        metrics: Metrics,
+    ) -> None:
+        self.label = label
+        self.config = config
+        self._infer = infer
+        self._run = run
+        self._metrics = metrics
+        self._queue: deque[Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._recent_batch_s = 0.05
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.label}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for item in self._queue:
+            if item.future is not None and not item.future.done():
+                item.future.set_exception(Overloaded(f"model '{self.label}' was unloaded", retry_after=1))
+        self._queue.clear()
+
+    async def submit(
+        self, inputs: dict[str, np.ndarray], rows: int, cost: int, deadline: float | None
+    ) -> RuntimeResult:
+        """Queue a request and wait for its share of a batch result."""
+        if len(self._queue) >= self.config.max_queue_size:
+            # Rough time for the queue ahead to drain: batches needed times the recent batch duration.
+            batches = len(self._queue) / max(1, self.config.max_batch_size)
+            raise Overloaded(
+                f"model '{self.label}' is at capacity ({len(self._queue)} requests queued); retry later",
+                retry_after=max(1.0, batches * self._recent_batch_s),
+            )
+        loop = asyncio.get_running_loop()
+        item = Pending(inputs, rows, cost, time.monotonic(), deadline, loop.create_future(), compat_key(inputs))
+        self._queue.append(item)
+        self._metrics.queue_depth.labels(self.label).set(len(self._queue))
+        self._wakeup.set()
+        assert item.future is not None
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            # The client went away or the caller gave up: leave the queue if still in it.
+            item.cancelled = True
+            with contextlib.suppress(ValueError):
+                self._queue.remove(item)
+            raise
+
+    async def _wait_for_batch(self) -> None:
+        """Wait up to max_queue_delay_ms after the head arrived for a full batch (no wait when delay is 0)."""
+        delay = self.config.max_queue_delay_ms / 1000
+        if delay <= 0:
+            return
+        while self._queue:
+            rows = sum(p.rows for p in self._queue)
+            remaining = self._queue[0].enqueued + delay - time.monotonic()
+            if rows >= self.config.max_batch_size or remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._wait_for_batch()
+            now = time.monotonic()
+            for item in drop_expired(self._queue, now):
+                if item.future is not None and not item.future.done():
+                    item.future.set_exception(
+                        DeadlineExceeded(f"the request's deadline passed while it waited for model '{self.label}'")
+                    )
+            batch = take_batch(self._queue, self.config.max_batch_size, self.config.max_batch_tokens)
+            batch = [p for p in batch if not p.cancelled]
+            self._metrics.queue_depth.labels(self.label).set(len(self._queue))
+            if not batch:
+                continue
+            for p in batch:
+                self._metrics.queue_wait.labels(self.label).observe(now - p.enqueued)
+            rows = sum(p.rows for p in batch)
+            self._metrics.batch_size.labels(self.label).observe(rows)
+            inputs = concat_inputs(batch)
+            started = time.perf_counter()
+            try:
+                result = await self._run(functools.partial(self._infer, inputs))
+                parts = split_result(result, [p.rows for p in batch])
+            except Exception as e:
+                if not isinstance(e, BatchMismatch):
+                    log.exception("batch failed", extra={"model": self.label, "rows": rows})
+                for p in batch:
+                    if p.future is not None and not p.future.done():
+                        p.future.set_exception(e)
+                continue
+            finally:
+                self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * (time.perf_counter() - started)
+            for p, part in zip(batch, parts, strict=True):
+                if p.future is not None and not p.future.done():
+                    p.future.set_result(part)
