@@ -8,7 +8,6 @@ unloaded while a request holds them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -55,19 +54,25 @@ class Resident:
     in_flight: int = 0
     last_used: float = field(default_factory=time.monotonic)
     unloaded: bool = False
+    #: Chosen for eviction: it takes no new requests and goes once those in flight finish.
+    draining: bool = False
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def key(self) -> Key:
         return (self.version.model, self.version.version)
 
 
-def choose_victims(residents: list[Resident], needed: int, used: int, budget: int) -> list[Resident] | None:
-    """Least-recently-used idle, unpinned residents whose eviction makes ``needed`` bytes fit; None if impossible."""
+def choose_victims(
+    residents: list[Resident], needed: int, used: int, budget: int, *, include_busy: bool = False
+) -> list[Resident] | None:
+    """Least-recently-used unpinned residents (idle ones only, unless ``include_busy``) whose eviction makes
+    ``needed`` bytes fit in ``budget``; None if impossible."""
     if used + needed <= budget:
         return []
     victims = []
     for r in sorted(residents, key=lambda r: r.last_used):
-        if r.pinned or r.in_flight:
+        if r.pinned or (r.in_flight and not include_busy):
             continue
         victims.append(r)
         used -= r.memory_bytes
@@ -103,6 +108,7 @@ class ResidencyPool:
         self._load_lock = asyncio.Lock()
         self._released = asyncio.Condition()
         self._footprints: dict[Key, int] = {}
+        self._estimate_floor: dict[Key, int] = {}
         metrics.memory_budget_bytes.set(budget_bytes or 0)
 
     async def run(self, fn: Callable[[], T]) -> T:
@@ -143,9 +149,12 @@ class ResidencyPool:
         """A loaded model held for one request: it is never unloaded until ``release``."""
         while True:
             resident = self._resident.get((mv.model, mv.version))
+            if resident is not None and resident.draining:
+                await resident.gone.wait()  # being evicted: wait, then load it again
+                continue
             if resident is None:
                 resident = await self.load(mv)
-            if not resident.unloaded:
+            if not resident.unloaded and not resident.draining:
                 resident.in_flight += 1
                 resident.last_used = time.monotonic()
                 return resident
@@ -177,6 +186,8 @@ class ResidencyPool:
             async with self._load_lock:
                 await self._admit(key, self._estimate(mv))
                 runtime, footprint, seconds = await self.run(lambda: self._load_blocking(mv))
+                # Memory freed by an earlier unload is often reused, so a reload can measure less: keep the largest.
+                footprint = max(footprint, self._footprints.get(key, 0))
                 self._footprints[key] = footprint
                 resident = Resident(
                     version=mv,
@@ -208,50 +219,65 @@ class ResidencyPool:
             del self._loading[key]
 
     def _estimate(self, mv: ModelVersion) -> int:
-        """Expected footprint: the one measured at a previous load, else the artifact size."""
-        return self._footprints.get((mv.model, mv.version), mv.size_bytes)
+        """Expected footprint: the one measured at a previous load, else twice the artifact size (runtimes
+        commonly hold the file's bytes and a working copy)."""
+        key = (mv.model, mv.version)
+        self._estimate_floor[key] = mv.size_bytes
+        return self._footprints.get(key, 2 * mv.size_bytes)
 
     async def _admit(self, key: Key, needed: int) -> None:
-        """Evict least-recently-used idle models until ``needed`` bytes fit in the budget (waiting for busy ones)."""
+        """Make room for ``needed`` bytes before a load (evicting least-recently-used models)."""
         budget = self.budget_bytes
         if budget is None:
             return
-        if needed > budget:
+        if self._estimate_floor.get(key, 0) > budget:
             raise Overloaded(
-                f"model {key[0]} version {key[1]} needs about {needed >> 20} MiB, more than the whole memory budget "
-                f"({budget >> 20} MiB, OPENMAAS_MODEL_MEMORY_MB)",
+                f"model {key[0]} version {key[1]} needs about {self._estimate_floor[key] >> 20} MiB, more than the "
+                f"whole memory budget ({budget >> 20} MiB, OPENMAAS_MODEL_MEMORY_MB)",
                 retry_after=60,
             )
-        deadline = time.monotonic() + _ADMISSION_WAIT_S
-        while True:
-            victims = choose_victims(list(self._resident.values()), needed, self.used_bytes, budget)
-            if victims is not None:
-                await self._evict(victims)
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Overloaded(
-                    f"no memory to load model {key[0]}: the models in memory are busy or pinned; retry later",
-                    retry_after=5,
-                )
-            async with self._released:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._released.wait(), timeout=min(remaining, 1.0))
+        await self._make_room(key, min(needed, budget), others=list(self._resident.values()))
 
     async def _fit_after_load(self, loaded: Resident) -> None:
+        """The measured footprint may exceed the estimate: evict more until the budget holds again."""
         budget = self.budget_bytes
         if budget is None or self.used_bytes <= budget:
             return
         others = [r for r in self._resident.values() if r is not loaded]
-        victims = choose_victims(others, loaded.memory_bytes, self.used_bytes - loaded.memory_bytes, budget)
+        try:
+            await self._make_room(loaded.key, loaded.memory_bytes, others=others)
+        except Overloaded:
+            await self._drop([loaded])  # give the new model back rather than exceed the budget
+            raise
+
+    async def _make_room(self, key: Key, needed: int, others: list[Resident]) -> None:
+        budget = self.budget_bytes
+        assert budget is not None
+        used = sum(r.memory_bytes for r in others)
+        victims = choose_victims(others, needed, used, budget)
         if victims is None:
-            # Nothing idle to make room: give the new model back rather than exceed the budget.
-            await self._drop([loaded])
-            raise Overloaded(
-                f"model {loaded.version.model} measured {loaded.memory_bytes >> 20} MiB and does not fit the memory "
-                "budget beside the busy models; retry later",
-                retry_after=5,
-            )
+            # Every candidate is busy: stop giving the least recently used ones new requests, and evict them as soon
+            # as their in-flight requests finish (so a steady stream of requests cannot starve this load).
+            victims = choose_victims(others, needed, used, budget, include_busy=True)
+            if victims is None:
+                raise Overloaded(
+                    f"no memory for model {key[0]}: pinned models fill the memory budget ({budget >> 20} MiB); "
+                    "unpin one or raise OPENMAAS_MODEL_MEMORY_MB",
+                    retry_after=30,
+                )
+            for v in victims:
+                v.draining = True
+            try:
+                async with self._released:
+                    await asyncio.wait_for(
+                        self._released.wait_for(lambda: all(v.in_flight == 0 for v in victims)), _ADMISSION_WAIT_S
+                    )
+            except TimeoutError:
+                for v in victims:
+                    v.draining = False
+                raise Overloaded(
+                    f"no memory for model {key[0]}: the models in memory stayed busy; retry later", retry_after=5
+                ) from None
         await self._evict(victims)
 
     async def _evict(self, victims: list[Resident]) -> None:
@@ -268,6 +294,8 @@ class ResidencyPool:
             if self._resident.get(r.key) is r:
                 del self._resident[r.key]
         self._update_gauges()
+        for r in residents:
+            r.gone.set()
         for r in residents:
             await r.batcher.stop()
             await self.run(r.runtime.unload)

@@ -1,0 +1,104 @@
+"""The batcher's pure parts: grouping, splitting, deadlines. No threads, no event loop, no HTTP."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import pytest
+
+from openmaas.errors import BatchMismatch
+from openmaas.runtimes.base import RuntimeResult
+from openmaas.serving.batcher import Pending, compat_key, concat_inputs, drop_expired, split_result, take_batch
+
+
+def item(
+    rows: int = 1, cost: int | None = None, width: int = 4, deadline: float | None = None, t: float = 0.0
+) -> Pending:
+    inputs = {"x": np.full((rows, width), float(rows), np.float32)}
+    return Pending(inputs, rows, rows if cost is None else cost, t, deadline, None, compat_key(inputs))
+
+
+@pytest.mark.parametrize(
+    ("rows", "max_rows", "expected"),
+    [
+        ([1] * 10, 4, [4, 4, 2]),
+        ([1] * 3, 64, [3]),
+        ([3, 3, 3], 6, [6, 3]),
+        ([5, 1, 1], 4, [5, 2]),  # an oversized request runs alone, the rest batch behind it
+        ([2, 3, 1], 4, [3, 3]),  # 3 does not fit beside 2: 1 joins instead, 3 keeps its turn
+        ([1], 1, [1]),
+    ],
+)
+def test_take_batch_respects_max_rows(rows: list[int], max_rows: int, expected: list[int]) -> None:
+    queue = deque(item(r) for r in rows)
+    sizes = []
+    while queue:
+        sizes.append(sum(p.rows for p in take_batch(queue, max_rows, 10**9)))
+    assert sizes == expected
+
+
+def test_take_batch_keeps_order_of_what_it_leaves() -> None:
+    a, b, c, d = item(2), item(3), item(1), item(3)
+    queue = deque([a, b, c, d])
+    assert take_batch(queue, 4, 10**9) == [a, c]
+    assert list(queue) == [b, d]
+
+
+def test_take_batch_respects_token_budget() -> None:
+    queue = deque([item(1, cost=100), item(1, cost=100), item(1, cost=100)])
+    assert len(take_batch(queue, 64, 250)) == 2
+    assert len(take_batch(queue, 64, 250)) == 1
+
+
+def test_incompatible_shapes_are_not_batched_together() -> None:
+    queue = deque([item(1, width=4), item(1, width=5), item(1, width=4)])
+    first = take_batch(queue, 64, 10**9)
+    assert [p.inputs["x"].shape[1] for p in first] == [4, 4]
+    assert [p.inputs["x"].shape[1] for p in take_batch(queue, 64, 10**9)] == [5]
+
+
+def test_cancelled_requests_are_skipped() -> None:
+    a, b, c = item(), item(), item()
+    b.cancelled = True
+    queue = deque([a, b, c])
+    assert take_batch(queue, 64, 10**9) == [a, c]
+
+
+def test_drop_expired() -> None:
+    keep, late, no_deadline, gone = item(deadline=10.0), item(deadline=4.0), item(), item(deadline=1.0)
+    gone.cancelled = True
+    queue = deque([keep, late, no_deadline, gone])
+    assert drop_expired(queue, now=5.0) == [late]
+    assert list(queue) == [keep, no_deadline]
+    assert drop_expired(queue, now=5.0) == []
+
+
+def test_concat_and_split_round_trip() -> None:
+    batch = [item(1), item(3), item(2)]
+    inputs = concat_inputs(batch)
+    assert inputs["x"].shape == (6, 4)
+    result = RuntimeResult(outputs={"y": inputs["x"][:, 0] * 2}, tokens=np.arange(6))
+    parts = split_result(result, [p.rows for p in batch])
+    assert [p.outputs["y"].tolist() for p in parts] == [[2.0], [6.0, 6.0, 6.0], [4.0, 4.0]]
+    assert [p.tokens.tolist() for p in parts if p.tokens is not None] == [[0], [1, 2, 3], [4, 5]]
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        {"y": np.zeros(5)},  # one row short
+        {"y": np.zeros(7)},  # one row too many
+        {"y": np.zeros(6), "z": np.zeros(4)},  # one output of several
+        {"y": np.float32(1.0).reshape(())},  # a scalar
+    ],
+)
+def test_wrong_output_count_is_a_server_error(outputs: dict) -> None:
+    with pytest.raises(BatchMismatch) as info:
+        split_result(RuntimeResult(outputs=outputs), [1, 3, 2])
+    assert info.value.status == 500
+
+
+def test_wrong_token_count_is_a_server_error() -> None:
+    with pytest.raises(BatchMismatch):
+        split_result(RuntimeResult(outputs={"y": np.zeros(3)}, tokens=np.zeros(2)), [1, 2])
