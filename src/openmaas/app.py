@@ -22,6 +22,7 @@ from openmaas.artifacts import LocalArtifactStore
 from openmaas.config import Settings
 from openmaas.gateway.auth import KeyAuthenticator, load_or_create_secret
 from openmaas.gateway.service import Gateway
+from openmaas.registry.inspect import inspect_in_subprocess
 from openmaas.registry.models import ModelVersion
 from openmaas.registry.service import ModelRegistry
 from openmaas.runtimes import RuntimeOptions
@@ -58,7 +59,10 @@ def build_platform(settings: Settings) -> Platform:
     sessions = db.session_factory(engine)
     metrics = Metrics()
     options = RuntimeOptions(onnx_threads=settings.onnx_threads, torch_threads=settings.torch_threads)
-    registry = ModelRegistry(RegistryStore(sessions), LocalArtifactStore(settings.artifacts_dir), options)
+    # Uploaded models are loaded for inspection in a child process (crash isolation; see registry/inspect.py).
+    registry = ModelRegistry(
+        RegistryStore(sessions), LocalArtifactStore(settings.artifacts_dir), options, inspect_in_subprocess
+    )
     executor = ThreadPoolExecutor(max_workers=settings.inference_workers, thread_name_prefix="openmaas-infer")
     defaults = BatchConfig(
         max_batch_size=settings.max_batch_size,
@@ -95,7 +99,7 @@ def build_platform(settings: Settings) -> Platform:
 
 def _start(platform: Platform) -> None:
     """Blocking start-up work: migrations, the admin key, the bundled catalogue."""
-    from openmaas.catalogue import ensure_catalogue
+    from openmaas.catalogue import ensure_catalogue_in_subprocess
 
     settings = platform.settings
     db.upgrade(platform.engine)
@@ -111,7 +115,15 @@ def _start(platform: Platform) -> None:
             flush=True,
         )
     if settings.bundled_models:
-        ensure_catalogue(platform.registry, settings.data_dir / "tmp")
+        env = {
+            "OPENMAAS_DATA_DIR": str(settings.data_dir),
+            "OPENMAAS_DATABASE_URL": settings.resolved_database_url,
+            "OPENMAAS_ONNX_THREADS": str(settings.onnx_threads),
+            "OPENMAAS_TORCH_THREADS": str(settings.torch_threads),
+            "OPENMAAS_LOG_LEVEL": settings.log_level,
+            "OPENMAAS_LOG_FORMAT": settings.log_format,
+        }
+        ensure_catalogue_in_subprocess(platform.registry, env)
 
 
 def create_app(settings: Settings) -> FastAPI:

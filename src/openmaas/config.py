@@ -50,7 +50,10 @@ class Settings(BaseSettings):
         default_factory=_default_threads, ge=1, description="Threads PyTorch runtimes use for inference."
     )
     inference_workers: int = Field(
-        default=2, ge=1, description="Threads that run model computations off the event loop."
+        default=1,
+        ge=1,
+        description="Threads that run model computations off the event loop. One is best on small machines: "
+        "each thread that calls PyTorch gets its own OpenMP thread team, and teams compete for the cores.",
     )
     max_request_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413."

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,6 +33,24 @@ def _builders() -> dict[str, Builder]:
 
 
 BUNDLED = ("all-minilm-l6-v2", "digits-cnn", "breast-cancer-logreg", "diabetes-linreg")
+
+
+def missing(registry: ModelRegistry) -> list[str]:
+    """Bundled models not registered yet."""
+    names = {m.name for m in registry.list_models() if m.latest_version is not None}
+    return [name for name in BUNDLED if name not in names]
+
+
+def ensure_catalogue_in_subprocess(registry: ModelRegistry, env: dict[str, str]) -> None:
+    """Register the missing bundled models from a child process (training and loading stay out of the server)."""
+    todo = missing(registry)
+    if not todo:
+        return
+    log.info("building the bundled catalogue", extra={"models": todo})
+    done = subprocess.run([sys.executable, "-m", "openmaas.catalogue"], env={**os.environ, **env}, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the bundled catalogue failed (exit status {done.returncode}); see the log above")
+    registry.invalidate_all()
 
 
 def ensure_catalogue(registry: ModelRegistry, scratch: Path) -> list[str]:

@@ -6,16 +6,22 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from openmaas.artifacts import ArtifactStore
-from openmaas.errors import InvalidRequest, ModelLoadFailed, ModelNotFound, OpenMaaSError
+from openmaas.errors import InvalidRequest, ModelLoadFailed, ModelNotFound
 from openmaas.registry.formats import detect_format
+from openmaas.registry.inspect import inspect_in_process
 from openmaas.registry.models import Model, ModelCard, ModelVersion, ServingConfig, Visibility
-from openmaas.runtimes import RuntimeOptions, create_runtime
+from openmaas.runtimes import RuntimeOptions
+from openmaas.runtimes.types import Signature
 from openmaas.store.registry import RegistryStore
 
 log = logging.getLogger(__name__)
+
+# (format, path, options) -> signature, by loading the model once; raises InvalidRequest if it does not load.
+Inspector = Callable[[str, Path, RuntimeOptions], Signature]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # How long a resolved "latest version" may be served from memory; bounds staleness across processes.
@@ -25,10 +31,17 @@ _CACHE_TTL_S = 2.0
 class ModelRegistry:
     """The registry domain service used by the gateway and the management API."""
 
-    def __init__(self, store: RegistryStore, artifacts: ArtifactStore, options: RuntimeOptions) -> None:
+    def __init__(
+        self,
+        store: RegistryStore,
+        artifacts: ArtifactStore,
+        options: RuntimeOptions,
+        inspector: Inspector = inspect_in_process,
+    ) -> None:
         self.store = store
         self.artifacts = artifacts
         self.options = options
+        self.inspector = inspector
         self._cache: dict[tuple[str, int | None], tuple[float, ModelVersion]] = {}
         self._lock = threading.Lock()
 
@@ -50,17 +63,7 @@ class ModelRegistry:
                 param="name",
             )
         fmt = detect_format(source, format)
-        runtime = create_runtime(fmt, source, self.options)
-        try:
-            runtime.load()
-            signature = runtime.signature
-        except OpenMaaSError:
-            raise
-        except Exception as e:
-            log.info("model failed to load at registration", extra={"model": name, "error": str(e)})
-            raise InvalidRequest(f"the {fmt} model could not be loaded: {e}", param="file") from None
-        finally:
-            runtime.unload()
+        signature = self.inspector(fmt, source, self.options)
         artifact = self.artifacts.put(source)
         try:
             self.store.get_model(name)
@@ -99,6 +102,10 @@ class ModelRegistry:
         model = self.store.set_serving(name, serving)
         self.invalidate(name)
         return model
+
+    def invalidate_all(self) -> None:
+        with self._lock:
+            self._cache.clear()
 
     def list_models(self) -> list[Model]:
         return self.store.list_models()

@@ -1,0 +1,344 @@
+"""Serving benchmark: HTTP throughput and latency against the in-process limit, measured in one run.
+
+    python bench/serving.py [--duration 10] [--concurrency 1,8,32,64] [--write docs/benchmarks.md]
+
+1. In-process limit: the same runtime the server uses, called directly at its best batch size (no HTTP).
+2. A real ``openmaas serve`` on a free port.
+3. A load generator in its own process keeps C requests in flight (one sentence per request) on keep-alive
+   connections and records each request's latency.
+The ratio of the two is the figure of merit: how much of the machine's model throughput survives the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = (
+    "the a man woman child dog cat horse car train city river mountain eats rides reads writes plays sings "
+    "walks runs quickly slowly happily under over near beside small large red green old new bright dark "
+    "morning evening food music book letter game song road bridge garden house"
+).split()
+_CONTENT_LENGTH = re.compile(rb"content-length:\s*(\d+)", re.I)
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))).capitalize() + "." for _ in range(n)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+# -- in-process limit ------------------------------------------------------------------------------------------
+
+
+def in_process_embeddings(texts: list[str], seconds: float, threads: int) -> dict[str, object]:
+    from openmaas.catalogue.minilm import model_dir
+    from openmaas.runtimes import RuntimeOptions
+    from openmaas.runtimes.sentence_transformers import SentenceTransformerRuntime
+
+    rt = SentenceTransformerRuntime(model_dir(), RuntimeOptions(onnx_threads=threads, torch_threads=threads))
+    rt.load()
+    by_batch: dict[int, float] = {}
+    for batch in (1, 8, 16, 32, 64, 128):
+        rt.embed(texts[:batch])  # warm-up
+        done, i = 0, 0
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds / 3:
+            chunk = [texts[(i + k) % len(texts)] for k in range(batch)]
+            rt.embed(chunk)
+            done += batch
+            i += batch
+        by_batch[batch] = done / (time.perf_counter() - started)
+    single = []
+    for k in range(200):
+        t0 = time.perf_counter()
+        rt.embed([texts[k % len(texts)]])
+        single.append(time.perf_counter() - t0)
+    best = max(by_batch, key=lambda b: by_batch[b])
+    return {"by_batch": by_batch, "best_batch": best, "limit": by_batch[best], "single_p50_ms": 1000 * percentile(single, 50)}
+
+
+def in_process_digits(seconds: float, threads: int) -> dict[str, object]:
+    import onnxruntime as ort
+
+    from openmaas.catalogue.digits import build
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path, _card = build(Path(tmp))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).integers(0, 17, (256, 1, 8, 8)).astype(np.float32)
+        by_batch = {}
+        for batch in (1, 16, 64, 256):
+            done = 0
+            started = time.perf_counter()
+            while time.perf_counter() - started < seconds / 4:
+                session.run(None, {"image": x[:batch]})
+                done += batch
+            by_batch[batch] = done / (time.perf_counter() - started)
+        single = []
+        for _ in range(500):
+            t0 = time.perf_counter()
+            session.run(None, {"image": x[:1]})
+            single.append(time.perf_counter() - t0)
+    best = max(by_batch, key=lambda b: by_batch[b])
+    return {"by_batch": by_batch, "best_batch": best, "limit": by_batch[best], "single_p50_ms": 1000 * percentile(single, 50)}
+
+
+# -- load generator (its own process) --------------------------------------------------------------------------
+
+
+async def _worker(port: int, requests: list[bytes], start: float, stop: float, out: list[float], errors: list[int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    i = random.randrange(len(requests))
+    try:
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop:
+                return
+            writer.write(requests[i % len(requests)])
+            i += 1
+            head = await reader.readuntil(b"\r\n\r\n")
+            match = _CONTENT_LENGTH.search(head)
+            await reader.readexactly(int(match.group(1)) if match else 0)
+            t1 = time.perf_counter()
+            status = int(head[9:12])
+            if t0 >= start:  # only requests started after the warm-up count
+                if status == 200:
+                    out.append(t1 - t0)
+                else:
+                    errors.append(status)
+    finally:
+        writer.close()
+
+
+def _load_process(port: int, requests: list[bytes], concurrency: int, warmup: float, duration: float, queue: mp.Queue) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+    async def main() -> tuple[list[float], list[int], float]:
+        latencies: list[float] = []
+        errors: list[int] = []
+        start = time.perf_counter() + warmup
+        stop = start + duration
+        await asyncio.gather(*(_worker(port, requests, start, stop, latencies, errors) for _ in range(concurrency)))
+        return latencies, errors, duration
+
+    latencies, errors, duration = asyncio.run(main())
+    queue.put({"latencies": latencies, "errors": errors, "duration": duration})
+
+
+def run_load(port: int, requests: list[bytes], concurrency: int, warmup: float, duration: float) -> dict[str, float]:
+    queue: mp.Queue = mp.get_context("spawn").Queue()
+    proc = mp.get_context("spawn").Process(target=_load_process, args=(port, requests, concurrency, warmup, duration, queue))
+    proc.start()
+    result = queue.get(timeout=warmup + duration + 120)
+    proc.join()
+    lat = result["latencies"]
+    return {
+        "concurrency": concurrency,
+        "rps": len(lat) / result["duration"],
+        "p50_ms": 1000 * percentile(lat, 50),
+        "p99_ms": 1000 * percentile(lat, 99),
+        "errors": len(result["errors"]),
+    }
+
+
+def http_request(path: str, body: bytes, key: str, extra: str = "") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode() + body
+
+
+# -- server ----------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(data_dir: Path, key: str, env_extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    env = {**os.environ, "OPENMAAS_ADMIN_KEY": key, "OPENMAAS_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1", **env_extra}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "openmaas", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    import httpx
+
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "server exited")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 1024 / 1024:.0f} GiB memory"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{cpu}, {os.cpu_count()} CPU cores{mem}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per concurrency level")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="model threads, both sides")
+    parser.add_argument("--write", type=Path, help="also write the results as markdown to this file")
+    parser.add_argument("--skip-v2", action="store_true")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    texts = sentences(4096)
+
+    print(f"machine: {machine()}", flush=True)
+    print("measuring the in-process limit (no HTTP)...", flush=True)
+    limit = in_process_embeddings(texts, args.duration, args.threads)
+    print(json.dumps(limit), flush=True)
+    digits_limit = None if args.skip_v2 else in_process_digits(args.duration / 2, args.threads)
+
+    key = "om_bench-key-0123456789abcdefghijklmnopqrstuvwxyz"
+    results: list[dict[str, float]] = []
+    v2_results: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"OPENMAAS_TORCH_THREADS": str(args.threads), "OPENMAAS_ONNX_THREADS": str(args.threads)}
+        proc, port = start_server(Path(tmp) / "data", key, env)
+        try:
+            reqs = [
+                http_request(
+                    "/v1/embeddings", json.dumps({"model": "all-minilm-l6-v2", "input": t}).encode(), key
+                )
+                for t in texts
+            ]
+            for c in levels:
+                r = run_load(port, reqs, c, args.warmup, args.duration)
+                r["ratio"] = r["rps"] / float(limit["limit"])  # type: ignore[arg-type]
+                results.append(r)
+                print(json.dumps(r), flush=True)
+            if not args.skip_v2:
+                x = np.random.default_rng(1).integers(0, 17, (512, 64)).astype(float)
+                v2reqs = [
+                    http_request(
+                        "/v2/models/digits-cnn/infer",
+                        json.dumps(
+                            {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": row.tolist()}]}
+                        ).encode(),
+                        key,
+                    )
+                    for row in x
+                ]
+                for c in levels:
+                    r = run_load(port, v2reqs, c, args.warmup, args.duration / 2)
+                    r["ratio"] = r["rps"] / float(digits_limit["limit"])  # type: ignore[index,arg-type]
+                    v2_results.append(r)
+                    print(json.dumps(r), flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+    report = render(machine(), limit, results, digits_limit, v2_results, args)
+    print()
+    print(report)
+    if args.write:
+        args.write.write_text(report)
+
+
+def render(
+    machine_line: str,
+    limit: dict[str, object],
+    results: list[dict[str, float]],
+    digits_limit: dict[str, object] | None,
+    v2_results: list[dict[str, float]],
+    args: argparse.Namespace,
+) -> str:
+    lines = [
+        "## Embeddings: `POST /v1/embeddings`, all-minilm-l6-v2, one sentence per request",
+        "",
+        f"In-process limit (same runtime, no HTTP): **{limit['limit']:.0f} sentences/s** at batch "
+        f"{limit['best_batch']}; single-sentence latency p50 {limit['single_p50_ms']:.2f} ms. By batch size: "
+        + ", ".join(f"{b}: {v:.0f}/s" for b, v in limit["by_batch"].items())  # type: ignore[attr-defined]
+        + ".",
+        "",
+        "| concurrency | req/s | x limit | p50 ms | p99 ms | errors |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['concurrency']} | {r['rps']:.0f} | {r['ratio']:.2f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |"
+        )
+    if digits_limit is not None:
+        lines += [
+            "",
+            "## Tensors: `POST /v2/models/digits-cnn/infer` (JSON), one 8x8 image per request",
+            "",
+            f"In-process limit (ONNX Runtime, no HTTP): **{digits_limit['limit']:.0f} images/s** at batch "
+            f"{digits_limit['best_batch']}; single-image latency p50 {digits_limit['single_p50_ms']:.3f} ms.",
+            "",
+            "| concurrency | req/s | x limit | p50 ms | p99 ms | errors |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in v2_results:
+            lines.append(
+                f"| {r['concurrency']} | {r['rps']:.0f} | {r['ratio']:.2f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |"
+            )
+    header = [
+        "# Benchmarks",
+        "",
+        f"Measured by `make bench` (`bench/serving.py`), all in one run, on: {machine_line}.",
+        f"Model threads: {args.threads}; {args.duration:.0f} s per level after {args.warmup:.0f} s warm-up; the load "
+        "generator runs in its own process on the same machine, keeping C requests in flight on keep-alive "
+        "connections.",
+        "",
+    ]
+    return "\n".join(header + lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
