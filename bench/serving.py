@@ -251,6 +251,14 @@ def main() -> None:
         env = {"OPENMAAS_TORCH_THREADS": str(args.threads), "OPENMAAS_ONNX_THREADS": str(args.threads)}
         proc, port = start_server(Path(tmp) / "data", key, env)
         try:
+            import httpx
+
+            for model in ("all-minilm-l6-v2", "digits-cnn"):  # models load lazily: load them before measuring
+                httpx.post(
+                    f"http://127.0.0.1:{port}/v2/repository/models/{model}/load",
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=120,
+                ).raise_for_status()
             reqs = [
                 http_request(
                     "/v1/embeddings", json.dumps({"model": "all-minilm-l6-v2", "input": t}).encode(), key
