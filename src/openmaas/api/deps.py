@@ -11,7 +11,7 @@ from openmaas.gateway.auth import Principal
 from openmaas.gateway.service import Gateway
 
 
-def gateway(request: Request) -> Gateway:
+async def gateway(request: Request) -> Gateway:
     gw: Gateway = request.app.state.gateway
     return gw
 
