@@ -6,7 +6,6 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
@@ -45,7 +44,6 @@ class Platform:
     registry: ModelRegistry
     pool: ResidencyPool
     gateway: Gateway
-    executor: ThreadPoolExecutor
 
 
 def build_platform(settings: Settings) -> Platform:
@@ -63,7 +61,6 @@ def build_platform(settings: Settings) -> Platform:
     registry = ModelRegistry(
         RegistryStore(sessions), LocalArtifactStore(settings.artifacts_dir), options, inspect_in_subprocess
     )
-    executor = ThreadPoolExecutor(max_workers=settings.inference_workers, thread_name_prefix="openmaas-infer")
     defaults = BatchConfig(
         max_batch_size=settings.max_batch_size,
         max_queue_delay_ms=settings.max_queue_delay_ms,
@@ -74,7 +71,12 @@ def build_platform(settings: Settings) -> Platform:
     def batch_config(mv: ModelVersion) -> BatchConfig:
         overrides = registry.get_model(mv.model).serving.model_dump(exclude_none=True)
         overrides.pop("pinned", None)
+        overrides.pop("instances", None)
         return replace(defaults, **overrides)
+
+    def instances(mv: ModelVersion) -> int:
+        configured = registry.get_model(mv.model).serving.instances
+        return configured if configured is not None else settings.model_instances
 
     def pinned(mv: ModelVersion) -> bool:
         configured = registry.get_model(mv.model).serving.pinned
@@ -84,17 +86,17 @@ def build_platform(settings: Settings) -> Platform:
         registry.artifact_path,
         options,
         metrics,
-        executor,
         budget_bytes=settings.model_memory_mb * 1024 * 1024 or None,
         batch_config=batch_config,
         pinned=pinned,
+        instances=instances,
     )
     secret = load_or_create_secret(
         settings.secret_key.get_secret_value() if settings.secret_key else None,
         settings.data_dir / "secret.key",
     )
     gateway = Gateway(KeyAuthenticator(sessions, secret), registry, pool, metrics)
-    return Platform(settings, engine, metrics, registry, pool, gateway, executor)
+    return Platform(settings, engine, metrics, registry, pool, gateway)
 
 
 def _start(platform: Platform) -> None:
@@ -140,7 +142,6 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             app.state.ready = False
             await platform.pool.close()
-            platform.executor.shutdown(wait=False, cancel_futures=True)
             platform.engine.dispose()
 
     app = FastAPI(
@@ -149,6 +150,9 @@ def create_app(settings: Settings) -> FastAPI:
         description="Model-as-a-service: OpenAI-compatible and Open Inference Protocol v2 endpoints, "
         "model registry and management API.",
         lifespan=lifespan,
+        # OpenMaaS exports its own Prometheus metrics; FastAPI's OpenTelemetry hooks would cost every request
+        # an environment lookup for nothing.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.platform = platform
     app.state.gateway = platform.gateway

@@ -43,17 +43,19 @@ class Settings(BaseSettings):
     bundled_models: bool = Field(
         default=True, description="Register the bundled model catalogue at start (first start trains it)."
     )
-    onnx_threads: int = Field(
-        default_factory=_default_threads, ge=1, description="Intra-op threads of each ONNX Runtime session."
-    )
-    torch_threads: int = Field(
-        default_factory=_default_threads, ge=1, description="Threads PyTorch runtimes use for inference."
-    )
-    inference_workers: int = Field(
-        default=1,
+    model_instances: int = Field(
+        default_factory=_default_threads,
         ge=1,
-        description="Threads that run model computations off the event loop. One is best on small machines: "
-        "each thread that calls PyTorch gets its own OpenMP thread team, and teams compete for the cores.",
+        le=64,
+        description="Copies of each loaded model, each run by its own thread; batches run on them in parallel. "
+        "Several single-threaded copies use a small machine better than one copy with several threads.",
+    )
+    onnx_threads: int = Field(default=1, ge=1, description="Intra-op threads of each ONNX Runtime model copy.")
+    torch_threads: int = Field(
+        default_factory=_default_threads,
+        ge=1,
+        description="Most intra-op threads a PyTorch model copy uses: all of them while it is the only copy "
+        "running a batch, one while other copies are busy too.",
     )
     max_request_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413."
@@ -104,3 +106,25 @@ class Settings(BaseSettings):
     @property
     def artifacts_dir(self) -> Path:
         return self.data_dir / "artifacts"
+
+
+def settings_table() -> str:
+    """The settings as markdown table rows (docs/settings.md is built from this: python -m openmaas.config)."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            default = "min(4, CPU cores)"
+        elif field.default is None:
+            default = "unset"
+        elif field.default == "":
+            default = "empty"
+        elif name == "data_dir":
+            default = "./.openmaas"
+        else:
+            default = str(field.default)
+        rows.append(f"| `OPENMAAS_{name.upper()}` | {default} | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -62,13 +61,12 @@ def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[ModelV
     return out
 
 
-def _pool(versions: dict, metrics: Metrics, executor: ThreadPoolExecutor, **kwargs: object) -> ResidencyPool:
+def _pool(versions: dict, metrics: Metrics, **kwargs: object) -> ResidencyPool:
     paths = {mv.model: path for mv, path in versions.values()}
     return ResidencyPool(
         lambda mv: paths[mv.model],
         RuntimeOptions(onnx_threads=1, torch_threads=1),
         metrics,
-        executor,
         batch_config=lambda mv: BatchConfig(max_batch_size=8, max_queue_size=1024),
         **kwargs,  # type: ignore[arg-type]
     )
@@ -81,47 +79,46 @@ def _x(rows: int = 1) -> dict[str, np.ndarray]:
 def test_round_robin_over_three_models_with_room_for_two(versions: dict) -> None:
     async def scenario() -> None:
         metrics = Metrics()
-        with ThreadPoolExecutor(2) as executor:
-            pool = _pool(versions, metrics, executor)
-            mvs = [mv for mv, _ in versions.values()]
-            # Measure each model's footprint once, then set a budget that holds the two largest but not all three.
-            for mv in mvs:
-                await pool.load(mv)
-            footprints = sorted(r.memory_bytes for r in pool.residents())
-            for mv in mvs:
-                await pool.unload(mv.model)
-            pool.budget_bytes = footprints[1] + footprints[2] + footprints[0] // 2
-            assert sum(footprints) > pool.budget_bytes
+        pool = _pool(versions, metrics)
+        mvs = [mv for mv, _ in versions.values()]
+        # Measure each model's footprint once, then set a budget that holds the two largest but not all three.
+        for mv in mvs:
+            await pool.load(mv)
+        footprints = sorted(r.memory_bytes for r in pool.residents())
+        for mv in mvs:
+            await pool.unload(mv.model)
+        pool.budget_bytes = footprints[1] + footprints[2] + footprints[0] // 2
+        assert sum(footprints) > pool.budget_bytes
 
-            worst = 0
-            stop = asyncio.Event()
+        worst = 0
+        stop = asyncio.Event()
 
-            async def monitor() -> None:
-                nonlocal worst
-                while not stop.is_set():
-                    worst = max(worst, pool.used_bytes, int(metrics.resident_bytes._value.get()))
-                    await asyncio.sleep(0)
+        async def monitor() -> None:
+            nonlocal worst
+            while not stop.is_set():
+                worst = max(worst, pool.used_bytes, int(metrics.resident_bytes._value.get()))
+                await asyncio.sleep(0)
 
-            errors: list[BaseException] = []
+        errors: list[BaseException] = []
 
-            async def client(offset: int) -> None:
-                for i in range(24):
-                    mv = mvs[(offset + i) % 3]
-                    try:
-                        result = await pool.infer(mv, _x(), 1, 1, None)
-                        assert result.outputs["y"].shape == (1, N)
-                    except BaseException as e:
-                        errors.append(e)
+        async def client(offset: int) -> None:
+            for i in range(24):
+                mv = mvs[(offset + i) % 3]
+                try:
+                    result = await pool.infer(mv, _x(), 1, 1, None)
+                    assert result.outputs["y"].shape == (1, N)
+                except BaseException as e:
+                    errors.append(e)
 
-            watcher = asyncio.create_task(monitor())
-            await asyncio.gather(*(client(k) for k in range(12)))
-            stop.set()
-            await watcher
-            assert errors == []
-            assert worst <= pool.budget_bytes
-            assert sum(metrics.evictions.labels(mv.model)._value.get() for mv in mvs) > 0
-            assert len(pool.residents()) <= 2
-            await pool.close()
+        watcher = asyncio.create_task(monitor())
+        await asyncio.gather(*(client(k) for k in range(12)))
+        stop.set()
+        await watcher
+        assert errors == []
+        assert worst <= pool.budget_bytes
+        assert sum(metrics.evictions.labels(mv.model)._value.get() for mv in mvs) > 0
+        assert len(pool.residents()) <= 2
+        await pool.close()
 
     asyncio.run(scenario())
 
@@ -129,20 +126,19 @@ def test_round_robin_over_three_models_with_room_for_two(versions: dict) -> None
 def test_never_unloaded_while_in_flight(versions: dict) -> None:
     async def scenario() -> None:
         metrics = Metrics()
-        with ThreadPoolExecutor(2) as executor:
-            pool = _pool(versions, metrics, executor)
-            (a, _), (b, _), _ = versions.values()
-            resident = await pool.acquire(a)  # a request holds alpha
-            unload = asyncio.create_task(pool.unload(a.model))
-            await asyncio.sleep(0.05)
-            assert not unload.done()
-            assert pool.get(a.model, 1) is resident
-            # The holder can still run on it.
-            assert (await resident.batcher.submit(_x(), 1, 1, None)).outputs["y"].shape == (1, N)
-            await pool.release(resident)
-            await asyncio.wait_for(unload, 5)
-            assert pool.get(a.model, 1) is None
-            await pool.close()
+        pool = _pool(versions, metrics)
+        a = versions["alpha"][0]
+        resident = await pool.acquire(a)  # a request holds alpha
+        unload = asyncio.create_task(pool.unload(a.model))
+        await asyncio.sleep(0.05)
+        assert not unload.done()
+        assert pool.get(a.model, 1) is resident
+        # The holder can still run on it.
+        assert (await resident.batcher.submit(_x(), 1, 1, None)).outputs["y"].shape == (1, N)
+        await pool.release(resident)
+        await asyncio.wait_for(unload, 5)
+        assert pool.get(a.model, 1) is None
+        await pool.close()
 
     asyncio.run(scenario())
 
@@ -150,25 +146,24 @@ def test_never_unloaded_while_in_flight(versions: dict) -> None:
 def test_pinned_models_are_not_evicted(versions: dict) -> None:
     async def scenario() -> None:
         metrics = Metrics()
-        with ThreadPoolExecutor(2) as executor:
-            pool = _pool(versions, metrics, executor, pinned=lambda mv: mv.model == "alpha")
-            (a, _), (b, _), (c, _) = versions.values()
-            for mv in (a, b, c):  # measure footprints first
-                await pool.load(mv)
-            fp = {r.version.model: r.memory_bytes for r in pool.residents()}
-            await pool.unload("gamma")
-            # Room for alpha and one of the others, never all three.
-            pool.budget_bytes = fp["alpha"] + max(fp["beta"], fp["gamma"]) + min(fp["beta"], fp["gamma"]) // 2
-            await pool.infer(c, _x(), 1, 1, None)  # must evict beta (LRU unpinned), never alpha
-            assert pool.get("alpha", 1) is not None
-            assert pool.get("beta", 1) is None
-            assert pool.get("gamma", 1) is not None
-            # With only pinned models left and no room, a load is refused with a clear 503, not an eviction.
-            await pool.unload("gamma")
-            pool.budget_bytes = fp["alpha"] + fp["beta"] // 2
-            with pytest.raises(Overloaded, match="pinned"):
-                await pool.infer(b, _x(), 1, 1, None)
-            await pool.close()
+        pool = _pool(versions, metrics, pinned=lambda mv: mv.model == "alpha")
+        (a, _), (b, _), (c, _) = versions.values()
+        for mv in (a, b, c):  # measure footprints first
+            await pool.load(mv)
+        fp = {r.version.model: r.memory_bytes for r in pool.residents()}
+        await pool.unload("gamma")
+        # Room for alpha and one of the others, never all three.
+        pool.budget_bytes = fp["alpha"] + max(fp["beta"], fp["gamma"]) + min(fp["beta"], fp["gamma"]) // 2
+        await pool.infer(c, _x(), 1, 1, None)  # must evict beta (LRU unpinned), never alpha
+        assert pool.get("alpha", 1) is not None
+        assert pool.get("beta", 1) is None
+        assert pool.get("gamma", 1) is not None
+        # With only pinned models left and no room, a load is refused with a clear 503, not an eviction.
+        await pool.unload("gamma")
+        pool.budget_bytes = fp["alpha"] + fp["beta"] // 2
+        with pytest.raises(Overloaded, match="pinned"):
+            await pool.infer(b, _x(), 1, 1, None)
+        await pool.close()
 
     asyncio.run(scenario())
 
@@ -176,22 +171,20 @@ def test_pinned_models_are_not_evicted(versions: dict) -> None:
 def test_concurrent_first_requests_share_one_load(versions: dict) -> None:
     async def scenario() -> None:
         metrics = Metrics()
-        with ThreadPoolExecutor(2) as executor:
-            pool = _pool(versions, metrics, executor)
-            a, _ = versions["alpha"]
-            results = await asyncio.gather(*(pool.infer(a, _x(2), 2, 2, None) for _ in range(10)))
-            assert all(r.outputs["y"].shape == (2, N) for r in results)
-            assert metrics.loads.labels("alpha")._value.get() == 1
-            await pool.close()
+        pool = _pool(versions, metrics)
+        a, _ = versions["alpha"]
+        results = await asyncio.gather(*(pool.infer(a, _x(2), 2, 2, None) for _ in range(10)))
+        assert all(r.outputs["y"].shape == (2, N) for r in results)
+        assert metrics.loads.labels("alpha")._value.get() == 1
+        await pool.close()
 
     asyncio.run(scenario())
 
 
 def test_model_larger_than_the_budget_is_refused(versions: dict) -> None:
     async def scenario() -> None:
-        with ThreadPoolExecutor(1) as executor:
-            pool = _pool(versions, Metrics(), executor, budget_bytes=1024)
-            with pytest.raises(Overloaded, match="more than the whole memory budget"):
-                await pool.infer(versions["alpha"][0], _x(), 1, 1, None)
+        pool = _pool(versions, Metrics(), budget_bytes=1024)
+        with pytest.raises(Overloaded, match="more than the whole memory budget"):
+            await pool.infer(versions["alpha"][0], _x(), 1, 1, None)
 
     asyncio.run(scenario())

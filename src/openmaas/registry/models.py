@@ -37,6 +37,7 @@ class ServingConfig(BaseModel):
     max_queue_size: int | None = Field(default=None, ge=1, le=1_000_000)
     max_batch_tokens: int | None = Field(default=None, ge=1)
     pinned: bool | None = Field(default=None, description="Never evict this model once loaded.")
+    instances: int | None = Field(default=None, ge=1, le=64, description="Copies of the model to run batches on.")
 
 
 class ModelVersion(BaseModel):

@@ -57,6 +57,9 @@ class Runtime(ABC):
     def memory_bytes(self) -> int:
         """Estimated resident memory of the loaded model."""
 
+    def set_threads(self, threads: int) -> None:  # noqa: B027 - optional hook, default does nothing
+        """Use ``threads`` intra-op threads from now on (called on the copy's own thread; optional)."""
+
     @abstractmethod
     def unload(self) -> None:
         """Release the model's memory; the object may be loaded again."""

@@ -86,6 +86,12 @@ class SentenceTransformerRuntime(Runtime):
         embeddings, tokens = self.embed(texts)
         return RuntimeResult(outputs={"embedding": embeddings}, tokens=tokens)
 
+    def set_threads(self, threads: int) -> None:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
     def memory_bytes(self) -> int:
         model = self._model
         if model is None:

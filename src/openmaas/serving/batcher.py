@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
 import time
@@ -134,25 +133,29 @@ def split_result(result: RuntimeResult, sizes: list[int]) -> list[RuntimeResult]
     return parts
 
 
-class Batcher:
-    """The queue and dispatch loop of one loaded model version."""
+# Runs one batch on one model instance (its own thread) and returns the result.
+Worker = Callable[[dict[str, np.ndarray]], Awaitable[RuntimeResult]]
 
-    def __init__(
-        self,
-        label: str,
-        infer: Callable[[dict[str, np.ndarray]], RuntimeResult],
-        run: Callable[[Callable[[], RuntimeResult]], Awaitable[RuntimeResult]],
-        config: BatchConfig,
-        metrics: Metrics,
-    ) -> None:
+
+class Batcher:
+    """The queue and dispatch loop of one loaded model version, feeding one or more model instances.
+
+    A batch is formed whenever an instance is free and requests are waiting, so load alone forms batches: what
+    arrives while the instances are busy is batched together.
+    """
+
+    def __init__(self, label: str, workers: list[Worker], config: BatchConfig, metrics: Metrics) -> None:
+        if not workers:
+            raise ValueError("a batcher needs at least one worker")
         self.label = label
         self.config = config
-        self._infer = infer
-        self._run = run
+        self._workers = workers
+        self._free: list[int] = list(range(len(workers)))
         self._metrics = metrics
         self._queue: deque[Pending] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
         self._recent_batch_s = 0.05
 
     @property
@@ -169,6 +172,8 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
         for item in self._queue:
             if item.future is not None and not item.future.done():
                 item.future.set_exception(Overloaded(f"model '{self.label}' was unloaded", retry_after=1))
@@ -180,7 +185,7 @@ class Batcher:
         """Queue a request and wait for its share of a batch result."""
         if len(self._queue) >= self.config.max_queue_size:
             # Rough time for the queue ahead to drain: batches needed times the recent batch duration.
-            batches = len(self._queue) / max(1, self.config.max_batch_size)
+            batches = len(self._queue) / max(1, self.config.max_batch_size * len(self._workers))
             raise Overloaded(
                 f"model '{self.label}' is at capacity ({len(self._queue)} requests queued); retry later",
                 retry_after=max(1.0, batches * self._recent_batch_s),
@@ -218,7 +223,7 @@ class Batcher:
 
     async def _loop(self) -> None:
         while True:
-            if not self._queue:
+            if not self._queue or not self._free:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -236,22 +241,30 @@ class Batcher:
                 continue
             for p in batch:
                 self._metrics.queue_wait.labels(self.label).observe(now - p.enqueued)
-            rows = sum(p.rows for p in batch)
-            self._metrics.batch_size.labels(self.label).observe(rows)
-            inputs = concat_inputs(batch)
-            started = time.perf_counter()
-            try:
-                result = await self._run(functools.partial(self._infer, inputs))
-                parts = split_result(result, [p.rows for p in batch])
-            except Exception as e:
-                if not isinstance(e, BatchMismatch):
-                    log.exception("batch failed", extra={"model": self.label, "rows": rows})
-                for p in batch:
-                    if p.future is not None and not p.future.done():
-                        p.future.set_exception(e)
-                continue
-            finally:
-                self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * (time.perf_counter() - started)
-            for p, part in zip(batch, parts, strict=True):
+            # Most recently used copy first: at low load one copy (one thread pool) does all the work.
+            worker = self._free.pop()
+            task = asyncio.get_running_loop().create_task(self._run_batch(worker, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run_batch(self, worker: int, batch: list[Pending]) -> None:
+        rows = sum(p.rows for p in batch)
+        self._metrics.batch_size.labels(self.label).observe(rows)
+        started = time.perf_counter()
+        try:
+            result = await self._workers[worker](concat_inputs(batch))
+            parts = split_result(result, [p.rows for p in batch])
+        except Exception as e:
+            if not isinstance(e, BatchMismatch):
+                log.exception("batch failed", extra={"model": self.label, "rows": rows})
+            for p in batch:
                 if p.future is not None and not p.future.done():
-                    p.future.set_result(part)
+                    p.future.set_exception(e)
+            return
+        finally:
+            self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * (time.perf_counter() - started)
+            self._free.append(worker)
+            self._wakeup.set()
+        for p, part in zip(batch, parts, strict=True):
+            if p.future is not None and not p.future.done():
+                p.future.set_result(part)

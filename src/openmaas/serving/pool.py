@@ -8,11 +8,13 @@ unloaded while a request holds them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -43,11 +45,54 @@ def process_rss() -> int:
 
 
 @dataclass(eq=False)
+class Instance:
+    """One loaded copy of a model with the single thread that runs it.
+
+    Every call into a copy, load and unload included, happens on its own thread: PyTorch and ONNX Runtime keep
+    per-thread thread pools, and one thread per copy keeps them from competing.
+    """
+
+    runtime: Runtime
+    executor: ThreadPoolExecutor
+    cores: CoreShare
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
+    async def infer(self, inputs: dict[str, np.ndarray]) -> RuntimeResult:
+        threads = self.cores.begin()
+        try:
+            return await self.call(functools.partial(self._infer, threads, inputs))
+        finally:
+            self.cores.end()
+
+    def _infer(self, threads: int, inputs: dict[str, np.ndarray]) -> RuntimeResult:
+        self.runtime.set_threads(threads)
+        return self.runtime.infer(inputs)
+
+
+class CoreShare:
+    """How many threads a model copy may use for its next batch: all of ``max_threads`` when it runs alone, one
+    when other copies are busy too (single requests get low latency, full load gets no oversubscription)."""
+
+    def __init__(self, max_threads: int) -> None:
+        self.max_threads = max(1, max_threads)
+        self.busy = 0
+
+    def begin(self) -> int:
+        self.busy += 1
+        return self.max_threads if self.busy == 1 else 1
+
+    def end(self) -> None:
+        self.busy -= 1
+
+
+@dataclass(eq=False)
 class Resident:
-    """A loaded model version, its batcher, and the requests using it now."""
+    """A loaded model version (one or more instances), its batcher, and the requests using it now."""
 
     version: ModelVersion
-    runtime: Runtime
+    instances: list[Instance]
     batcher: Batcher
     memory_bytes: int
     pinned: bool = False
@@ -61,6 +106,10 @@ class Resident:
     @property
     def key(self) -> Key:
         return (self.version.model, self.version.version)
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.instances[0].runtime
 
 
 def choose_victims(
@@ -89,16 +138,17 @@ class ResidencyPool:
         artifact_path: Callable[[ModelVersion], Path],
         options: RuntimeOptions,
         metrics: Metrics,
-        executor: Executor,
         *,
         budget_bytes: int | None = None,
         batch_config: Callable[[ModelVersion], BatchConfig] = lambda mv: BatchConfig(),
         pinned: Callable[[ModelVersion], bool] = lambda mv: False,
+        instances: Callable[[ModelVersion], int] = lambda mv: 1,
     ) -> None:
         self._artifact_path = artifact_path
         self._options = options
         self._metrics = metrics
-        self._executor = executor
+        self._instances = instances
+        self._cores = CoreShare(options.torch_threads)
         self.budget_bytes = budget_bytes
         self._batch_config = batch_config
         self._pinned = pinned
@@ -110,10 +160,6 @@ class ResidencyPool:
         self._footprints: dict[Key, int] = {}
         self._estimate_floor: dict[Key, int] = {}
         metrics.memory_budget_bytes.set(budget_bytes or 0)
-
-    async def run(self, fn: Callable[[], T]) -> T:
-        """Run blocking model work on the inference executor, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     # -- inspection --------------------------------------------------------------------------------------------
 
@@ -185,15 +231,15 @@ class ResidencyPool:
         try:
             async with self._load_lock:
                 await self._admit(key, self._estimate(mv))
-                runtime, footprint, seconds = await self.run(lambda: self._load_blocking(mv))
+                instances, footprint, seconds = await self._load_instances(mv, self._instances(mv))
                 # Memory freed by an earlier unload is often reused, so a reload can measure less: keep the largest.
                 footprint = max(footprint, self._footprints.get(key, 0))
                 self._footprints[key] = footprint
                 resident = Resident(
                     version=mv,
-                    runtime=runtime,
+                    instances=instances,
                     batcher=Batcher(
-                        f"{mv.model}:{mv.version}", runtime.infer, self.run, self._batch_config(mv), self._metrics
+                        f"{mv.model}:{mv.version}", [i.infer for i in instances], self._batch_config(mv), self._metrics
                     ),
                     memory_bytes=footprint,
                     pinned=self._pinned(mv) if pin is None else pin,
@@ -298,20 +344,33 @@ class ResidencyPool:
             r.gone.set()
         for r in residents:
             await r.batcher.stop()
-            await self.run(r.runtime.unload)
+            await self._release_instances(r.instances)
 
-    def _load_blocking(self, mv: ModelVersion) -> tuple[Runtime, int, float]:
+    async def _load_instances(self, mv: ModelVersion, count: int) -> tuple[list[Instance], int, float]:
+        """Load ``count`` copies, each on its own new thread; the footprint is the process's memory growth."""
         started = time.perf_counter()
         rss_before = process_rss()
-        runtime = create_runtime(mv.format, self._artifact_path(mv), self._options)
+        instances: list[Instance] = []
         try:
-            runtime.load()
+            for i in range(max(1, count)):
+                executor = ThreadPoolExecutor(1, thread_name_prefix=f"openmaas-{mv.model}-{i}")
+                runtime = create_runtime(mv.format, self._artifact_path(mv), self._options)
+                instance = Instance(runtime, executor, self._cores)
+                instances.append(instance)
+                await instance.call(runtime.load)
         except Exception as e:
+            await self._release_instances(instances)
             log.exception("model load failed", extra={"model": mv.model, "version": mv.version})
             raise ModelLoadFailed(f"model '{mv.model}' version {mv.version} failed to load: {e}") from e
         grown = max(0, process_rss() - rss_before)
-        footprint = max(grown, runtime.memory_bytes())
-        return runtime, footprint, time.perf_counter() - started
+        footprint = max(grown, sum(i.runtime.memory_bytes() for i in instances))
+        return instances, footprint, time.perf_counter() - started
+
+    async def _release_instances(self, instances: list[Instance]) -> None:
+        for instance in instances:
+            with contextlib.suppress(Exception):
+                await instance.call(instance.runtime.unload)
+            instance.executor.shutdown(wait=False)  # its thread ends: no idle thread keeps a thread pool
 
     def _update_gauges(self) -> None:
         self._metrics.resident_models.set(len(self._resident))
