@@ -25,7 +25,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -80,6 +82,7 @@ WORDS = [
     "garden",
     "house",
 ]
+T = TypeVar("T")
 _CONTENT_LENGTH = re.compile(rb"content-length:\s*(\d+)", re.I)
 
 
@@ -117,6 +120,14 @@ def _throughput(runners: list[object], call: object, batch: int, seconds: float,
     return sum(counts) / (time.perf_counter() - started)
 
 
+def _in_new_thread(fn: Callable[[], T]) -> T:
+    box: list[T] = []
+    thread = threading.Thread(target=lambda: box.append(fn()))
+    thread.start()
+    thread.join()
+    return box[0]
+
+
 def in_process_embeddings(texts: list[str], seconds: float, cores: int) -> dict[str, object]:
     """The runtime's best throughput without HTTP, over batch sizes and two ways to use the cores: one copy with
     ``cores`` threads, or ``cores`` single-threaded copies side by side (what the server does by default)."""
@@ -136,14 +147,10 @@ def in_process_embeddings(texts: list[str], seconds: float, cores: int) -> dict[
     configs = [(1, cores), (cores, 1)] if cores > 1 else [(1, 1)]
     for copies, threads in configs:
         # Each configuration in a thread of its own making, so thread pools do not carry over between them.
-        box: list[list[SentenceTransformerRuntime]] = []
-        loader = threading.Thread(target=lambda c=copies, t=threads: box.append([make(t) for _ in range(c)]))
-        loader.start()
-        loader.join()
-        runners = box[0]
+        runners = _in_new_thread(lambda c=copies, t=threads: [make(t) for _ in range(c)])
         for batch in (8, 32, 64, 128):
             results[f"{copies}x{threads}t@{batch}"] = _throughput(runners, call, batch, seconds / 8, len(texts))
-        del runners, box
+        del runners
     single_rt: list[float] = []
 
     def single() -> None:

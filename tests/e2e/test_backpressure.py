@@ -1,0 +1,232 @@
+"""Bounded queues, Retry-After, deadlines and disconnects against a real server with a deliberately slow model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import orjson
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.conftest import ADMIN_KEY
+from tests.helpers import ServerProcess
+
+N = 2048
+ROWS = 64
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def _slow_model(path: Path, depth: int = 48) -> None:
+    """x (B,N) multiplied by the same N x N matrix ``depth`` times: slow to run, small on disk."""
+    w = (np.eye(N) + np.random.default_rng(0).standard_normal((N, N)) / (10 * N)).astype(np.float32)
+    names = ["x"] + [f"h{i}" for i in range(depth - 1)] + ["y"]
+    nodes = [helper.make_node("MatMul", [names[i], "w"], [names[i + 1]]) for i in range(depth)]
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, N])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+@pytest.fixture(scope="module")
+def busy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("busy")
+    proc = ServerProcess(
+        root / "data",
+        env={
+            "OPENMAAS_ADMIN_KEY": ADMIN_KEY,
+            "OPENMAAS_BUNDLED_MODELS": "false",
+            "OPENMAAS_MAX_QUEUE_SIZE": "3",
+            "OPENMAAS_MAX_BATCH_SIZE": str(ROWS),  # one request per batch
+            "OPENMAAS_MODEL_INSTANCES": "1",
+        },
+    ).start()
+    try:
+        path = root / "slow.onnx"
+        _slow_model(path)
+        with path.open("rb") as f:
+            r = httpx.post(
+                proc.url + "/api/models",
+                data={"name": "slow"},
+                files={"file": ("slow.onnx", f)},
+                headers=AUTH,
+                timeout=120,
+            )
+        assert r.status_code == 201, r.text
+        httpx.post(proc.url + "/v2/repository/models/slow/load", headers=AUTH, timeout=60).raise_for_status()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def _body(parameters: dict | None = None) -> bytes:
+    """A request in Triton's binary form, so the server spends its time in the model, not in parsing."""
+    blob = np.full((ROWS, N), 0.5, np.float32).tobytes()
+    header: dict = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [ROWS, N], "parameters": {"binary_data_size": len(blob)}}]
+    }
+    if parameters:
+        header["parameters"] = parameters
+    head = orjson.dumps(header)
+    return head + blob
+
+
+def _headers(parameters: dict | None = None) -> dict[str, str]:
+    return {"Inference-Header-Content-Length": str(len(orjson.dumps(_header_only(parameters))))}
+
+
+def _header_only(parameters: dict | None) -> dict:
+    header: dict = {
+        "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [ROWS, N], "parameters": {"binary_data_size": ROWS * N * 4}}
+        ]
+    }
+    if parameters:
+        header["parameters"] = parameters
+    return header
+
+
+async def _fire(url: str, count: int, headers: dict[str, str] | None = None) -> list[tuple[int, float, httpx.Headers]]:
+    body = _body()
+    async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120) as client:
+
+        async def one() -> tuple[int, float, httpx.Headers]:
+            t0 = time.perf_counter()
+            r = await client.post("/v2/models/slow/infer", content=body, headers={**_headers(), **(headers or {})})
+            return r.status_code, time.perf_counter() - t0, r.headers
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+
+def _batch_seconds(url: str) -> float:
+    body = _body()
+    t0 = time.perf_counter()
+    httpx.post(
+        url + "/v2/models/slow/infer", content=body, headers={**AUTH, **_headers()}, timeout=60
+    ).raise_for_status()
+    return time.perf_counter() - t0
+
+
+def test_flood_is_refused_fast_with_retry_after(busy_server: ServerProcess) -> None:
+    one = _batch_seconds(busy_server.url)
+    results = asyncio.run(_fire(busy_server.url, 24))
+    statuses = [s for s, _, _ in results]
+    assert set(statuses) <= {200, 503}, statuses
+    rejected = [(t, h) for s, t, h in results if s == 503]
+    admitted = [t for s, t, _ in results if s == 200]
+    assert rejected, "nothing was refused"
+    assert admitted, "nothing was served"
+    for _elapsed, headers in rejected:
+        assert int(headers["retry-after"]) >= 1
+    # Refusals come back at once rather than after waiting their turn...
+    assert np.median([t for t, _ in rejected]) < one
+    # ...and what was admitted waited for at most the bounded queue ahead of it (queue 3 + 1 running),
+    # with a generous allowance for this busy 2-core machine.
+    assert max(admitted) < 5 * one + 2.0
+
+
+def test_openai_surface_answers_429_when_full(busy_server: ServerProcess, minilm_dir: Path) -> None:
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = shutil.make_archive(str(Path(tmp) / "embedder"), "zip", root_dir=minilm_dir)
+        with open(archive, "rb") as f:
+            r = httpx.post(
+                busy_server.url + "/api/models",
+                data={"name": "embedder"},
+                files={"file": ("e.zip", f)},
+                headers=AUTH,
+                timeout=300,
+            )
+        assert r.status_code == 201, r.text
+    long_texts = ["word " * 200] * 64  # heavy requests: the queue of 3 fills at once
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=busy_server.url, headers=AUTH, timeout=300) as client:
+            body = {"model": "embedder", "input": long_texts}
+            return list(await asyncio.gather(*(client.post("/v1/embeddings", json=body) for _ in range(10))))
+
+    responses = asyncio.run(scenario())
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) <= {200, 429}, statuses
+    refused = [r for r in responses if r.status_code == 429]
+    assert refused
+    assert 200 in statuses
+    for r in refused:
+        assert int(r.headers["retry-after"]) >= 1
+        error = r.json()["error"]
+        assert error["code"] == "overloaded"
+        assert error["type"] == "rate_limit_error"
+
+
+def test_deadline_passing_in_the_queue_is_504(busy_server: ServerProcess) -> None:
+    one = _batch_seconds(busy_server.url)
+
+    async def scenario() -> list[tuple[int, float, httpx.Headers]]:
+        async with httpx.AsyncClient(base_url=busy_server.url, headers=AUTH, timeout=120) as client:
+            blocker = asyncio.create_task(client.post("/v2/models/slow/infer", content=_body(), headers=_headers()))
+            await asyncio.sleep(min(0.3, one / 2))  # the blocker is running by then
+            late = await _fire(busy_server.url, 2, headers={"X-Request-Timeout": str(one / 10)})
+            await blocker
+            return late
+
+    late = asyncio.run(scenario())
+    assert [s for s, _, _ in late] == [504, 504]
+    timeout = {"timeout": int(one * 1e6 / 10)}  # Triton's microseconds
+
+    async def with_parameter() -> int:
+        async with httpx.AsyncClient(base_url=busy_server.url, headers=AUTH, timeout=120) as client:
+            blocker = asyncio.create_task(client.post("/v2/models/slow/infer", content=_body(), headers=_headers()))
+            await asyncio.sleep(min(0.3, one / 2))  # the blocker is running by then
+            r = await client.post("/v2/models/slow/infer", content=_body(timeout), headers=_headers(timeout))
+            await blocker
+            return r.status_code
+
+    assert asyncio.run(with_parameter()) == 504
+    bad = httpx.post(
+        busy_server.url + "/v2/models/slow/infer",
+        content=_body(),
+        headers={**AUTH, **_headers(), "X-Request-Timeout": "soon"},
+    )
+    assert bad.status_code == 400
+
+
+def test_disconnected_clients_leave_the_queue(busy_server: ServerProcess) -> None:
+    one = _batch_seconds(busy_server.url)
+
+    def cancelled() -> float:
+        text = httpx.get(busy_server.url + "/metrics").text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("openmaas_inference_requests_total") and 'status="cancelled"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    before = cancelled()
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=busy_server.url, headers=AUTH, timeout=120) as client:
+            blocker = asyncio.create_task(client.post("/v2/models/slow/infer", content=_body(), headers=_headers()))
+            await asyncio.sleep(min(0.3, one / 2))  # the blocker is running by then
+            async with httpx.AsyncClient(base_url=busy_server.url, headers=AUTH, timeout=one / 3) as impatient:
+                with pytest.raises(httpx.TimeoutException):
+                    await impatient.post("/v2/models/slow/infer", content=_body(), headers=_headers())
+            await blocker
+
+    asyncio.run(scenario())
+    deadline = time.monotonic() + 10
+    while cancelled() <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cancelled() > before
