@@ -9,34 +9,15 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import onnx
 import orjson
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from tests.conftest import ADMIN_KEY
-from tests.helpers import ServerProcess
+from tests.helpers import ServerProcess, matmul_chain_model
 
 N = 2048
 ROWS = 64
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
-
-
-def _slow_model(path: Path, depth: int = 48) -> None:
-    """x (B,N) multiplied by the same N x N matrix ``depth`` times: slow to run, small on disk."""
-    w = (np.eye(N) + np.random.default_rng(0).standard_normal((N, N)) / (10 * N)).astype(np.float32)
-    names = ["x"] + [f"h{i}" for i in range(depth - 1)] + ["y"]
-    nodes = [helper.make_node("MatMul", [names[i], "w"], [names[i + 1]]) for i in range(depth)]
-    graph = helper.make_graph(
-        nodes,
-        "slow",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, N])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +35,7 @@ def busy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
     ).start()
     try:
         path = root / "slow.onnx"
-        _slow_model(path)
+        matmul_chain_model(path, N, depth=48)
         with path.open("rb") as f:
             r = httpx.post(
                 proc.url + "/api/models",

@@ -7,9 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from openmaas.errors import Overloaded
 from openmaas.registry.models import ModelCard, ModelVersion
@@ -18,22 +16,9 @@ from openmaas.runtimes.types import Signature, TensorSpec
 from openmaas.serving.batcher import BatchConfig
 from openmaas.serving.pool import ResidencyPool
 from openmaas.telemetry import Metrics
+from tests.helpers import matmul_chain_model
 
 N = 1024  # each model holds an N x N float32 matrix: 4 MiB
-
-
-def _matmul_model(path: Path, seed: int) -> None:
-    w = np.random.default_rng(seed).standard_normal((N, N)).astype(np.float32) / N
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, N])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +27,7 @@ def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[ModelV
     out = {}
     for i, name in enumerate(["alpha", "beta", "gamma"]):
         path = folder / f"{name}.onnx"
-        _matmul_model(path, i)
+        matmul_chain_model(path, N, seed=i)
         sig = Signature(
             inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, N])],
             outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1, N])],

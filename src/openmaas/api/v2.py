@@ -59,7 +59,7 @@ def _timeout_parameter(parameters: dict[str, Any]) -> float | None:
     return float(raw) / 1_000_000
 
 
-def _metadata(gw: Gateway, who: Principal, mv: ModelVersion) -> dict[str, Any]:
+def _metadata(gw: Gateway, mv: ModelVersion) -> dict[str, Any]:
     from openmaas.runtimes import RUNTIMES
 
     versions = [str(v.version) for v in gw.registry.list_versions(mv.model)]
@@ -81,11 +81,11 @@ def router() -> APIRouter:
 
     @r.get("/models/{model}")
     async def model_metadata(model: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        return JSONResponse(_metadata(gw, who, gw.model_version(who, model)))
+        return JSONResponse(_metadata(gw, gw.model_version(who, model)))
 
     @r.get("/models/{model}/versions/{version}")
     async def version_metadata(model: str, version: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        return JSONResponse(_metadata(gw, who, gw.model_version(who, model, _version_number(version))))
+        return JSONResponse(_metadata(gw, gw.model_version(who, model, _version_number(version))))
 
     @r.get("/models/{model}/ready")
     async def model_ready(model: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
