@@ -107,10 +107,6 @@ class Resident:
     def key(self) -> Key:
         return (self.version.model, self.version.version)
 
-    @property
-    def runtime(self) -> Runtime:
-        return self.instances[0].runtime
-
 
 def choose_victims(
     residents: list[Resident], needed: int, used: int, budget: int, *, include_busy: bool = False
@@ -158,7 +154,6 @@ class ResidencyPool:
         self._load_lock = asyncio.Lock()
         self._released = asyncio.Condition()
         self._footprints: dict[Key, int] = {}
-        self._estimate_floor: dict[Key, int] = {}
         metrics.memory_budget_bytes.set(budget_bytes or 0)
 
     # -- inspection --------------------------------------------------------------------------------------------
@@ -230,7 +225,7 @@ class ResidencyPool:
         self._loading[key] = future
         try:
             async with self._load_lock:
-                await self._admit(key, self._estimate(mv))
+                await self._admit(mv)
                 instances, footprint, seconds = await self._load_instances(mv, self._instances(mv))
                 # Memory freed by an earlier unload is often reused, so a reload can measure less: keep the largest.
                 footprint = max(footprint, self._footprints.get(key, 0))
@@ -264,24 +259,24 @@ class ResidencyPool:
         finally:
             del self._loading[key]
 
-    def _estimate(self, mv: ModelVersion) -> int:
-        """Expected footprint: the one measured at a previous load, else twice the artifact size (runtimes
-        commonly hold the file's bytes and a working copy)."""
-        key = (mv.model, mv.version)
-        self._estimate_floor[key] = mv.size_bytes
-        return self._footprints.get(key, 2 * mv.size_bytes)
+    async def _admit(self, mv: ModelVersion) -> None:
+        """Make room for ``mv`` before loading it (evicting least-recently-used models).
 
-    async def _admit(self, key: Key, needed: int) -> None:
-        """Make room for ``needed`` bytes before a load (evicting least-recently-used models)."""
+        Its expected footprint is the one measured at a previous load, else twice the artifact size (runtimes
+        commonly hold the file's bytes and a working copy); only the artifact size itself is held against the
+        whole budget, so a model that would fit is never refused on a guess.
+        """
         budget = self.budget_bytes
         if budget is None:
             return
-        if self._estimate_floor.get(key, 0) > budget:
+        key = (mv.model, mv.version)
+        if mv.size_bytes > budget:
             raise Overloaded(
-                f"model {key[0]} version {key[1]} needs about {self._estimate_floor[key] >> 20} MiB, more than the "
+                f"model {mv.model} version {mv.version} needs about {mv.size_bytes >> 20} MiB, more than the "
                 f"whole memory budget ({budget >> 20} MiB, OPENMAAS_MODEL_MEMORY_MB)",
                 retry_after=60,
             )
+        needed = self._footprints.get(key, 2 * mv.size_bytes)
         await self._make_room(key, min(needed, budget), others=list(self._resident.values()))
 
     async def _fit_after_load(self, loaded: Resident) -> None:
