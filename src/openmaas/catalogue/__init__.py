@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from openmaas.errors import ModelNotFound
 from openmaas.registry.models import ModelCard
 from openmaas.registry.service import ModelRegistry
 
@@ -57,12 +56,7 @@ def ensure_catalogue(registry: ModelRegistry, scratch: Path) -> list[str]:
     """Register every bundled model that is not registered yet; return the names registered now."""
     added = []
     builders = _builders()
-    for name in BUNDLED:
-        try:
-            if registry.get_model(name).latest_version is not None:
-                continue
-        except ModelNotFound:
-            pass
+    for name in missing(registry):
         started = time.perf_counter()
         scratch.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=scratch) as tmp:
