@@ -36,19 +36,19 @@ def busy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
     try:
         path = root / "slow.onnx"
         matmul_chain_model(path, N, depth=48)
-        with path.open("rb") as f:
-            r = httpx.post(
-                proc.url + "/api/models",
-                data={"name": "slow"},
-                files={"file": ("slow.onnx", f)},
-                headers=AUTH,
-                timeout=120,
-            )
-        assert r.status_code == 201, r.text
+        _register(proc.url, "slow", path)
         httpx.post(proc.url + "/v2/repository/models/slow/load", headers=AUTH, timeout=60).raise_for_status()
         yield proc
     finally:
         proc.stop()
+
+
+def _register(url: str, name: str, path: Path) -> None:
+    with path.open("rb") as f:
+        r = httpx.post(
+            url + "/api/models", data={"name": name}, files={"file": (path.name, f)}, headers=AUTH, timeout=300
+        )
+    assert r.status_code == 201, r.text
 
 
 def _body(parameters: dict | None = None) -> bytes:
@@ -123,15 +123,7 @@ def test_openai_surface_answers_429_when_full(busy_server: ServerProcess, minilm
 
     with tempfile.TemporaryDirectory() as tmp:
         archive = shutil.make_archive(str(Path(tmp) / "embedder"), "zip", root_dir=minilm_dir)
-        with open(archive, "rb") as f:
-            r = httpx.post(
-                busy_server.url + "/api/models",
-                data={"name": "embedder"},
-                files={"file": ("e.zip", f)},
-                headers=AUTH,
-                timeout=300,
-            )
-        assert r.status_code == 201, r.text
+        _register(busy_server.url, "embedder", Path(archive))
     long_texts = ["word " * 200] * 64  # heavy requests: the queue of 3 fills at once
 
     async def scenario() -> list[httpx.Response]:
