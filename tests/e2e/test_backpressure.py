@@ -43,6 +43,16 @@ def busy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
         proc.stop()
 
 
+async def _until_busy(client: httpx.AsyncClient) -> None:
+    """Wait until a request to the slow model is in the server (and so, with an empty queue, running)."""
+    for _ in range(500):
+        text = (await client.get("/metrics")).text
+        if 'openmaas_inference_in_flight{model="slow"} 1.0' in text:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the blocking request never reached the model")
+
+
 def _register(url: str, name: str, path: Path) -> None:
     with path.open("rb") as f:
         r = httpx.post(
@@ -150,7 +160,7 @@ def test_deadline_passing_in_the_queue_is_504(busy_server: ServerProcess) -> Non
     async def scenario() -> list[tuple[int, float, httpx.Headers]]:
         async with httpx.AsyncClient(base_url=busy_server.url, headers=AUTH, timeout=120) as client:
             blocker = asyncio.create_task(client.post("/v2/models/slow/infer", content=_body(), headers=_headers()))
-            await asyncio.sleep(min(0.3, one / 2))  # the blocker is running by then
+            await _until_busy(client)  # the blocker holds the model's only copy from here on
             late = await _fire(busy_server.url, 2, headers={"X-Request-Timeout": str(one / 10)})
             await blocker
             return late
@@ -162,7 +172,7 @@ def test_deadline_passing_in_the_queue_is_504(busy_server: ServerProcess) -> Non
     async def with_parameter() -> int:
         async with httpx.AsyncClient(base_url=busy_server.url, headers=AUTH, timeout=120) as client:
             blocker = asyncio.create_task(client.post("/v2/models/slow/infer", content=_body(), headers=_headers()))
-            await asyncio.sleep(min(0.3, one / 2))  # the blocker is running by then
+            await _until_busy(client)  # the blocker holds the model's only copy from here on
             r = await client.post("/v2/models/slow/infer", content=_body(timeout), headers=_headers(timeout))
             await blocker
             return r.status_code
@@ -192,7 +202,7 @@ def test_disconnected_clients_leave_the_queue(busy_server: ServerProcess) -> Non
     async def scenario() -> None:
         async with httpx.AsyncClient(base_url=busy_server.url, headers=AUTH, timeout=120) as client:
             blocker = asyncio.create_task(client.post("/v2/models/slow/infer", content=_body(), headers=_headers()))
-            await asyncio.sleep(min(0.3, one / 2))  # the blocker is running by then
+            await _until_busy(client)  # the blocker holds the model's only copy from here on
             async with httpx.AsyncClient(base_url=busy_server.url, headers=AUTH, timeout=one / 3) as impatient:
                 with pytest.raises(httpx.TimeoutException):
                     await impatient.post("/v2/models/slow/infer", content=_body(), headers=_headers())
