@@ -14,13 +14,17 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from openmaas import __version__
-from openmaas.api import health, manage, openai, v2
+from openmaas.api import health, manage, openai, tenancy, usage, v2
 from openmaas.api.errors import install_error_handlers
 from openmaas.api.middleware import RequestContextMiddleware
 from openmaas.artifacts import LocalArtifactStore
+from openmaas.audit import AuditLog
 from openmaas.config import Settings
-from openmaas.gateway.auth import KeyAuthenticator, load_or_create_secret
-from openmaas.gateway.service import Gateway
+from openmaas.gateway.auth import KeyAuthenticator, load_or_create_secret, new_key
+from openmaas.gateway.limits import QuotaGuard, RateLimiter
+from openmaas.gateway.service import Gateway, Metering
+from openmaas.metering.usage import UsageQueries
+from openmaas.metering.writer import GroupCommitWriter
 from openmaas.registry.inspect import inspect_in_subprocess
 from openmaas.registry.models import ModelVersion
 from openmaas.registry.service import ModelRegistry
@@ -30,6 +34,7 @@ from openmaas.serving.pool import ResidencyPool
 from openmaas.store import db
 from openmaas.store.registry import RegistryStore
 from openmaas.telemetry import Metrics
+from openmaas.tenancy.service import TenancyService
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +100,20 @@ def build_platform(settings: Settings) -> Platform:
         settings.secret_key.get_secret_value() if settings.secret_key else None,
         settings.data_dir / "secret.key",
     )
-    gateway = Gateway(KeyAuthenticator(sessions, secret), registry, pool, metrics)
+    auth = KeyAuthenticator(sessions, secret)
+    tenancy_service = TenancyService(sessions, auth.digest, new_key)
+    usage_queries = UsageQueries(sessions)
+    gateway = Gateway(
+        auth,
+        registry,
+        pool,
+        metrics,
+        Metering(GroupCommitWriter(engine, metrics), usage_queries, enabled=settings.metering),
+        RateLimiter(settings.redis_url),
+        QuotaGuard(tenancy_service.all_quotas, usage_queries.month_totals),
+        tenancy_service,
+        AuditLog(sessions, secret),
+    )
     return Platform(settings, engine, metrics, registry, pool, gateway)
 
 
@@ -142,6 +160,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             app.state.ready = False
             await platform.pool.close()
+            await platform.gateway.close()
             platform.engine.dispose()
 
     app = FastAPI(
@@ -165,6 +184,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(v2.router())
     app.include_router(openai.router(settings.max_embedding_inputs))
     app.include_router(manage.router(settings.data_dir / "tmp", settings.max_upload_bytes))
+    app.include_router(tenancy.public_router())
+    app.include_router(tenancy.router())
+    app.include_router(usage.router())
 
     def body_limit(method: str, path: str) -> int:
         if method == "POST" and path == "/api/models":

@@ -40,6 +40,16 @@ class Settings(BaseSettings):
         description="Server secret for keyed hashes of API keys. When unset, one is generated into "
         "<data_dir>/secret.key. Servers sharing a database must share it.",
     )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL (redis://host:6379/0) for rate-limit and concurrency counters shared by every "
+        "gateway process; unset keeps them in this process's memory.",
+    )
+    metering: bool = Field(
+        default=True,
+        description="Record a durable usage record for every successful call. Turn off only to measure its cost "
+        "(benchmarks): unmetered calls cannot be billed and Idempotency-Key replays are not detected.",
+    )
     bundled_models: bool = Field(
         default=True, description="Register the bundled model catalogue at start (first start trains it)."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 
 
@@ -24,6 +25,11 @@ class ErrorCode(StrEnum):
     MODEL_NOT_READY = "model_not_ready"
     MODEL_LOAD_FAILED = "model_load_failed"
     OVERLOADED = "overloaded"
+    RATE_LIMITED = "rate_limit_exceeded"
+    QUOTA_EXCEEDED = "insufficient_quota"
+    IDEMPOTENCY_CONFLICT = "idempotency_key_reused"
+    IDEMPOTENCY_IN_PROGRESS = "idempotency_key_in_use"
+    METERING_UNAVAILABLE = "metering_unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL = "internal_error"
 
@@ -46,6 +52,12 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.MODEL_LOAD_FAILED: 500,
     # 503 by default; the OpenAI surface answers 429, as OpenAI clients retry that (api/errors.py).
     ErrorCode.OVERLOADED: 503,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.QUOTA_EXCEEDED: 429,
+    ErrorCode.IDEMPOTENCY_CONFLICT: 422,
+    ErrorCode.IDEMPOTENCY_IN_PROGRESS: 409,
+    # The call ran but its usage could not be made durable, so its result is withheld: retry.
+    ErrorCode.METERING_UNAVAILABLE: 503,
     ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.INTERNAL: 500,
 }
@@ -137,6 +149,27 @@ class Overloaded(OpenMaaSError):
         seconds = max(1, round(retry_after))
         super().__init__(message, headers={"Retry-After": str(seconds)})
         self.retry_after = seconds
+
+
+class RateLimited(OpenMaaSError):
+    """A key's requests/tokens/items per minute or concurrency limit is reached."""
+
+    code = ErrorCode.RATE_LIMITED
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, retry_after: float = 1.0) -> None:
+        seconds = max(1, math.ceil(retry_after))
+        super().__init__(message, headers={**(headers or {}), "Retry-After": str(seconds)})
+        self.retry_after = seconds
+
+
+class QuotaExceeded(OpenMaaSError):
+    """An organisation's monthly quota of a unit is used up."""
+
+    code = ErrorCode.QUOTA_EXCEEDED
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        seconds = max(1, math.ceil(retry_after))
+        super().__init__(message, headers={"Retry-After": str(seconds)})
 
 
 class DeadlineExceeded(OpenMaaSError):

@@ -88,6 +88,23 @@ class Metrics:
             ("model",),
             registry=self.registry,
         )
+        self.metering_group_size = Histogram(
+            "openmaas_metering_group_size",
+            "Usage records stored per transaction (group commit).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=self.registry,
+        )
+        self.metering_failures = Counter(
+            "openmaas_metering_failures",
+            "Calls whose usage could not be stored (their results were withheld).",
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "openmaas_rate_limited_requests",
+            "Requests refused by a key's rate or concurrency limit or an org's quota.",
+            ("reason",),
+            registry=self.registry,
+        )
         self.http_requests = Counter(
             "openmaas_http_requests",
             "HTTP requests by protocol and status.",

@@ -7,8 +7,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
+from openmaas.audit import Actor
 from openmaas.gateway.auth import Principal
-from openmaas.gateway.service import Gateway
+from openmaas.gateway.service import CallContext, Gateway
 
 
 async def gateway(request: Request) -> Gateway:
@@ -38,3 +39,23 @@ async def principal(request: Request) -> Principal:
 
 GatewayDep = Annotated[Gateway, Depends(gateway)]
 PrincipalDep = Annotated[Principal, Depends(principal)]
+
+
+def call_context(request: Request, *fingerprint_parts: bytes) -> CallContext:
+    """The gateway's view of this call: its id, and its Idempotency-Key with a fingerprint of what was asked."""
+    key = request.headers.get("idempotency-key")
+    return CallContext(
+        request_id=request.state.call_id,
+        idempotency_key=key,
+        fingerprint=CallContext.fingerprint_of(request.url.path.encode(), *fingerprint_parts) if key else None,
+    )
+
+
+def actor(request: Request, who: Principal) -> Actor:
+    """Who is acting, for the audit log (never the key itself)."""
+    return Actor(
+        kind=who.kind,
+        key_id=who.key_id,
+        user_id=who.user_id,
+        client_ip=request.client.host if request.client is not None else None,
+    )

@@ -49,8 +49,13 @@ class RequestContextMiddleware:
                     declared_length = int(value)
                 except ValueError:
                     declared_length = None
-        rid = rid or self._next_id()
-        scope.setdefault("state", {})["request_id"] = rid
+        # call_id is always minted here (usage records are keyed by it); the id echoed and logged may be the
+        # client's own X-Request-Id.
+        call_id = self._next_id()
+        rid = rid or call_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        state["call_id"] = call_id
         token = request_id_var.set(rid)
         path: str = scope["path"]
         protocol = protocol_of(path)

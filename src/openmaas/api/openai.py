@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from openmaas.api.deps import GatewayDep, PrincipalDep, principal
+from openmaas.api.deps import GatewayDep, PrincipalDep, call_context, principal
 from openmaas.api.requests import deadline_from, until_disconnect
 from openmaas.api.responses import JSONResponse
 from openmaas.errors import ErrorCode, InvalidRequest, OpenMaaSError
@@ -78,6 +78,7 @@ def router(max_inputs: int) -> APIRouter:
     )
     async def embeddings(request: Request, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         body = await parse_body(request, EmbeddingsRequest)
+        ctx = call_context(request, await request.body())
         texts = _texts(body.input, max_inputs)
         mv = gw.model_version(who, body.model)
         if body.dimensions is not None:
@@ -89,7 +90,9 @@ def router(max_inputs: int) -> APIRouter:
                     f"omit 'dimensions' or set it to {native}",
                     param="dimensions",
                 )
-        result = await until_disconnect(request, gw.embed(who, body.model, texts, "openai", deadline_from(request)))
+        result = await until_disconnect(
+            request, gw.embed(who, body.model, texts, "openai", deadline_from(request), ctx)
+        )
         vectors = result.outputs["embedding"]
         data: list[dict[str, Any]] = []
         for i, vec in enumerate(vectors):
@@ -106,7 +109,8 @@ def router(max_inputs: int) -> APIRouter:
                 "data": data,
                 "model": body.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
+            },
+            headers=ctx.response_headers,
         )
 
     return r

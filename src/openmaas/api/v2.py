@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from openmaas import __version__
-from openmaas.api.deps import GatewayDep, PrincipalDep, principal
+from openmaas.api.deps import GatewayDep, PrincipalDep, actor, call_context, principal
 from openmaas.api.requests import deadline_from, until_disconnect
 from openmaas.api.responses import JSONResponse
 from openmaas.api.v2_codec import HEADER_LENGTH, decode_request, encode_response
@@ -113,14 +113,15 @@ def router() -> APIRouter:
             raise InvalidRequest("the request body is empty; send a JSON object with 'inputs'")
         decoded = decode_request(body, header_length)
         decoded.request.deadline = deadline_from(request, _timeout_parameter(decoded.request.parameters))
-        result = await until_disconnect(request, gw.infer(who, model, version, decoded.request, "v2"))
+        ctx = call_context(request, (raw_length or "").encode(), body)
+        result = await until_disconnect(request, gw.infer(who, model, version, decoded.request, "v2", ctx))
         content, json_length = encode_response(result, decoded.binary_outputs, decoded.default_binary)
         if json_length is None:
-            return Response(content, media_type="application/json")
+            return Response(content, media_type="application/json", headers=ctx.response_headers)
         return Response(
             content,
             media_type="application/octet-stream",
-            headers={"Inference-Header-Content-Length": str(json_length)},
+            headers={**ctx.response_headers, "Inference-Header-Content-Length": str(json_length)},
         )
 
     @r.post("/models/{model}/infer")
@@ -133,9 +134,12 @@ def router() -> APIRouter:
 
     # -- model repository extension --------------------------------------------------------------------------
 
-    def _require_manage(who: Principal) -> None:
-        if not who.has_scope("manage"):
-            raise Forbidden("loading and unloading models needs an API key with the 'manage' scope")
+    def _require_manage(gw: Gateway, who: Principal, model: str) -> None:
+        """Loading and unloading spend the platform's memory: the platform admin or the model's owner org."""
+        owner = gw.get_model(who, model).owner_org_id
+        if not who.is_platform_admin and owner != who.org_id:
+            raise Forbidden("only the model's owner organisation or the platform admin may load or unload it")
+        who.require("models.manage")
 
     @r.post("/repository/index")
     async def repository_index(gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
@@ -154,7 +158,7 @@ def router() -> APIRouter:
     @r.post("/repository/models/{model}/load")
     async def repository_load(model: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         """Load a model's latest version now; ``{"parameters": {"pin": true}}`` keeps it from being evicted."""
-        _require_manage(who)
+        _require_manage(gw, who, model)
         pin: bool | None = None
         raw = await request.body()
         if raw.strip():
@@ -166,13 +170,14 @@ def router() -> APIRouter:
             if isinstance(params, dict) and "pin" in params:
                 pin = bool(params["pin"])
         await gw.pool.load(gw.model_version(who, model), pin=pin)
+        await gw.audit_async(actor(request, who), "model.load", model, org_id=who.org_id, after={"pin": pin})
         return JSONResponse({})
 
     @r.post("/repository/models/{model}/unload")
-    async def repository_unload(model: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        _require_manage(who)
-        gw.get_model(who, model)
+    async def repository_unload(model: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+        _require_manage(gw, who, model)
         await gw.pool.unload(model)
+        await gw.audit_async(actor(request, who), "model.unload", model, org_id=who.org_id)
         return JSONResponse({})
 
     return r

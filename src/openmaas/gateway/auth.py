@@ -18,27 +18,36 @@ from typing import Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from openmaas.errors import Unauthenticated
+from openmaas.errors import Forbidden, NotFound, Unauthenticated
 from openmaas.store.tables import ApiKeyRow, utcnow
+from openmaas.tenancy.models import KeyLimits
+from openmaas.tenancy.roles import ALL_SCOPES, Action, Role, why_not
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "om_"
-ALL_SCOPES = ("inference", "manage", "billing")
 BOOTSTRAP_ADMIN_NAME = "bootstrap-admin"
 # Verified keys are remembered this long, so revocation takes effect within it on every process.
 _CACHE_TTL_S = 1.0
 
 
+_NO_LIMITS = KeyLimits()
+
+
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling. Organisations and per-user keys fill ``org_id``/``user_id`` in later releases."""
+    """Who is calling: the platform admin, or a key (org key or a member's session) acting in one org."""
 
-    kind: Literal["platform_admin", "api_key"]
+    kind: Literal["platform_admin", "api_key", "session"]
     key_id: str
     scopes: frozenset[str]
     org_id: str | None = None
     user_id: str | None = None
+    # The most this principal may do in its org (the role of whoever created the key).
+    role: Role = "owner"
+    # Allow-list of model names (None = every model the org can see).
+    models: frozenset[str] | None = None
+    limits: KeyLimits = _NO_LIMITS
 
     @property
     def is_platform_admin(self) -> bool:
@@ -46,6 +55,19 @@ class Principal:
 
     def has_scope(self, scope: str) -> bool:
         return self.is_platform_admin or scope in self.scopes
+
+    def require(self, action: Action, org_id: str | None = None) -> None:
+        """Allow ``action`` (in ``org_id`` when given) or raise: 404 for another org, 403 for too little right."""
+        if self.is_platform_admin:
+            return
+        if org_id is not None and org_id != self.org_id:
+            raise NotFound("this organisation does not exist or you do not have access to it", param="org")
+        reason = why_not(self.role, self.scopes, action)
+        if reason is not None:
+            raise Forbidden(reason)
+
+    def may_use_model(self, name: str) -> bool:
+        return self.models is None or name in self.models
 
 
 def new_key() -> str:
@@ -112,16 +134,30 @@ class KeyAuthenticator:
         if row.expires_at is not None and row.expires_at <= datetime.now(UTC):
             raise Unauthenticated("This API key has expired.", param="authorization")
         principal = Principal(
-            kind="platform_admin" if row.kind == "platform_admin" else "api_key",
+            kind="platform_admin"
+            if row.kind == "platform_admin"
+            else "session"
+            if row.kind == "session"
+            else "api_key",
             key_id=row.id,
             scopes=frozenset(row.scopes),
             org_id=row.org_id,
+            user_id=row.user_id,
+            role=row.role,  # type: ignore[arg-type]
+            models=frozenset(row.models) if row.models is not None else None,
+            limits=KeyLimits.model_validate(row.limits) if row.limits else _NO_LIMITS,
         )
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache.clear()
             self._cache[digest] = (now, principal)
         return principal
+
+    def forget(self, key_id: str) -> None:
+        """Drop a key from this process's cache at once (other processes notice within the cache TTL)."""
+        with self._lock:
+            for digest in [d for d, (_, p) in self._cache.items() if p.key_id == key_id]:
+                del self._cache[digest]
 
     def ensure_admin_key(self, configured: str | None, key_file: Path) -> str | None:
         """Make sure the platform-admin key exists; return a newly generated key (to print once), else None.
@@ -148,6 +184,7 @@ class KeyAuthenticator:
                         key_hash=digest,
                         kind="platform_admin",
                         org_id=None,
+                        role="owner",
                         scopes=list(ALL_SCOPES),
                         created_at=utcnow(),
                     )

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
-from openmaas.errors import Forbidden, InvalidInput, ModelNotFound, OpenMaaSError
+from openmaas.audit import Actor, AuditLog
+from openmaas.errors import (
+    ErrorCode,
+    InvalidInput,
+    InvalidRequest,
+    ModelNotFound,
+    OpenMaaSError,
+)
 from openmaas.gateway.auth import KeyAuthenticator, Principal
+from openmaas.gateway.limits import Admission, QuotaGuard, RateLimiter
+from openmaas.metering.records import UsageRecord, idempotency_scope
+from openmaas.metering.usage import UsageQueries
+from openmaas.metering.writer import GroupCommitWriter
 from openmaas.registry.models import Model, ModelVersion
 from openmaas.registry.service import ModelRegistry
 from openmaas.runtimes.sentence_transformers import SentenceTransformerRuntime
@@ -16,6 +31,9 @@ from openmaas.serving.pool import ResidencyPool
 from openmaas.serving.types import InferenceRequest, InferenceResponse
 from openmaas.serving.validation import validate_request
 from openmaas.telemetry import Metrics
+from openmaas.tenancy.service import TenancyService
+
+MAX_IDEMPOTENCY_KEY = 255
 
 
 def _cost(mv: ModelVersion, request: InferenceRequest, rows: int) -> int:
@@ -26,72 +44,229 @@ def _cost(mv: ModelVersion, request: InferenceRequest, rows: int) -> int:
     return rows
 
 
+@dataclass
+class CallContext:
+    """Per-call facts from the protocol layer, and the headers the gateway wants sent back."""
+
+    request_id: str
+    idempotency_key: str | None = None
+    # sha256 of the raw request (set by the protocol layer when an idempotency key is present).
+    fingerprint: str | None = None
+    response_headers: dict[str, str] = field(default_factory=dict)
+    replayed: bool = False
+
+    @staticmethod
+    def fingerprint_of(*parts: bytes) -> str:
+        h = hashlib.sha256()
+        for p in parts:
+            h.update(len(p).to_bytes(8, "big"))
+            h.update(p)
+        return h.hexdigest()
+
+
+@dataclass
+class Metering:
+    """Where usage goes: the group-commit writer, the queries behind idempotency, and the on/off switch."""
+
+    writer: GroupCommitWriter
+    usage: UsageQueries
+    enabled: bool = True
+
+
 class Gateway:
     """The one entry point surfaces call for anything that touches models."""
 
-    def __init__(self, auth: KeyAuthenticator, registry: ModelRegistry, pool: ResidencyPool, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        auth: KeyAuthenticator,
+        registry: ModelRegistry,
+        pool: ResidencyPool,
+        metrics: Metrics,
+        metering: Metering,
+        limiter: RateLimiter,
+        quotas: QuotaGuard,
+        tenancy: TenancyService,
+        audit: AuditLog,
+    ) -> None:
         self.auth = auth
         self.registry = registry
         self.pool = pool
         self.metrics = metrics
+        self.metering = metering
+        self.limiter = limiter
+        self.quotas = quotas
+        self.tenancy = tenancy
+        self.audit = audit
+        # Idempotency keys with a call in progress in this process: a concurrent duplicate gets 409.
+        self._idempotency_in_flight: set[tuple[str, str]] = set()
 
     # -- visibility -------------------------------------------------------------------------------------------
 
     def can_see(self, principal: Principal, model: Model) -> bool:
-        if principal.is_platform_admin or model.visibility == "public":
+        if principal.is_platform_admin:
             return True
-        return model.owner_org_id is not None and model.owner_org_id == principal.org_id
+        if not principal.may_use_model(model.name):
+            return False
+        if model.visibility == "public":
+            return True
+        if principal.org_id is None:
+            return False
+        if model.owner_org_id == principal.org_id:
+            return True
+        return model.visibility == "shared" and principal.org_id in model.shared_with
 
     def list_models(self, principal: Principal) -> list[Model]:
         return [m for m in self.registry.list_models() if self.can_see(principal, m)]
 
     def get_model(self, principal: Principal, name: str) -> Model:
-        model = self.registry.get_model(name)
+        model = self.registry.cached_model(name)
         if not self.can_see(principal, model):
             raise ModelNotFound(name)  # exactly as if it did not exist
         return model
 
     def model_version(self, principal: Principal, name: str, version: int | None = None) -> ModelVersion:
-        mv = self.registry.resolve(name, version)
         if not principal.is_platform_admin:
-            self.get_model(principal, name)
-        return mv
+            self.get_model(principal, name)  # visibility first: no existence leak through version errors
+        return self.registry.resolve(name, version)
+
+    async def audit_async(
+        self,
+        who: Actor,
+        action: str,
+        target: str,
+        *,
+        org_id: str | None,
+        before: dict[str, Any] | None = None,
+        after: dict[str, Any] | None = None,
+    ) -> None:
+        """Append a management action to the audit log (off the event loop)."""
+        await asyncio.to_thread(self.audit.append, who, action, target, org_id=org_id, before=before, after=after)
 
     # -- inference --------------------------------------------------------------------------------------------
 
     async def infer(
-        self, principal: Principal, name: str, version: int | None, request: InferenceRequest, protocol: str
+        self,
+        principal: Principal,
+        name: str,
+        version: int | None,
+        request: InferenceRequest,
+        protocol: str,
+        ctx: CallContext | None = None,
     ) -> InferenceResponse:
-        """Validate, run and account for one tensor inference request."""
-        if not principal.has_scope("inference"):
-            raise Forbidden("this API key lacks the 'inference' scope")
+        """Authorise, admit, run and meter one tensor inference request."""
         mv = self.model_version(principal, name, version)
+        principal.require("inference")
         rows = validate_request(mv.signature, request)
+        ctx = ctx or CallContext(request_id=request.id or "")
+        cost = _cost(mv, request, rows)
+        is_text = mv.format == SentenceTransformerRuntime.format
+        idem = await self._check_idempotency(principal, ctx)
         started = time.perf_counter()
         status = "error"
+        admission: Admission | None = None
         self.metrics.in_flight.labels(mv.model).inc()
         try:
-            result = await self.pool.infer(mv, request.inputs, rows, _cost(mv, request, rows), request.deadline)
+            admission = await self.limiter.admit(
+                principal.key_id, principal.limits, ctx.request_id, tokens=cost if is_text else 0, items=rows
+            )
+            ctx.response_headers.update(admission.headers)
+            if not ctx.replayed:
+                await self.quotas.check(
+                    principal.org_id, {"requests": 1, "items": rows, "input_tokens": cost if is_text else 0}
+                )
+            result = await self.pool.infer(mv, request.inputs, rows, cost, request.deadline)
             wanted = request.outputs or [o.name for o in mv.signature.outputs]
             outputs = {k: result.outputs[k] for k in wanted}
+            tokens = int(result.tokens.sum()) if result.tokens is not None else 0
+            if self.metering.enabled and not ctx.replayed:
+                record = UsageRecord(
+                    request_id=ctx.request_id,
+                    org_id=principal.org_id,
+                    key_id=principal.key_id,
+                    model=mv.model,
+                    version=mv.version,
+                    protocol=protocol,
+                    latency_ms=(time.perf_counter() - started) * 1000,
+                    input_tokens=tokens,
+                    items=rows,
+                    idempotency_key=ctx.idempotency_key,
+                    fingerprint=ctx.fingerprint,
+                )
+                await self._meter(record)
             status = "ok"
             return InferenceResponse(
                 model=mv.model, version=mv.version, outputs=outputs, tokens=result.tokens, id=request.id
             )
         except OpenMaaSError as e:
             status = str(e.status)
+            if e.code in (ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED):
+                self.metrics.rate_limited.labels(e.code.value).inc()
             raise
         except asyncio.CancelledError:
             status = "cancelled"  # the client went away
             raise
         finally:
+            if admission is not None:
+                await admission.release()
+            if idem is not None:
+                self._idempotency_in_flight.discard(idem)
             self.metrics.in_flight.labels(mv.model).dec()
             labels = (mv.model, str(mv.version), protocol, status)
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
 
+    async def _meter(self, record: UsageRecord) -> None:
+        try:
+            await self.metering.writer.record(record)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.metrics.metering_failures.inc()
+            raise OpenMaaSError(
+                "the call's usage could not be recorded, so its result is withheld; retry (with the same "
+                "Idempotency-Key, if you sent one)",
+                code=ErrorCode.METERING_UNAVAILABLE,
+            ) from None
+
+    async def _check_idempotency(self, principal: Principal, ctx: CallContext) -> tuple[str, str] | None:
+        """Mark a retry of a call already metered as a replay; refuse a key reused for another request."""
+        key = ctx.idempotency_key
+        if key is None:
+            return None
+        if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
+            raise InvalidRequest(
+                f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} printable characters", param="Idempotency-Key"
+            )
+        scope = idempotency_scope(principal.org_id)
+        slot = (scope, key)
+        if slot in self._idempotency_in_flight:
+            raise OpenMaaSError(
+                "a request with this Idempotency-Key is still in progress; retry once it has finished",
+                code=ErrorCode.IDEMPOTENCY_IN_PROGRESS,
+                param="Idempotency-Key",
+            )
+        prior = await asyncio.to_thread(self.metering.usage.prior_call, scope, key, datetime.now(UTC))
+        if prior is not None:
+            if prior.fingerprint != ctx.fingerprint:
+                raise OpenMaaSError(
+                    "this Idempotency-Key was already used for a different request; use a new key for a new request",
+                    code=ErrorCode.IDEMPOTENCY_CONFLICT,
+                    param="Idempotency-Key",
+                )
+            ctx.replayed = True
+            ctx.response_headers["Idempotent-Replayed"] = "true"
+            ctx.response_headers["X-Original-Request-Id"] = prior.request_id
+        self._idempotency_in_flight.add(slot)
+        return slot
+
     async def embed(
-        self, principal: Principal, name: str, texts: list[str], protocol: str, deadline: float | None = None
+        self,
+        principal: Principal,
+        name: str,
+        texts: list[str],
+        protocol: str,
+        deadline: float | None = None,
+        ctx: CallContext | None = None,
     ) -> InferenceResponse:
         """Embeddings for ``texts`` from a text-embedding model."""
         mv = self.model_version(principal, name)
@@ -103,4 +278,8 @@ class Gateway:
             )
         array = np.array([t.encode("utf-8") for t in texts], dtype=object)
         request = InferenceRequest(inputs={"text": array}, deadline=deadline)
-        return await self.infer(principal, name, None, request, protocol)
+        return await self.infer(principal, name, None, request, protocol, ctx)
+
+    async def close(self) -> None:
+        await self.limiter.close()
+        await asyncio.to_thread(self.metering.writer.close)

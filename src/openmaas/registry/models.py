@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from openmaas.runtimes.types import Signature
 
 Visibility = Literal["private", "shared", "public"]
+ReviewState = Literal["none", "pending", "approved", "rejected"]
+# What a card must say before its model may be reviewed for publication.
+REQUIRED_FOR_PUBLICATION = ("intended_use", "training_data", "metrics", "limitations", "license", "privacy")
 
 
 class ModelCard(BaseModel):
@@ -25,6 +28,9 @@ class ModelCard(BaseModel):
     limitations: str = ""
     license: str = ""
     privacy: str = Field(default="", description="Privacy statement: what data the model saw and keeps.")
+
+    def missing_for_publication(self) -> list[str]:
+        return [f for f in REQUIRED_FOR_PUBLICATION if not getattr(self, f)]
 
 
 class ServingConfig(BaseModel):
@@ -64,3 +70,7 @@ class Model(BaseModel):
     created_at: datetime
     latest_version: int | None = None
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    # Org ids a ``shared`` model is visible to (besides its owner).
+    shared_with: tuple[str, ...] = ()
+    review_state: ReviewState = "none"
+    review_reason: str | None = None

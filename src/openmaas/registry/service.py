@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from openmaas.artifacts import ArtifactStore
 from openmaas.errors import InvalidRequest, ModelLoadFailed, ModelNotFound
@@ -43,6 +44,7 @@ class ModelRegistry:
         self.options = options
         self.inspector = inspector
         self._cache: dict[tuple[str, int | None], tuple[float, ModelVersion]] = {}
+        self._models: dict[str, tuple[float, Model]] = {}
         self._lock = threading.Lock()
 
     def register(
@@ -97,6 +99,23 @@ class ModelRegistry:
         with self._lock:
             for key in [k for k in self._cache if k[0] == name]:
                 del self._cache[key]
+            self._models.pop(name, None)
+
+    def cached_model(self, name: str) -> Model:
+        """The model (owner, visibility, shares), cached briefly for the request path."""
+        now = time.monotonic()
+        hit = self._models.get(name)
+        if hit is not None and now - hit[0] < _CACHE_TTL_S:
+            return hit[1]
+        model = self.store.get_model(name)
+        with self._lock:
+            self._models[name] = (now, model)
+        return model
+
+    def update_access(self, name: str, **changes: Any) -> Model:
+        model = self.store.update_access(name, **changes)
+        self.invalidate(name)
+        return model
 
     def set_serving(self, name: str, serving: ServingConfig) -> Model:
         model = self.store.set_serving(name, serving)
@@ -106,6 +125,14 @@ class ModelRegistry:
     def invalidate_all(self) -> None:
         with self._lock:
             self._cache.clear()
+            self._models.clear()
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.store.get_model(name)
+        except ModelNotFound:
+            return False
+        return True
 
     def list_models(self) -> list[Model]:
         return self.store.list_models()

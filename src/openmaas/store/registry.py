@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from openmaas.errors import AlreadyExists, ModelNotFound
-from openmaas.registry.models import Model, ModelCard, ModelVersion, ServingConfig, Visibility
+from openmaas.registry.models import Model, ModelCard, ModelVersion, ReviewState, ServingConfig, Visibility
 from openmaas.runtimes.types import Signature
-from openmaas.store.tables import ModelRow, ModelVersionRow, utcnow
+from openmaas.store.tables import ModelRow, ModelShareRow, ModelVersionRow, utcnow
 
 
-def _model(row: ModelRow, latest: int | None) -> Model:
+def _model(row: ModelRow, latest: int | None, shared_with: list[str] | None = None) -> Model:
     return Model(
         name=row.name,
         owner_org_id=row.owner_org_id,
@@ -20,6 +20,9 @@ def _model(row: ModelRow, latest: int | None) -> Model:
         created_at=row.created_at,
         latest_version=latest,
         serving=ServingConfig.model_validate(row.serving or {}),
+        shared_with=tuple(sorted(shared_with or ())),
+        review_state=row.review_state,  # type: ignore[arg-type]
+        review_reason=row.review_reason,
     )
 
 
@@ -63,13 +66,39 @@ class RegistryStore:
             s.commit()
         return self.get_model(name)
 
+    def update_access(
+        self,
+        name: str,
+        *,
+        visibility: Visibility | None = None,
+        shared_with: list[str] | None = None,
+        review_state: ReviewState | None = None,
+        review_reason: str | None = None,
+    ) -> Model:
+        """Change who may see a model: visibility, the orgs it is shared with, the state of its review."""
+        with self._sessions() as s:
+            row = s.scalar(select(ModelRow).where(ModelRow.name == name))
+            if row is None:
+                raise ModelNotFound(name)
+            if visibility is not None:
+                row.visibility = visibility
+            if review_state is not None:
+                row.review_state = review_state
+                row.review_reason = review_reason
+            if shared_with is not None:
+                s.execute(delete(ModelShareRow).where(ModelShareRow.model_id == row.id))
+                s.add_all([ModelShareRow(model_id=row.id, org_id=org) for org in sorted(set(shared_with))])
+            s.commit()
+        return self.get_model(name)
+
     def get_model(self, name: str) -> Model:
         with self._sessions() as s:
             row = s.scalar(select(ModelRow).where(ModelRow.name == name))
             if row is None:
                 raise ModelNotFound(name)
             latest = s.scalar(select(func.max(ModelVersionRow.version)).where(ModelVersionRow.model_id == row.id))
-            return _model(row, latest)
+            shares = list(s.scalars(select(ModelShareRow.org_id).where(ModelShareRow.model_id == row.id)))
+            return _model(row, latest, shares)
 
     def list_models(self) -> list[Model]:
         with self._sessions() as s:
@@ -83,7 +112,10 @@ class RegistryStore:
                 .outerjoin(latest, latest.c.model_id == ModelRow.id)
                 .order_by(ModelRow.name)
             ).all()
-            return [_model(row, lv) for row, lv in rows]
+            shares: dict[int, list[str]] = {}
+            for model_id, org in s.execute(select(ModelShareRow.model_id, ModelShareRow.org_id)):
+                shares.setdefault(model_id, []).append(org)
+            return [_model(row, lv, shares.get(row.id)) for row, lv in rows]
 
     def add_version(
         self, name: str, *, format: str, sha256: str, size_bytes: int, signature: Signature, card: ModelCard

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -40,9 +40,12 @@ class ModelRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(128), unique=True, nullable=False)
-    # None: owned by the platform (the bundled catalogue). Organisations arrive with tenancy.
+    # None: owned by the platform (the bundled catalogue).
     owner_org_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     visibility: Mapped[str] = mapped_column(String(16), nullable=False, default="private")
+    # Publication review: none | pending | approved | rejected (making a model public needs approval).
+    review_state: Mapped[str] = mapped_column(String(16), nullable=False, default="none")
+    review_reason: Mapped[str | None] = mapped_column(String(1000), nullable=True)
     # Overrides of the serving defaults (openmaas.registry.models.ServingConfig); None = defaults.
     serving: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
@@ -77,6 +80,13 @@ class ApiKeyRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The most the key may do in its org, whatever its scopes: the role of whoever created it.
+    role: Mapped[str] = mapped_column(String(16), nullable=False, default="admin")
+    user_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # Optional allow-list of model names, and {"rpm", "tpm", "ipm", "concurrency"} limits.
+    models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    limits: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)
+    rotated_from: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class PlatformStateRow(Base):
@@ -86,3 +96,118 @@ class PlatformStateRow(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+
+
+class OrgRow(Base):
+    __tablename__ = "orgs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+
+class UserRow(Base):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True, nullable=False)
+    # argon2id hash; the password itself is never stored.
+    password_hash: Mapped[str] = mapped_column(String(256), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+
+class MembershipRow(Base):
+    __tablename__ = "memberships"
+
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+
+class ModelShareRow(Base):
+    """A model shared with another organisation (visibility ``shared``)."""
+
+    __tablename__ = "model_shares"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), primary_key=True)
+
+
+class UsageRecordRow(Base):
+    """One successful inference: written once, keyed by the request id, before the response leaves."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        Index("ix_usage_records_org_day", "org_id", "day"),
+        Index("ix_usage_records_day", "day"),
+    )
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    org_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    key_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    model: Mapped[str] = mapped_column(String(128), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    protocol: Mapped[str] = mapped_column(String(16), nullable=False)
+    requests: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    items: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    audio_ms: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    latency_ms: Mapped[float] = mapped_column(Float, nullable=False)
+    outcome: Mapped[str] = mapped_column(String(16), nullable=False, default="completed")
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    day: Mapped[str] = mapped_column(String(10), nullable=False)
+
+
+class IdempotencyKeyRow(Base):
+    """An Idempotency-Key already served (per org), for 24 hours: retries replay instead of metering again."""
+
+    __tablename__ = "idempotency_keys"
+
+    scope: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    # sha256 of what was asked (model and body), so a key reused for another request is refused.
+    fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+
+
+class UsageCounterRow(Base):
+    """Running monthly totals per org and unit, kept in the metering transaction (quota checks read these)."""
+
+    __tablename__ = "usage_counters"
+
+    org_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)
+    unit: Mapped[str] = mapped_column(String(16), primary_key=True)
+    quantity: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
+class QuotaRow(Base):
+    __tablename__ = "quotas"
+
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), primary_key=True)
+    unit: Mapped[str] = mapped_column(String(16), primary_key=True)
+    monthly_limit: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class AuditEventRow(Base):
+    """Append-only, hash-chained record of management actions."""
+
+    __tablename__ = "audit_events"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    actor_kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    actor_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    actor_user_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    org_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    action: Mapped[str] = mapped_column(String(64), nullable=False)
+    target: Mapped[str] = mapped_column(String(256), nullable=False)
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    client_ip: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    prev_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    hash: Mapped[str] = mapped_column(String(64), nullable=False)

@@ -1,0 +1,1 @@
+"""Metering: one durable usage record per successful call, written with group commit."""

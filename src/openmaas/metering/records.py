@@ -1,0 +1,71 @@
+"""The usage record and the units it counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+UNITS = ("requests", "input_tokens", "output_tokens", "items", "audio_seconds")
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """What one successful call used. Never holds request or response bodies."""
+
+    request_id: str
+    org_id: str | None
+    key_id: str
+    model: str
+    version: int
+    protocol: str
+    latency_ms: float
+    requests: int = 1
+    input_tokens: int = 0
+    output_tokens: int = 0
+    items: int = 0
+    audio_ms: int = 0
+    outcome: str = "completed"
+    idempotency_key: str | None = None
+    # sha256 of what was asked; stored with the idempotency key only.
+    fingerprint: str | None = None
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def units(self) -> dict[str, int]:
+        """Quantities per billing unit (audio in whole milliseconds under ``audio_seconds``' counter: ms)."""
+        return {
+            "requests": self.requests,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "items": self.items,
+            "audio_seconds": self.audio_ms,
+        }
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "org_id": self.org_id,
+            "key_id": self.key_id,
+            "model": self.model,
+            "version": self.version,
+            "protocol": self.protocol,
+            "requests": self.requests,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "items": self.items,
+            "audio_ms": self.audio_ms,
+            "latency_ms": self.latency_ms,
+            "outcome": self.outcome,
+            "idempotency_key": self.idempotency_key,
+            "created_at": self.created_at,
+            "day": self.created_at.astimezone(UTC).strftime("%Y-%m-%d"),
+        }
+
+
+def month_of(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m")
+
+
+def idempotency_scope(org_id: str | None) -> str:
+    """Idempotency keys are unique per organisation (the platform admin has its own scope)."""
+    return org_id or "platform"

@@ -1,0 +1,164 @@
+"""Group commit: concurrent calls hand their usage records to one writer thread, which stores everything that
+has arrived in one transaction and wakes each caller once it is durable.
+
+Under load, records pile up while a commit is in progress and the next transaction takes them all, so the cost
+of a commit (and its fsync) is shared by many requests; at low load each record commits alone, at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.dialects import postgresql, sqlite
+
+from openmaas.metering.records import UsageRecord, idempotency_scope, month_of
+from openmaas.store.tables import IdempotencyKeyRow, UsageCounterRow, UsageRecordRow
+from openmaas.telemetry import Metrics
+
+log = logging.getLogger(__name__)
+_STOP = object()
+# Most records in one transaction (bounds the statement size).
+MAX_GROUP = 512
+
+
+@dataclass
+class _Pending:
+    record: UsageRecord
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[bool]
+
+
+def _insert(engine: Engine, table: Any) -> Any:
+    """The dialect's INSERT, which knows ON CONFLICT (both SQLite and PostgreSQL spell it the same)."""
+    if engine.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    if engine.dialect.name == "sqlite":
+        return sqlite.insert(table)
+    raise RuntimeError(f"metering supports SQLite and PostgreSQL, not {engine.dialect.name}")
+
+
+class GroupCommitWriter:
+    """Makes usage records durable, exactly once per request id and per idempotency key."""
+
+    def __init__(self, engine: Engine, metrics: Metrics | None = None) -> None:
+        self._engine = engine
+        self._metrics = metrics
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="openmaas-metering", daemon=True)
+        self._thread.start()
+
+    async def record(self, record: UsageRecord) -> bool:
+        """Store ``record`` and return once it is committed: True if new, False if its idempotency key or
+        request id was already recorded (nothing is counted twice). Raises if the database refused."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._queue.put(_Pending(record, loop, future))
+        return await future
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout=30)
+
+    # -- writer thread ------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            group: list[_Pending] = [first]
+            stop = False
+            while len(group) < MAX_GROUP:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                group.append(item)
+            self._commit(group)
+            if stop:
+                return
+
+    def _commit(self, group: list[_Pending]) -> None:
+        try:
+            inserted = self.write([p.record for p in group])
+        except Exception as e:
+            log.error("usage records could not be stored", extra={"records": len(group), "error": str(e)})
+            for p in group:
+                p.loop.call_soon_threadsafe(_set_exception, p.future, e)
+            return
+        if self._metrics is not None:
+            self._metrics.metering_group_size.observe(len(group))
+        for p in group:
+            p.loop.call_soon_threadsafe(_set_result, p.future, p.record.request_id in inserted)
+
+    def write(self, records: Sequence[UsageRecord]) -> set[str]:
+        """One transaction: claim idempotency keys, insert records, add to the monthly counters.
+
+        Returns the request ids actually inserted (a record whose idempotency key or request id is already
+        stored is skipped, also when two processes race on the same key)."""
+        with self._engine.begin() as conn:
+            claimed: set[tuple[str, str]] = set()
+            keyed = [r for r in records if r.idempotency_key is not None]
+            if keyed:
+                rows = [
+                    {
+                        "scope": idempotency_scope(r.org_id),
+                        "key": r.idempotency_key,
+                        "request_id": r.request_id,
+                        "fingerprint": r.fingerprint or "",
+                        "created_at": r.created_at,
+                    }
+                    for r in keyed
+                ]
+                stmt = (
+                    _insert(self._engine, IdempotencyKeyRow)
+                    .on_conflict_do_nothing()
+                    .returning(IdempotencyKeyRow.scope, IdempotencyKeyRow.key)
+                )
+                claimed = {(s, k) for s, k in conn.execute(stmt, rows)}
+            to_store = [
+                r
+                for r in records
+                if r.idempotency_key is None or (idempotency_scope(r.org_id), r.idempotency_key) in claimed
+            ]
+            if not to_store:
+                return set()
+            stmt = _insert(self._engine, UsageRecordRow).on_conflict_do_nothing().returning(UsageRecordRow.request_id)
+            inserted = {rid for (rid,) in conn.execute(stmt, [r.row() for r in to_store])}
+            totals: dict[tuple[str, str, str], int] = defaultdict(int)
+            for r in to_store:
+                if r.request_id not in inserted or r.org_id is None:
+                    continue
+                for unit, quantity in r.units().items():
+                    if quantity:
+                        totals[(r.org_id, month_of(r.created_at), unit)] += quantity
+            if totals:
+                upsert = _insert(self._engine, UsageCounterRow)
+                upsert = upsert.on_conflict_do_update(
+                    index_elements=["org_id", "month", "unit"],
+                    set_={"quantity": UsageCounterRow.quantity + upsert.excluded.quantity},
+                )
+                for (org_id, month, unit), quantity in sorted(totals.items()):
+                    conn.execute(upsert, {"org_id": org_id, "month": month, "unit": unit, "quantity": quantity})
+            return inserted
+
+
+def _set_result(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[bool], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
