@@ -55,6 +55,13 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handlers run (a crash)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -85,3 +92,37 @@ def matmul_chain_model(path: Path, n: int, depth: int = 1, seed: int = 0) -> Non
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, path)
+
+
+def unique(prefix: str) -> str:
+    """A name no other test (or earlier run against the same database) uses."""
+    import uuid
+
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def new_org(admin: httpx.Client, prefix: str = "org") -> dict:
+    r = admin.post("/api/orgs", json={"name": unique(prefix)})
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def new_key(client: httpx.Client, org: str, **body: object) -> dict:
+    """Create an API key in ``org``; the response carries the secret under "key"."""
+    r = client.post(f"/api/orgs/{org}/keys", json={"name": unique("key"), **body})
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def register_onnx(client: httpx.Client, path: Path, name: str, card: dict | None = None) -> httpx.Response:
+    import json
+
+    data = {"name": name}
+    if card is not None:
+        data["card"] = json.dumps(card)
+    with path.open("rb") as f:
+        return client.post("/api/models", data=data, files={"file": (path.name, f)})
