@@ -83,7 +83,12 @@ def test_neither_org_can_see_call_list_or_read_the_others_resources(
     _not_found(c.post("/v1/embeddings", json={"model": m, "input": "hello"}))
 
     # Open Inference Protocol v2
-    for path in (f"/v2/models/{m}", f"/v2/models/{m}/ready", f"/v2/models/{m}/versions/1", f"/v2/models/{m}/versions/1/ready"):
+    for path in (
+        f"/v2/models/{m}",
+        f"/v2/models/{m}/ready",
+        f"/v2/models/{m}/versions/1",
+        f"/v2/models/{m}/versions/1/ready",
+    ):
         _not_found(c.get(path))
     _not_found(c.post(f"/v2/models/{m}/infer", json={"inputs": [_x()]}))
     _not_found(c.post(f"/v2/models/{m}/versions/1/infer", json={"inputs": [_x()]}))

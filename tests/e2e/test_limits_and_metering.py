@@ -120,9 +120,10 @@ def test_idempotency_key_replays_without_metering_again(server: ServerProcess, o
         again = c.post("/v1/embeddings", json=body, headers=idem)
         assert again.status_code == 200, again.text
         assert again.headers["idempotent-replayed"] == "true"
-        assert again.headers["x-original-request-id"] == first.headers["x-request-id"] or again.headers[
-            "x-original-request-id"
-        ]
+        assert (
+            again.headers["x-original-request-id"] == first.headers["x-request-id"]
+            or again.headers["x-original-request-id"]
+        )
         assert again.json() == first.json()
         other = c.post("/v1/embeddings", json={**body, "input": "something else"}, headers=idem)
         assert other.status_code == 422, other.text
@@ -147,7 +148,12 @@ def test_usage_group_by_unit_and_day(server: ServerProcess, owner: httpx.Client,
     key = new_key(owner, org["name"])
     with _client(server, key) as c:
         for _ in range(3):
-            assert c.post(f"/v2/models/{model}/infer", json={"inputs": [{**X, "shape": [2, 4], "data": [1] * 8}]}).status_code == 200
+            assert (
+                c.post(
+                    f"/v2/models/{model}/infer", json={"inputs": [{**X, "shape": [2, 4], "data": [1] * 8}]}
+                ).status_code
+                == 200
+            )
     rows = owner.get("/api/usage", params={"group_by": "key,unit,day"}).json()["data"]
     mine = {row["unit"]: row["quantity"] for row in rows if row["key"] == key["id"]}
     assert mine == {"requests": 3, "items": 6}
@@ -185,7 +191,10 @@ def test_monthly_quota(server: ServerProcess, admin: httpx.Client, model: str, t
 
 def test_sharing_and_publication_review(server: ServerProcess, admin: httpx.Client, tmp_path: Path) -> None:
     owner_org, guest_org, stranger_org = new_org(admin, "prov"), new_org(admin, "guest"), new_org(admin, "stranger")
-    keys = {o["name"]: new_key(admin, o["name"], scopes=["inference", "manage", "billing"]) for o in (owner_org, guest_org, stranger_org)}
+    keys = {
+        o["name"]: new_key(admin, o["name"], scopes=["inference", "manage", "billing"])
+        for o in (owner_org, guest_org, stranger_org)
+    }
     path = tmp_path / "s.onnx"
     matmul_chain_model(path, 4)
     name = unique("shared")

@@ -57,8 +57,17 @@ class Client:
     def get(self, path: str) -> Any:
         return self._check(self._http.get(path))
 
+    def get_params(self, path: str, params: dict[str, str]) -> Any:
+        return self._check(self._http.get(path, params=params))
+
     def post(self, path: str, json: Any = None) -> Any:
         return self._check(self._http.post(path, json=json))
+
+    def put(self, path: str, json: Any = None) -> Any:
+        return self._check(self._http.put(path, json=json))
+
+    def delete(self, path: str) -> Any:
+        return self._check(self._http.delete(path))
 
     def register_model(self, path: Path, name: str, fmt: str | None, card_json: str | None) -> Any:
         """Upload a model file, or a folder zipped on the fly."""

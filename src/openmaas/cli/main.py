@@ -7,26 +7,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from openmaas.cli.client import ApiError, Client, resolve_key
+from openmaas.cli import tenancy
+from openmaas.cli.client import ApiError
+from openmaas.cli.common import DEFAULT_URL, DataDirOpt, KeyOpt, UrlOpt, client, console, fail
 
 app = typer.Typer(help="OpenMaaS: models as a service.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="Register, list, show, load and unload models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-console = Console()
-err = Console(stderr=True)
-
-UrlOpt = Annotated[str, typer.Option("--url", envvar="OPENMAAS_URL", help="Server address.")]
-KeyOpt = Annotated[
-    str | None,
-    typer.Option("--api-key", envvar="OPENMAAS_API_KEY", help="API key (default: <data-dir>/admin.key)."),
-]
-DataDirOpt = Annotated[
-    Path, typer.Option("--data-dir", envvar="OPENMAAS_DATA_DIR", help="Data folder of a local server.")
-]
-DEFAULT_URL = "http://127.0.0.1:8000"
+tenancy.install(app)
 
 
 @app.command()
@@ -64,15 +54,6 @@ def serve(
     )
 
 
-def _client(url: str, key: str | None, data_dir: Path) -> Client:
-    return Client(url, resolve_key(key, data_dir))
-
-
-def _fail(e: ApiError) -> None:
-    err.print(f"[red]error {e.status}:[/red] {e.message}")
-    raise typer.Exit(1)
-
-
 @models_app.command("register")
 def models_register(
     path: Annotated[Path, typer.Argument(exists=True, help="ONNX/skops file or a model folder.")],
@@ -85,11 +66,11 @@ def models_register(
 ) -> None:
     """Upload a model as the next version of NAME."""
     card_json = card.read_text() if card else None
-    with _client(url, api_key, data_dir) as c, console.status(f"Uploading and checking {path.name}..."):
+    with client(url, api_key, data_dir) as c, console.status(f"Uploading and checking {path.name}..."):
         try:
             mv = c.register_model(path, name, format, card_json)
         except ApiError as e:
-            _fail(e)
+            fail(e)
             return
     console.print(
         f"Registered [bold]{mv['model']}[/bold] version {mv['version']} ({mv['format']}, sha256 {mv['sha256'][:12]})"
@@ -99,11 +80,11 @@ def models_register(
 @models_app.command("list")
 def models_list(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, data_dir: DataDirOpt = Path(".openmaas")) -> None:
     """List the models you can see."""
-    with _client(url, api_key, data_dir) as c:
+    with client(url, api_key, data_dir) as c:
         try:
             models = c.get("/api/models")["models"]
         except ApiError as e:
-            _fail(e)
+            fail(e)
             return
     table = Table("name", "latest", "visibility", "owner", "created")
     for m in models:
@@ -122,21 +103,21 @@ def models_show(
     name: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, data_dir: DataDirOpt = Path(".openmaas")
 ) -> None:
     """Show a model's versions, signature and card."""
-    with _client(url, api_key, data_dir) as c:
+    with client(url, api_key, data_dir) as c:
         try:
             model = c.get(f"/api/models/{name}")
         except ApiError as e:
-            _fail(e)
+            fail(e)
             return
     console.print_json(json.dumps(model))
 
 
 def _repository(action: str, name: str, url: str, api_key: str | None, data_dir: Path) -> None:
-    with _client(url, api_key, data_dir) as c, console.status(f"{action.capitalize()}ing {name}..."):
+    with client(url, api_key, data_dir) as c, console.status(f"{action.capitalize()}ing {name}..."):
         try:
             c.post(f"/v2/repository/models/{name}/{action}")
         except ApiError as e:
-            _fail(e)
+            fail(e)
             return
     console.print(f"{name}: {action}ed")
 
