@@ -91,7 +91,7 @@ class GroupCommitWriter:
 
     def _commit(self, group: list[_Pending]) -> None:
         try:
-            inserted = self.write([p.record for p in group])
+            stored = self.write([p.record for p in group])
         except Exception as e:
             log.error("usage records could not be stored", extra={"records": len(group), "error": str(e)})
             for p in group:
@@ -99,17 +99,28 @@ class GroupCommitWriter:
             return
         if self._metrics is not None:
             self._metrics.metering_group_size.observe(len(group))
-        for p in group:
-            p.loop.call_soon_threadsafe(_set_result, p.future, p.record.request_id in inserted)
+        for p, was_stored in zip(group, stored, strict=True):
+            p.loop.call_soon_threadsafe(_set_result, p.future, was_stored)
 
-    def write(self, records: Sequence[UsageRecord]) -> set[str]:
+    def write(self, records: Sequence[UsageRecord]) -> list[bool]:
         """One transaction: claim idempotency keys, insert records, add to the monthly counters.
 
-        Returns the request ids actually inserted (a record whose idempotency key or request id is already
-        stored is skipped, also when two processes race on the same key)."""
+        Returns, for each record, whether it was stored: a record whose idempotency key or request id is
+        already stored (earlier, earlier in this group, or by another process racing on the same key) is not."""
+        first: list[UsageRecord] = []
+        seen_ids: set[str] = set()
+        seen_keys: set[tuple[str, str]] = set()
+        for r in records:
+            slot = (idempotency_scope(r.org_id), r.idempotency_key) if r.idempotency_key is not None else None
+            if r.request_id in seen_ids or (slot is not None and slot in seen_keys):
+                continue
+            seen_ids.add(r.request_id)
+            if slot is not None:
+                seen_keys.add(slot)
+            first.append(r)
         with self._engine.begin() as conn:
             claimed: set[tuple[str, str]] = set()
-            keyed = [r for r in records if r.idempotency_key is not None]
+            keyed = [r for r in first if r.idempotency_key is not None]
             if keyed:
                 rows = [
                     {
@@ -129,16 +140,19 @@ class GroupCommitWriter:
                 claimed = {(s, k) for s, k in conn.execute(stmt, rows)}
             to_store = [
                 r
-                for r in records
+                for r in first
                 if r.idempotency_key is None or (idempotency_scope(r.org_id), r.idempotency_key) in claimed
             ]
-            if not to_store:
-                return set()
-            stmt = _insert(self._engine, UsageRecordRow).on_conflict_do_nothing().returning(UsageRecordRow.request_id)
-            inserted = {rid for (rid,) in conn.execute(stmt, [r.row() for r in to_store])}
+            inserted: set[str] = set()
+            if to_store:
+                stmt = (
+                    _insert(self._engine, UsageRecordRow).on_conflict_do_nothing().returning(UsageRecordRow.request_id)
+                )
+                inserted = {rid for (rid,) in conn.execute(stmt, [r.row() for r in to_store])}
+            stored = {id(r) for r in to_store if r.request_id in inserted}
             totals: dict[tuple[str, str, str], int] = defaultdict(int)
             for r in to_store:
-                if r.request_id not in inserted or r.org_id is None:
+                if id(r) not in stored or r.org_id is None:
                     continue
                 for unit, quantity in r.units().items():
                     if quantity:
@@ -151,7 +165,7 @@ class GroupCommitWriter:
                 )
                 for (org_id, month, unit), quantity in sorted(totals.items()):
                     conn.execute(upsert, {"org_id": org_id, "month": month, "unit": unit, "quantity": quantity})
-            return inserted
+        return [id(r) in stored for r in records]
 
 
 def _set_result(future: asyncio.Future[bool], value: bool) -> None:

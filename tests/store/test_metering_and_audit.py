@@ -1,0 +1,172 @@
+"""Group-commit metering, quotas' counters, the audit chain and tenancy rows, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Engine, select, update
+
+from openmaas.audit import Actor, AuditLog
+from openmaas.errors import AlreadyExists, InvalidRequest, NotFound, Unauthenticated
+from openmaas.gateway.auth import KeyAuthenticator, new_key
+from openmaas.metering.records import UsageRecord
+from openmaas.metering.usage import UsageQueries
+from openmaas.metering.writer import GroupCommitWriter
+from openmaas.store.db import session_factory, upgrade
+from openmaas.store.tables import AuditEventRow, Base
+from openmaas.tenancy.service import TenancyService
+
+
+def test_migrations_match_the_tables(engine: Engine) -> None:
+    upgrade(engine)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    # Type spellings differ per backend (JSON vs TEXT on SQLite); structure must not.
+    structural = [d for d in diff if d[0] in ("add_table", "remove_table", "add_column", "remove_column")]
+    assert structural == []
+
+
+def _record(i: int, *, org: str = "o1", key: str | None = None, tokens: int = 3) -> UsageRecord:
+    return UsageRecord(
+        request_id=f"r{i}",
+        org_id=org,
+        key_id="k1",
+        model="m",
+        version=1,
+        protocol="openai",
+        latency_ms=1.0,
+        input_tokens=tokens,
+        items=1,
+        idempotency_key=key,
+        fingerprint="f" if key else None,
+    )
+
+
+def test_group_commit_stores_each_record_once_and_counts_months(engine: Engine) -> None:
+    upgrade(engine)
+    writer = GroupCommitWriter(engine)
+    usage = UsageQueries(session_factory(engine))
+    try:
+
+        async def main() -> list[bool]:
+            # 200 concurrent calls, 20 of them duplicates by idempotency key and 10 by request id.
+            records = [_record(i, key=f"idem-{i}") for i in range(100)]
+            records += [_record(1000 + i, key=f"idem-{i}") for i in range(20)]
+            records += [_record(i, key=None) for i in range(100, 180)]
+            records += [_record(i, key=None) for i in range(100, 110)]
+            return await asyncio.gather(*(writer.record(r) for r in records))
+
+        stored = asyncio.run(main())
+    finally:
+        writer.close()
+    assert stored.count(True) == 180 and stored.count(False) == 30
+    month = datetime.now(UTC).strftime("%Y-%m")
+    assert usage.month_totals("o1", month) == {"requests": 180, "input_tokens": 540, "items": 180}
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    rows = usage.summary("o1", today, today, ["unit"])
+    assert {r["unit"]: r["quantity"] for r in rows} == {"requests": 180, "input_tokens": 540, "items": 180}
+    prior = usage.prior_call("o1", "idem-5", datetime.now(UTC))
+    assert prior is not None and prior.request_id == "r5" and prior.fingerprint == "f"
+    assert usage.prior_call("o1", "idem-5", datetime.now(UTC) + timedelta(hours=25)) is None  # forgotten after 24 h
+    assert usage.summary("o2", today, today, []) == []
+
+
+def test_group_commit_under_threads_from_several_loops(engine: Engine) -> None:
+    upgrade(engine)
+    writer = GroupCommitWriter(engine)
+
+    def one_loop(base: int) -> None:
+        async def main() -> None:
+            await asyncio.gather(*(writer.record(_record(base + i, org="o3")) for i in range(50)))
+
+        asyncio.run(main())
+
+    threads = [threading.Thread(target=one_loop, args=(k * 1000,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    writer.close()
+    month = datetime.now(UTC).strftime("%Y-%m")
+    assert UsageQueries(session_factory(engine)).month_totals("o3", month)["requests"] == 200
+
+
+def test_audit_chain_detects_changes_gaps_and_forgery(engine: Engine) -> None:
+    upgrade(engine)
+    sessions = session_factory(engine)
+    log = AuditLog(sessions, b"secret")
+    who = Actor(kind="platform_admin", key_id="k", client_ip="127.0.0.1")
+    threads = [
+        threading.Thread(target=lambda i=i: log.append(who, "thing.do", f"t{i}", org_id="o", after={"i": i}))
+        for i in range(20)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert log.verify().ok and log.verify().events == 20
+    assert [e.seq for e in log.list()] == list(range(1, 21))
+    # Someone with the database but not the server secret re-hashes a changed event: still detected.
+    assert not AuditLog(sessions, b"another secret").verify().ok
+    with sessions() as s:
+        s.execute(update(AuditEventRow).where(AuditEventRow.seq == 7).values(target="forged"))
+        s.commit()
+    result = log.verify()
+    assert not result.ok and result.first_bad_seq == 7 and "changed" in (result.reason or "")
+    with sessions() as s:
+        s.execute(update(AuditEventRow).where(AuditEventRow.seq == 7).values(target="t?"))
+        row = s.scalar(select(AuditEventRow).where(AuditEventRow.seq == 7))
+        assert row is not None
+        s.delete(row)
+        s.commit()
+    result = log.verify()
+    assert not result.ok and result.first_bad_seq == 8 and "gap" in (result.reason or "")
+
+
+def test_tenancy_orgs_members_keys_and_sessions(engine: Engine) -> None:
+    upgrade(engine)
+    sessions = session_factory(engine)
+    auth = KeyAuthenticator(sessions, b"secret")
+    tenancy = TenancyService(sessions, auth.digest, new_key)
+    org = tenancy.create_org("acme")
+    with pytest.raises(AlreadyExists):
+        tenancy.create_org("acme")
+    with pytest.raises(InvalidRequest):
+        tenancy.create_org("Not A Slug!")
+    assert tenancy.get_org("acme") == tenancy.get_org(org.id)
+    with pytest.raises(NotFound):
+        tenancy.get_org("nope")
+    with pytest.raises(InvalidRequest):
+        tenancy.add_member(org.id, "new@example.com", "member")  # unknown user and no password
+    with pytest.raises(InvalidRequest):
+        tenancy.add_member(org.id, "new@example.com", "member", password="short")
+    member = tenancy.add_member(org.id, "New@Example.com", "member", password="long enough password")
+    assert member.email == "new@example.com"
+    assert tenancy.add_member(org.id, "new@example.com", "admin").role == "admin"
+    assert [m.role for m in tenancy.list_members(org.id)] == ["admin"]
+
+    secret, session = tenancy.login("new@example.com", "long enough password", "acme")
+    principal = auth.authenticate(secret)
+    assert principal.kind == "session" and principal.role == "admin" and principal.org_id == org.id
+    with pytest.raises(Unauthenticated):
+        tenancy.login("new@example.com", "wrong password!!", "acme")
+    tenancy.remove_member(org.id, member.user_id)  # ends the member's sessions too
+    auth.forget(session.id)
+    with pytest.raises(Unauthenticated):
+        auth.authenticate(secret)
+
+    key_secret, key = tenancy.create_key(org.id, "ci", ["inference"], role="member")
+    assert key_secret not in repr(key) and key.prefix == key_secret[:8]
+    new_secret, new, old = tenancy.rotate_key(org.id, key.id, timedelta(seconds=60))
+    assert new.rotated_from == key.id and old.expires_at is not None
+    assert auth.authenticate(new_secret).key_id == new.id
+    assert auth.authenticate(key_secret).key_id == key.id  # still inside its grace period
+    with pytest.raises(InvalidRequest):
+        tenancy.set_quota(org.id, "bananas", 3)
+    assert tenancy.set_quota(org.id, "requests", 3) == {"requests": 3}
+    assert tenancy.all_quotas() == {org.id: {"requests": 3}}
