@@ -1,7 +1,9 @@
 """Admission control per API key (requests/min, tokens or items/min, concurrency) and per org (monthly quotas).
 
-Windows are moving windows from the ``limits`` library, so no 60-second span ever admits more than the limit.
-Counters live in memory by default and in Redis when ``OPENMAAS_REDIS_URL`` is set, so every gateway process
+Requests per minute use the ``limits`` library's moving window, so no 60-second span ever admits more than the
+limit. Tokens and items per minute use its sliding-window counter: a moving window keeps one entry per unit, which
+for tokens would be hundreds of thousands of entries a minute; the counter costs the same whatever the volume and
+smooths across the window boundary (weighted by the previous minute). Counters live in memory by default and in Redis when ``OPENMAAS_REDIS_URL`` is set, so every gateway process
 sharing that Redis enforces one combined limit.
 """
 
@@ -16,7 +18,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from limits import RateLimitItem, RateLimitItemPerMinute
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+from limits.aio.strategies import RateLimiter as Strategy
 from limits.storage import storage_from_string
 
 from openmaas.errors import QuotaExceeded, RateLimited
@@ -60,6 +63,7 @@ class RateLimiter:
         self._redis_url = redis_url
         self._prefix = prefix
         self._limiter: MovingWindowRateLimiter | None = None
+        self._volume: SlidingWindowCounterRateLimiter | None = None
         self._redis: Any = None
         self._acquire_script: Any = None
         self._local_slots: dict[str, int] = {}
@@ -81,43 +85,63 @@ class RateLimiter:
             else:
                 storage = storage_from_string("async+memory://")
             self._limiter = MovingWindowRateLimiter(storage)  # type: ignore[arg-type]
+            self._volume = SlidingWindowCounterRateLimiter(storage)  # type: ignore[arg-type]
         return self._limiter
 
     async def admit(self, key_id: str, limits: KeyLimits, request_id: str, *, tokens: int, items: int) -> Admission:
-        """Count this call against the key's windows and take a concurrency slot, or raise RateLimited."""
+        """Take a concurrency slot and count this call against the key's windows, or raise RateLimited.
+
+        A call refused by one limit is not counted against the others: the slot is taken first (and given back on
+        refusal), and every window is tested before any is charged."""
         if limits.empty:
             return Admission()
-        strategy = self._strategy()
-        headers: dict[str, str] = {}
-        windows: list[tuple[str, int | None, int]] = [
-            ("requests", limits.rpm, 1),
-            ("tokens", limits.tpm, tokens),
-            ("items", limits.ipm, items),
+        requests = self._strategy()
+        assert self._volume is not None
+        windows: list[tuple[str, int, int, RateLimitItem, Strategy]] = [
+            (name, limit, cost, RateLimitItemPerMinute(limit), requests if name == "requests" else self._volume)
+            for name, limit, cost in (
+                ("requests", limits.rpm, 1),
+                ("tokens", limits.tpm, tokens),
+                ("items", limits.ipm, items),
+            )
+            if limit is not None and cost > 0
         ]
-        for name, limit, cost in windows:
-            if limit is None:
-                continue
-            item: RateLimitItem = RateLimitItemPerMinute(limit)
+        for name, limit, cost, _, _ in windows:
             if cost > limit:
                 raise RateLimited(
                     f"this request needs {cost} {name} but the key allows {limit} {name} per minute",
                     headers=_headers(name, limit, 0, 60.0),
                     retry_after=60.0,
                 )
-            ok = await strategy.hit(item, name, key_id, cost=max(cost, 0)) if cost > 0 else True
-            stats = await strategy.get_window_stats(item, name, key_id)
-            reset = max(0.0, stats.reset_time - time.time())
-            headers.update(_headers(name, limit, stats.remaining, reset))
-            if not ok:
-                raise RateLimited(
-                    f"rate limit reached: {limit} {name} per minute for this API key; retry in {duration(reset)}",
-                    headers=headers,
-                    retry_after=reset,
-                )
         release = None
         if limits.concurrency is not None:
             release = await self._take_slot(key_id, limits.concurrency, request_id)
+        try:
+            for name, limit, cost, item, strategy in windows:
+                if not await strategy.test(item, name, key_id, cost=cost):
+                    raise await self._refusal(strategy, item, name, limit, key_id)
+            for name, limit, cost, item, strategy in windows:
+                if not await strategy.hit(item, name, key_id, cost=cost):  # lost a race since the test
+                    raise await self._refusal(strategy, item, name, limit, key_id)
+        except RateLimited:
+            if release is not None:
+                await release()
+            raise
+        headers: dict[str, str] = {}
+        for name, limit, _, item, strategy in windows:
+            stats = await strategy.get_window_stats(item, name, key_id)
+            headers.update(_headers(name, limit, stats.remaining, stats.reset_time - time.time()))
         return Admission(headers, release)
+
+    @staticmethod
+    async def _refusal(strategy: Strategy, item: RateLimitItem, name: str, limit: int, key_id: str) -> RateLimited:
+        stats = await strategy.get_window_stats(item, name, key_id)
+        reset = max(0.0, stats.reset_time - time.time())
+        return RateLimited(
+            f"rate limit reached: {limit} {name} per minute for this API key; retry in {duration(reset)}",
+            headers=_headers(name, limit, stats.remaining, reset),
+            retry_after=reset,
+        )
 
     async def _take_slot(self, key_id: str, limit: int, request_id: str) -> Callable[[], Awaitable[None]]:
         def refuse() -> RateLimited:
@@ -165,6 +189,7 @@ class RateLimiter:
 
 
 def _headers(name: str, limit: int, remaining: int, reset_s: float) -> dict[str, str]:
+    reset_s = max(0.0, reset_s)
     return {
         f"x-ratelimit-limit-{name}": str(limit),
         f"x-ratelimit-remaining-{name}": str(max(0, remaining)),
@@ -210,10 +235,12 @@ class QuotaGuard:
         else:
             totals = hit[1]
         for unit, limit in mine.items():
-            used = totals.get(unit, 0)
+            used, want, cap = totals.get(unit, 0), wanted.get(unit, 0), limit
             if unit == "audio_seconds":  # counted in milliseconds
-                used //= 1000
-            if used + wanted.get(unit, 0) > limit and (wanted.get(unit, 0) > 0 or used >= limit):
+                want, cap = want * 1000, limit * 1000
+            if used + want > cap and (want > 0 or used >= cap):
+                if unit == "audio_seconds":
+                    used //= 1000
                 raise QuotaExceeded(
                     f"the organisation has used {used} of its monthly quota of {limit} {unit}; "
                     "it resets at the start of next month (UTC), or ask the platform admin to raise it",
