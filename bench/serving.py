@@ -339,6 +339,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores the in-process limit may use")
     parser.add_argument("--write", type=Path, help="also write the results as markdown to this file")
     parser.add_argument("--skip-v2", action="store_true")
+    parser.add_argument("--skip-metering", action="store_true", help="skip the metering-and-auth cost comparison")
+    parser.add_argument("--metering-rounds", type=int, default=3, help="alternating on/off measurements of each")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     texts = sentences(4096)
@@ -398,11 +400,96 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
 
+    cost = None if args.skip_metering else metering_cost(texts, args)
     report = render(machine(), limit, results, digits_limit, v2_results, args)
+    if cost is not None:
+        report += render_metering(cost, args)
     print()
     print(report)
     if args.write:
         args.write.write_text(report)
+
+
+def metering_cost(texts: list[str], args: argparse.Namespace) -> dict[str, object]:
+    """C=64 embeddings through an org key with rate limits and metering, against the same server build with
+    metering off called with the admin key (no limits), alternating the two to spread the machine's drift."""
+    import httpx
+
+    admin = "om_bench-key-0123456789abcdefghijklmnopqrstuvwxyz"
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        on, on_port = start_server(data, admin, {})
+        off, off_port = start_server(data, admin, {"OPENMAAS_METERING": "false"})  # same database and artifacts
+        try:
+            base = f"http://127.0.0.1:{on_port}"
+            headers = {"Authorization": f"Bearer {admin}"}
+            org = httpx.post(f"{base}/api/orgs", json={"name": "bench"}, headers=headers).json()
+            limits = {"rpm": 10_000_000, "tpm": 1_000_000_000, "concurrency": 10_000}
+            key = httpx.post(
+                f"{base}/api/orgs/{org['id']}/keys",
+                json={"name": "bench", "scopes": ["inference"], "limits": limits},
+                headers=headers,
+            ).json()["key"]
+            for port in (on_port, off_port):
+                httpx.post(
+                    f"http://127.0.0.1:{port}/v2/repository/models/all-minilm-l6-v2/load", headers=headers, timeout=120
+                ).raise_for_status()
+
+            def requests_for(k: str) -> list[bytes]:
+                return [
+                    http_request("/v1/embeddings", json.dumps({"model": "all-minilm-l6-v2", "input": t}).encode(), k)
+                    for t in texts
+                ]
+
+            runs: dict[str, list[float]] = {"on": [], "off": []}
+            for _ in range(args.metering_rounds):
+                for label, port, reqs in (("off", off_port, requests_for(admin)), ("on", on_port, requests_for(key))):
+                    r = run_load(port, reqs, 64, args.warmup, args.duration)
+                    if r["errors"]:
+                        raise RuntimeError(f"{r['errors']} errors with metering {label}")
+                    runs[label].append(r["rps"])
+                    print(json.dumps({"metering": label, **r}), flush=True)
+            usage = httpx.get(f"{base}/api/usage", params={"org": org["id"]}, headers=headers).json()["totals"]
+        finally:
+            for proc in (on, off):
+                proc.terminate()
+                proc.wait(30)
+    mean_on = sum(runs["on"]) / len(runs["on"])
+    mean_off = sum(runs["off"]) / len(runs["off"])
+    return {
+        "on": runs["on"],
+        "off": runs["off"],
+        "mean_on": mean_on,
+        "mean_off": mean_off,
+        "cost": 1 - mean_on / mean_off,
+        "metered_requests": usage["requests"],
+    }
+
+
+def render_metering(cost: dict[str, object], args: argparse.Namespace) -> str:
+    on, off = cost["on"], cost["off"]
+    assert isinstance(on, list)
+    assert isinstance(off, list)
+    return "\n".join(
+        [
+            "",
+            "## Metering and auth cost: `POST /v1/embeddings` at C=64",
+            "",
+            "The same server build twice, sharing one database: **on** = an organisation's API key with rate limits "
+            "(requests, tokens, concurrency) and a durable usage record per call (group commit, SQLite "
+            "`synchronous=FULL`); **off** = metering off (`OPENMAAS_METERING=false`) and the admin key (no limits). "
+            f"Measured alternately, {args.metering_rounds} rounds of {args.duration:.0f} s each.",
+            "",
+            "| | " + " | ".join(f"round {i + 1}" for i in range(len(on))) + " | mean req/s |",
+            "|---|" + "---:|" * (len(on) + 1),
+            "| off | " + " | ".join(f"{v:.0f}" for v in off) + f" | {cost['mean_off']:.0f} |",
+            "| on | " + " | ".join(f"{v:.0f}" for v in on) + f" | {cost['mean_on']:.0f} |",
+            "",
+            f"Cost of auth, limits and metering: **{100 * float(cost['cost']):.1f}%** of throughput (target <= 10%); "  # type: ignore[arg-type]
+            f"{cost['metered_requests']} usage records written during the run.",
+            "",
+        ]
+    )
 
 
 def render(

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
-from starlette.concurrency import run_in_threadpool
 
 from openmaas.audit import Actor
 from openmaas.gateway.auth import Principal
@@ -34,7 +33,7 @@ async def principal(request: Request) -> Principal:
     cached = gw.auth.cached(token)
     if cached is not None:
         return cached
-    return await run_in_threadpool(gw.auth.authenticate, token)
+    return await gw.auth.authenticate_async(token)
 
 
 GatewayDep = Annotated[Gateway, Depends(gateway)]

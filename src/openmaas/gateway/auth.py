@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -102,6 +103,7 @@ class KeyAuthenticator:
         self._secret = secret
         self._cache: dict[str, tuple[float, Principal]] = {}
         self._lock = threading.Lock()
+        self._pending: dict[str, asyncio.Future[Principal]] = {}
 
     def digest(self, key: str) -> str:
         return hmac.new(self._secret, key.encode(), hashlib.sha256).hexdigest()
@@ -114,6 +116,27 @@ class KeyAuthenticator:
         if hit is not None and time.monotonic() - hit[0] < _CACHE_TTL_S:
             return hit[1]
         return None
+
+    async def authenticate_async(self, token: str | None) -> Principal:
+        """``authenticate`` off the event loop, one database lookup per key at a time.
+
+        When a busy key's cache entry expires, every request in flight with it would otherwise look it up at
+        once (a thundering herd each second); they share the first lookup instead."""
+        if not token:
+            return self.authenticate(token)
+        digest = self.digest(token)
+        pending = self._pending.get(digest)
+        if pending is None:
+            pending = asyncio.ensure_future(asyncio.to_thread(self.authenticate, token))
+            self._pending[digest] = pending
+
+            def done(fut: asyncio.Future[Principal]) -> None:
+                self._pending.pop(digest, None)
+                if not fut.cancelled():
+                    fut.exception()  # retrieved here too, in case every waiter has gone away
+
+            pending.add_done_callback(done)
+        return await asyncio.shield(pending)
 
     def authenticate(self, token: str | None) -> Principal:
         if not token:
