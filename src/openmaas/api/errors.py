@@ -60,7 +60,9 @@ def error_response(
         body = {
             "error": {
                 "message": message,
-                "type": _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+                "type": "insufficient_quota"
+                if code == ErrorCode.QUOTA_EXCEEDED
+                else _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
                 "param": param,
                 "code": code.value,
             }
