@@ -4,6 +4,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.helpers import ServerProcess
@@ -40,3 +41,10 @@ def minilm_dir() -> Path:
     from openmaas.catalogue.minilm import model_dir
 
     return model_dir()
+
+
+@pytest.fixture(scope="session")
+def admin(server: ServerProcess, auth_headers: dict[str, str]) -> Iterator[httpx.Client]:
+    """An HTTP client of the shared server, signed in as the platform admin."""
+    with httpx.Client(base_url=server.url, headers=auth_headers, timeout=120) as c:
+        yield c

@@ -24,12 +24,6 @@ class Tenant:
 
 
 @pytest.fixture(scope="module")
-def admin(server: ServerProcess, auth_headers: dict[str, str]) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, headers=auth_headers, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def onnx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("iso") / "m.onnx"
     matmul_chain_model(path, 4)

@@ -18,12 +18,6 @@ X = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
 
 
 @pytest.fixture(scope="module")
-def admin(server: ServerProcess, auth_headers: dict[str, str]) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, headers=auth_headers, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def org(admin: httpx.Client) -> dict:
     return new_org(admin, "limits")
 
