@@ -14,11 +14,13 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from openmaas import __version__
+from openmaas.api import billing as billing_api
 from openmaas.api import health, manage, openai, tenancy, usage, v2
 from openmaas.api.errors import install_error_handlers
 from openmaas.api.middleware import RequestContextMiddleware
 from openmaas.artifacts import LocalArtifactStore
 from openmaas.audit import AuditLog
+from openmaas.billing.service import BillingService
 from openmaas.config import Settings
 from openmaas.gateway.auth import KeyAuthenticator, load_or_create_secret, new_key
 from openmaas.gateway.limits import QuotaGuard, RateLimiter
@@ -103,16 +105,22 @@ def build_platform(settings: Settings) -> Platform:
     auth = KeyAuthenticator(sessions, secret)
     tenancy_service = TenancyService(sessions, auth.digest, new_key)
     usage_queries = UsageQueries(sessions)
+    billing = BillingService(engine, settings.currency, settings.commission_bps)
     gateway = Gateway(
         auth,
         registry,
         pool,
         metrics,
-        Metering(GroupCommitWriter(engine, metrics), usage_queries, enabled=settings.metering),
+        Metering(
+            GroupCommitWriter(engine, metrics, settle=billing.settle, release=billing.release_in),
+            usage_queries,
+            enabled=settings.metering,
+        ),
         RateLimiter(settings.redis_url),
         QuotaGuard(tenancy_service.all_quotas, usage_queries.month_totals),
         tenancy_service,
         AuditLog(sessions, secret),
+        billing,
     )
     return Platform(settings, engine, metrics, registry, pool, gateway)
 
@@ -187,6 +195,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(tenancy.public_router())
     app.include_router(tenancy.router())
     app.include_router(usage.router())
+    app.include_router(billing_api.router())
 
     def body_limit(method: str, path: str) -> int:
         if method == "POST" and path == "/api/models":

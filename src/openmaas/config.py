@@ -50,6 +50,15 @@ class Settings(BaseSettings):
         description="Record a durable usage record for every successful call. Turn off only to measure its cost "
         "(benchmarks): unmetered calls cannot be billed and Idempotency-Key replays are not detected.",
     )
+    currency: str = Field(
+        default="CNY", min_length=3, max_length=8, description="Currency of all prices, wallets and invoices."
+    )
+    commission_bps: int = Field(
+        default=2000,
+        ge=0,
+        le=10_000,
+        description="Platform commission on providers' revenue, in basis points (2000 = 20%).",
+    )
     bundled_models: bool = Field(
         default=True, description="Register the bundled model catalogue at start (first start trains it)."
     )

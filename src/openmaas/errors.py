@@ -27,6 +27,7 @@ class ErrorCode(StrEnum):
     OVERLOADED = "overloaded"
     RATE_LIMITED = "rate_limit_exceeded"
     QUOTA_EXCEEDED = "insufficient_quota"
+    PAYMENT_REQUIRED = "payment_required"
     IDEMPOTENCY_CONFLICT = "idempotency_key_reused"
     IDEMPOTENCY_IN_PROGRESS = "idempotency_key_in_use"
     METERING_UNAVAILABLE = "metering_unavailable"
@@ -54,6 +55,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.OVERLOADED: 503,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.QUOTA_EXCEEDED: 429,
+    ErrorCode.PAYMENT_REQUIRED: 402,
     ErrorCode.IDEMPOTENCY_CONFLICT: 422,
     ErrorCode.IDEMPOTENCY_IN_PROGRESS: 409,
     # The call ran but its usage could not be made durable, so its result is withheld: retry.

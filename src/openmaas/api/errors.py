@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 # OpenAI error ``type`` for each status class, as the OpenAI API uses them.
 _OPENAI_TYPES = {
     400: "invalid_request_error",
+    402: "insufficient_quota",
     401: "invalid_request_error",
     403: "permission_error",
     404: "invalid_request_error",

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from openmaas.audit import Actor, AuditLog
+from openmaas.billing.service import BillingService, PendingCharge
 from openmaas.errors import (
     ErrorCode,
     InvalidInput,
@@ -87,6 +88,7 @@ class Gateway:
         quotas: QuotaGuard,
         tenancy: TenancyService,
         audit: AuditLog,
+        billing: BillingService,
     ) -> None:
         self.auth = auth
         self.registry = registry
@@ -97,6 +99,7 @@ class Gateway:
         self.quotas = quotas
         self.tenancy = tenancy
         self.audit = audit
+        self.billing = billing
         # Idempotency keys with a call in progress in this process: a concurrent duplicate gets 409.
         self._idempotency_in_flight: set[tuple[str, str]] = set()
 
@@ -164,6 +167,8 @@ class Gateway:
         started = time.perf_counter()
         status = "error"
         admission: Admission | None = None
+        pending: PendingCharge | None = None
+        metered = False
         self.metrics.in_flight.labels(mv.model).inc()
         try:
             admission = await self.limiter.admit(
@@ -174,6 +179,7 @@ class Gateway:
                 await self.quotas.check(
                     principal.org_id, {"requests": 1, "items": rows, "input_tokens": cost if is_text else 0}
                 )
+                pending = await self._entitle(principal, mv, request, rows, ctx)
             result = await self.pool.infer(mv, request.inputs, rows, cost, request.deadline)
             wanted = request.outputs or [o.name for o in mv.signature.outputs]
             outputs = {k: result.outputs[k] for k in wanted}
@@ -191,8 +197,10 @@ class Gateway:
                     items=rows,
                     idempotency_key=ctx.idempotency_key,
                     fingerprint=ctx.fingerprint,
+                    charge=pending,
                 )
                 await self._meter(record)
+                metered = True
             status = "ok"
             return InferenceResponse(
                 model=mv.model, version=mv.version, outputs=outputs, tokens=result.tokens, id=request.id
@@ -206,6 +214,8 @@ class Gateway:
             status = "cancelled"  # the client went away
             raise
         finally:
+            if pending is not None and not metered:
+                await asyncio.to_thread(self.billing.release, pending)
             if admission is not None:
                 await admission.release()
             if idem is not None:
@@ -214,6 +224,21 @@ class Gateway:
             labels = (mv.model, str(mv.version), protocol, status)
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+
+    async def _entitle(
+        self, principal: Principal, mv: ModelVersion, request: InferenceRequest, rows: int, ctx: CallContext
+    ) -> PendingCharge | None:
+        """A subscription or a hold of the call's worst-case cost when the model is sold (402 otherwise)."""
+        if principal.org_id is None or not await self.billing.priced(mv.model):
+            return None
+        owner = self.registry.cached_model(mv.model).owner_org_id
+        if owner == principal.org_id:
+            return None
+        text = request.inputs.get("text")
+        # Each token takes at least one byte, and the model reads at most its window (well under 512).
+        tokens = int(sum(min(len(t) + 2, 512) for t in text.reshape(-1))) if text is not None else 0
+        worst = {"requests": 1, "items": rows, "input_tokens": tokens, "output_tokens": 0, "audio_seconds": 0}
+        return await asyncio.to_thread(self.billing.admit, principal.org_id, mv.model, owner, ctx.request_id, worst)
 
     async def _meter(self, record: UsageRecord) -> None:
         try:

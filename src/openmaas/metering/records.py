@@ -30,6 +30,8 @@ class UsageRecord:
     # sha256 of what was asked; stored with the idempotency key only.
     fingerprint: str | None = None
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # A pay-as-you-go hold (billing.service.PendingCharge) settled in the same transaction as this record.
+    charge: Any = None
 
     def units(self) -> dict[str, int]:
         """Quantities per billing unit (audio in whole milliseconds under ``audio_seconds``' counter: ms)."""

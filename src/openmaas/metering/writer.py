@@ -12,11 +12,11 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
 from openmaas.metering.records import UsageRecord, idempotency_scope, month_of
@@ -48,9 +48,18 @@ def _insert(engine: Engine, table: Any) -> Any:
 class GroupCommitWriter:
     """Makes usage records durable, exactly once per request id and per idempotency key."""
 
-    def __init__(self, engine: Engine, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics | None = None,
+        settle: Callable[[Connection, dict[str, Any], Any], None] | None = None,
+        release: Callable[[Connection, Any], None] | None = None,
+    ) -> None:
         self._engine = engine
         self._metrics = metrics
+        # Billing's settlement of a record's hold, run inside the same transaction as the record (exactly once).
+        self._settle = settle
+        self._release = release
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="openmaas-metering", daemon=True)
         self._thread.start()
@@ -165,6 +174,13 @@ class GroupCommitWriter:
                 )
                 for (org_id, month, unit), quantity in sorted(totals.items()):
                     conn.execute(upsert, {"org_id": org_id, "month": month, "unit": unit, "quantity": quantity})
+            for r in records:
+                if r.charge is None:
+                    continue
+                if id(r) in stored and self._settle is not None:
+                    self._settle(conn, r.row(), r.charge)
+                elif id(r) not in stored and self._release is not None:
+                    self._release(conn, r.charge)  # a duplicate: nothing is charged twice
         return [id(r) in stored for r in records]
 
 

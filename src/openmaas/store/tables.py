@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -211,3 +211,129 @@ class AuditEventRow(Base):
     client_ip: Mapped[str | None] = mapped_column(String(64), nullable=True)
     prev_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     hash: Mapped[str] = mapped_column(String(64), nullable=False)
+
+
+# -- billing ------------------------------------------------------------------------------------------------------
+
+
+class PlanRow(Base):
+    __tablename__ = "plans"
+    __table_args__ = (UniqueConstraint("model_id", "name", name="uq_plans_model_name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), nullable=False, index=True)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+
+class SubscriptionRow(Base):
+    __tablename__ = "subscriptions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), nullable=False, index=True)
+    plan_id: Mapped[str] = mapped_column(ForeignKey("plans.id", ondelete="CASCADE"), nullable=False)
+    model: Mapped[str] = mapped_column(String(128), nullable=False)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    # Cancelled subscriptions run to the end of the period they were cancelled in.
+    ends_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class WalletRow(Base):
+    """An org's prepaid money, as the ledger says (kept in the same transactions as the ledger entries)."""
+
+    __tablename__ = "wallets"
+
+    org_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    available_micros: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    held_micros: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
+class LedgerEntryRow(Base):
+    """Double-entry and append-only: the entries of one transaction sum to zero."""
+
+    __tablename__ = "ledger_entries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    txn_id: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    account: Mapped[str] = mapped_column(String(96), nullable=False, index=True)
+    amount_micros: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    reference: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+
+
+class CreditRow(Base):
+    """Wallet credits by reference, so adding the same credit twice adds it once."""
+
+    __tablename__ = "wallet_credits"
+
+    org_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    reference: Mapped[str] = mapped_column(String(255), primary_key=True)
+    amount_micros: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    txn_id: Mapped[str] = mapped_column(String(64), nullable=False)
+
+
+class HoldRow(Base):
+    __tablename__ = "holds"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    org_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    amount_micros: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+
+
+class ChargeAccumulatorRow(Base):
+    """Exact running cost per org, model, plan and month: numerator over the plan's block (no rounding here)."""
+
+    __tablename__ = "charge_accumulators"
+
+    org_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    plan_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)
+    quantity: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    numerator: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
+class ChargeRow(Base):
+    """One rated usage record of a pay-as-you-go plan (exactly one per record)."""
+
+    __tablename__ = "charges"
+    __table_args__ = (Index("ix_charges_org_invoice", "org_id", "invoice_id"),)
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    org_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    provider_org_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    model: Mapped[str] = mapped_column(String(128), nullable=False)
+    plan_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    unit: Mapped[str] = mapped_column(String(16), nullable=False)
+    quantity: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # What the wallet paid for this call: the rounded growth of the month's exact running cost.
+    amount_micros: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    invoice_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class InvoiceRow(Base):
+    __tablename__ = "invoices"
+    __table_args__ = (UniqueConstraint("org_id", "period", name="uq_invoices_org_period"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    org_id: Mapped[str] = mapped_column(String(32), nullable=False, index=True)
+    period: Mapped[str] = mapped_column(String(7), nullable=False)
+    currency: Mapped[str] = mapped_column(String(8), nullable=False)
+    total_micros: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    prepaid_micros: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    due_micros: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    lines: Mapped[list[dict[str, Any]]] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+
+
+class PeriodRow(Base):
+    __tablename__ = "billing_periods"
+
+    period: Mapped[str] = mapped_column(String(7), primary_key=True)
+    closed_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)

@@ -1,0 +1,96 @@
+"""Service packages (plans) and how they rate usage: pure functions over integers and fractions."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Unit = Literal["requests", "input_tokens", "output_tokens", "items", "audio_seconds"]
+PlanKind = Literal["usage", "subscription", "dedicated"]
+
+
+class Tier(BaseModel):
+    """Graduated pricing: units up to ``up_to`` (cumulative, None = no end) cost ``price_micros`` per block."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    up_to: int | None = Field(default=None, ge=1)
+    price_micros: int = Field(ge=0)
+
+
+class PlanSpec(BaseModel):
+    """What a provider sells. Prices are micros per ``block`` units (e.g. per 1,000 tokens)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    kind: PlanKind
+    unit: Unit = "requests"
+    block: int = Field(default=1, ge=1)
+    # usage
+    price_micros: int = Field(default=0, ge=0)
+    tiers: list[Tier] | None = None
+    # subscription
+    monthly_fee_micros: int = Field(default=0, ge=0)
+    included_units: int = Field(default=0, ge=0)
+    overage_price_micros: int = Field(default=0, ge=0)
+    # dedicated
+    hourly_price_micros: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> PlanSpec:
+        if self.tiers:
+            bounds = [t.up_to for t in self.tiers]
+            if any(b is None for b in bounds[:-1]):
+                raise ValueError("only the last tier may be open-ended (up_to: null)")
+            ends = [b for b in bounds if b is not None]
+            if ends != sorted(set(ends)):
+                raise ValueError("tier bounds (up_to) must increase")
+        return self
+
+    @property
+    def free(self) -> bool:
+        prices = [self.price_micros, self.monthly_fee_micros, self.overage_price_micros, self.hourly_price_micros]
+        prices += [t.price_micros for t in self.tiers or []]
+        return not any(prices)
+
+
+def usage_cost(plan: PlanSpec, quantity: int, already: int = 0) -> Fraction:
+    """Exact cost of ``quantity`` units of a usage plan, ``already`` units having been used this period
+    (graduated tiers price each unit by the tier it falls in)."""
+    if not plan.tiers:
+        return Fraction(plan.price_micros * quantity, plan.block)
+    total = Fraction(0)
+    start, end = already, already + quantity
+    lower = 0
+    for tier in plan.tiers:
+        upper = tier.up_to if tier.up_to is not None else max(end, lower)
+        overlap = max(0, min(end, upper) - max(start, lower))
+        total += Fraction(tier.price_micros * overlap, plan.block)
+        lower = upper
+        if lower >= end:
+            break
+    if end > lower:  # beyond the last bounded tier: priced like the last tier
+        total += Fraction(plan.tiers[-1].price_micros * (end - max(start, lower)), plan.block)
+    return total
+
+
+def overage_cost(plan: PlanSpec, used: int) -> tuple[int, Fraction]:
+    """Units beyond a subscription's allowance in a period, and their exact cost."""
+    over = max(0, used - plan.included_units)
+    return over, Fraction(plan.overage_price_micros * over, plan.block)
+
+
+def prorated_fee(plan: PlanSpec, active_days: int, days_in_month: int) -> Fraction:
+    """The monthly fee for the days a subscription was active in the month."""
+    return Fraction(plan.monthly_fee_micros * active_days, days_in_month)
+
+
+def dedicated_cost(plan: PlanSpec, running_seconds: float) -> Fraction:
+    """Reserved replicas, billed per started minute while running."""
+    import math
+
+    minutes = math.ceil(running_seconds / 60) if running_seconds > 0 else 0
+    return Fraction(plan.hourly_price_micros * minutes, 60)

@@ -1,0 +1,281 @@
+"""Billing on SQLite and PostgreSQL: the worked example, holds under a race, invoices, late records, the books."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta
+from fractions import Fraction
+
+import pytest
+from sqlalchemy import Engine, insert
+
+from openmaas.billing.money import round_half_even
+from openmaas.billing.plans import PlanSpec, Tier, dedicated_cost, overage_cost, usage_cost
+from openmaas.billing.service import BillingService, PaymentRequired
+from openmaas.metering.records import UsageRecord
+from openmaas.store.db import upgrade
+from openmaas.store.tables import ModelRow, OrgRow, SubscriptionRow, UsageRecordRow
+
+SUBSCRIPTION = PlanSpec(
+    name="pro",
+    kind="subscription",
+    unit="items",
+    monthly_fee_micros=100_000_000,
+    included_units=500_000,
+    overage_price_micros=5_000_000,
+    block=1000,
+)
+
+
+def test_worked_example_rating() -> None:
+    over, cost = overage_cost(SUBSCRIPTION, 512_345)
+    assert over == 12_345
+    assert 100_000_000 + round_half_even(cost) == 161_725_000
+    hourly = PlanSpec(name="gpu", kind="dedicated", hourly_price_micros=1_000_000)
+    assert round_half_even(dedicated_cost(hourly, 90 * 60)) == 1_500_000
+    assert round_half_even(dedicated_cost(hourly, 61)) == round_half_even(Fraction(2_000_000, 60))  # started minutes
+
+
+def test_graduated_tiers_price_each_unit_by_its_tier() -> None:
+    plan = PlanSpec(
+        name="t",
+        kind="usage",
+        unit="input_tokens",
+        block=1000,
+        tiers=[Tier(up_to=1000, price_micros=2000), Tier(up_to=3000, price_micros=1000), Tier(price_micros=500)],
+    )
+    assert usage_cost(plan, 500) == Fraction(1000)
+    assert usage_cost(plan, 1000, already=500) == Fraction(500 * 2 + 500 * 1)  # crosses into tier 2
+    assert usage_cost(plan, 4000) == Fraction(1000 * 2000 + 2000 * 1000 + 1000 * 500, 1000)
+    assert sum(usage_cost(plan, 100, already=a) for a in range(0, 4000, 100)) == usage_cost(plan, 4000)
+    with pytest.raises(ValueError, match="increase"):
+        PlanSpec(name="x", kind="usage", tiers=[Tier(up_to=5, price_micros=1), Tier(up_to=3, price_micros=1)])
+
+
+def _seed(engine: Engine) -> tuple[BillingService, str, str]:
+    """A provider org with a model, a consumer org; returns (billing, provider id, consumer id)."""
+    upgrade(engine)
+    provider, consumer = uuid.uuid4().hex, uuid.uuid4().hex
+    with engine.begin() as conn:
+        for org in (provider, consumer):
+            conn.execute(insert(OrgRow).values(id=org, name=f"o-{org[:8]}", created_at=datetime.now(UTC)))
+        conn.execute(
+            insert(ModelRow).values(
+                name="m",
+                owner_org_id=provider,
+                visibility="public",
+                review_state="approved",
+                created_at=datetime.now(UTC),
+            )
+        )
+    return BillingService(engine), provider, consumer
+
+
+def _usage_row(org: str, items: int, when: datetime, request_id: str | None = None) -> dict:
+    return UsageRecord(
+        request_id=request_id or uuid.uuid4().hex,
+        org_id=org,
+        key_id="k",
+        model="m",
+        version=1,
+        protocol="v2",
+        latency_ms=1.0,
+        items=items,
+        created_at=when,
+    ).row()
+
+
+def test_subscription_invoice_worked_example_and_closing_twice(engine: Engine) -> None:
+    billing, provider, consumer = _seed(engine)
+    plan = billing.create_plan("m", SUBSCRIPTION)
+    start = datetime(2026, 10, 1, tzinfo=UTC)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(SubscriptionRow).values(id="s1", org_id=consumer, plan_id=plan.id, model="m", started_at=start)
+        )
+        # 512,345 items over the month, in uneven calls.
+        rows = [_usage_row(consumer, 100_000, start + timedelta(days=d)) for d in range(5)]
+        rows.append(_usage_row(consumer, 12_345, start + timedelta(days=30, hours=23)))
+        conn.execute(insert(UsageRecordRow), rows)
+    first = billing.close_period("2026-10")
+    assert len(first) == 1
+    invoice = first[0]
+    assert invoice["total_micros"] == 161_725_000 and invoice["due_micros"] == 161_725_000
+    fee, overage = invoice["lines"]
+    assert (fee["kind"], fee["amount_micros"], fee["quantity"]) == ("subscription", 100_000_000, 31)
+    assert (overage["kind"], overage["quantity"], overage["amount_micros"], overage["records"]) == (
+        "overage",
+        12_345,
+        61_725_000,
+        6,
+    )
+    assert len(billing.line_records(invoice, 2)) == 6
+    assert billing.close_period("2026-10") == first  # idempotent
+    statement = billing.statement(provider, "2026-10")
+    assert statement["gross_micros"] == 161_725_000
+    assert statement["commission_micros"] == 32_345_000 and statement["net_micros"] == 129_380_000
+    assert billing.verify()["ok"], billing.verify()
+    with pytest.raises(Exception, match="has not ended"):
+        billing.close_period(datetime.now(UTC).strftime("%Y-%m"))
+
+
+def _pay_as_you_go(billing: BillingService, price: int = 1_000_000) -> None:
+    billing.create_plan("m", PlanSpec(name="payg", kind="usage", unit="requests", price_micros=price))
+
+
+def test_holds_never_overdraw_the_wallet_under_a_race(engine: Engine) -> None:
+    billing, provider, consumer = _seed(engine)
+    _pay_as_you_go(billing)  # 1.00 per request; a hold is 1.000001 (one micro for rounding)
+    billing.credit(consumer, 100 * 1_000_001, "topup-1")
+    assert billing.credit(consumer, 100 * 1_000_001, "topup-1")[1] is False  # same reference: added once
+    outcomes: list[object] = []
+    barrier = threading.Barrier(20)
+
+    def caller(k: int) -> None:
+        barrier.wait()
+        for i in range(10):
+            try:
+                outcomes.append(billing.admit(consumer, "m", provider, f"r{k}-{i}", {"requests": 1}))
+            except PaymentRequired as e:
+                outcomes.append(e)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    held = [o for o in outcomes if not isinstance(o, PaymentRequired)]
+    refused = [o for o in outcomes if isinstance(o, PaymentRequired)]
+    assert len(held) == 100 and len(refused) == 100
+    assert "ask the platform admin to add credit" in str(refused[0])
+    wallet = billing.wallet(consumer)
+    assert wallet["available_micros"] == 0 and wallet["held_micros"] == 100 * 1_000_001
+    # Settle half through the metering path, release the rest.
+    with engine.begin() as conn:
+        for pending in held[:50]:
+            row = _usage_row(consumer, 1, datetime.now(UTC), request_id=pending.hold_id)  # type: ignore[attr-defined]
+            conn.execute(insert(UsageRecordRow).values(**row))
+            billing.settle(conn, row, pending)  # type: ignore[arg-type]
+    for pending in held[50:]:
+        billing.release(pending)  # type: ignore[arg-type]
+        billing.release(pending)  # type: ignore[arg-type]  # twice: given back once
+    wallet = billing.wallet(consumer)
+    assert wallet == {"balance_micros": 50 * 1_000_001 + 50, "held_micros": 0, "available_micros": 50 * 1_000_001 + 50}
+    assert billing.verify() == {"ok": True, "problems": [], "ledger_entries": billing.verify()["ledger_entries"]}
+
+
+def test_a_record_arriving_after_its_period_closed_lands_on_the_next_invoice(engine: Engine) -> None:
+    billing, provider, consumer = _seed(engine)
+    _pay_as_you_go(billing, price=250_000)
+    billing.credit(consumer, 10_000_000, "t")
+    september = datetime(2026, 9, 30, 23, 59, tzinfo=UTC)
+
+    def call(when: datetime) -> None:
+        pending = billing.admit(consumer, "m", provider, uuid.uuid4().hex, {"requests": 1})
+        assert pending is not None
+        with engine.begin() as conn:
+            row = _usage_row(consumer, 1, when, request_id=pending.hold_id)
+            conn.execute(insert(UsageRecordRow).values(**row))
+            billing.settle(conn, row, pending)
+
+    call(september)
+    [sep] = billing.close_period("2026-09")
+    assert sep["prepaid_micros"] == 250_000 and sep["due_micros"] == 0
+    call(september - timedelta(hours=1))  # late: its period is already closed
+    call(datetime(2026, 10, 15, tzinfo=UTC))
+    [oct_] = billing.close_period("2026-10")
+    [line] = oct_["lines"]
+    assert line["records"] == 2 and line["amount_micros"] == 500_000
+    assert "earlier period" in line["description"]
+    times = [r["created_at"][:10] for r in billing.line_records(oct_, 1)]
+    assert times == ["2026-09-30", "2026-10-15"]  # the late call keeps its own timestamp
+    assert billing.close_period("2026-09") == [sep]
+    assert billing.verify()["ok"]
+
+
+def _naive_cost(plan: PlanSpec, quantities: list[int]) -> Fraction:
+    """Independent recomputation: price every unit one by one by the tier it falls in."""
+    total = Fraction(0)
+    used = 0
+    for q in quantities:
+        for _ in range(q):
+            price = plan.price_micros
+            if plan.tiers:
+                price = next(
+                    (t.price_micros for t in plan.tiers if t.up_to is None or used < t.up_to),
+                    plan.tiers[-1].price_micros,
+                )
+            total += Fraction(price, plan.block)
+            used += 1
+    return total
+
+
+def test_property_charges_add_up_to_the_exact_total_rounded_once(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from sqlalchemy import func, select
+
+    from openmaas.store.db import create_db_engine
+    from openmaas.store.tables import ChargeRow
+
+    engine = create_db_engine(f"sqlite:///{tmp_path_factory.mktemp('prop') / 'p.db'}")
+    billing, provider, _ = _seed(engine)
+    counter = iter(range(10**6))
+
+    tiers = st.lists(st.integers(1, 400), min_size=1, max_size=3, unique=True).flatmap(
+        lambda bounds: st.lists(st.integers(0, 3_000_000), min_size=len(bounds) + 1, max_size=len(bounds) + 1).map(
+            lambda prices: (
+                [Tier(up_to=b, price_micros=p) for b, p in zip(sorted(bounds), prices, strict=False)]
+                + [Tier(price_micros=prices[-1])]
+            )
+        )
+    )
+    plans = st.builds(
+        lambda price, block, tier_list: PlanSpec(
+            name=f"p{next(counter)}", kind="usage", unit="items", price_micros=price, block=block, tiers=tier_list
+        ),
+        st.integers(0, 5_000_000),
+        st.sampled_from([1, 3, 7, 1000]),
+        st.none() | tiers,
+    )
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(plan=plans, quantities=st.lists(st.integers(1, 60), min_size=1, max_size=25))
+    def check(plan: PlanSpec, quantities: list[int]) -> None:
+        consumer = uuid.uuid4().hex
+        with engine.begin() as conn:
+            conn.execute(insert(OrgRow).values(id=consumer, name=f"c-{consumer[:12]}", created_at=datetime.now(UTC)))
+        model = f"m-{consumer[:8]}"
+        with engine.begin() as conn:
+            conn.execute(
+                insert(ModelRow).values(
+                    name=model,
+                    owner_org_id=provider,
+                    visibility="public",
+                    review_state="approved",
+                    created_at=datetime.now(UTC),
+                )
+            )
+        billing.create_plan(model, plan)
+        billing.credit(consumer, 10**15, "start")
+        for q in quantities:
+            pending = billing.admit(consumer, model, provider, uuid.uuid4().hex, {"items": q})
+            if pending is None:  # a free plan charges nothing
+                assert plan.free
+                continue
+            with engine.begin() as conn:
+                row = {**_usage_row(consumer, q, datetime.now(UTC), request_id=pending.hold_id), "model": model}
+                conn.execute(insert(UsageRecordRow).values(**row))
+                billing.settle(conn, row, pending)
+        with engine.connect() as conn:
+            charged = conn.execute(
+                select(func.coalesce(func.sum(ChargeRow.amount_micros), 0)).where(ChargeRow.org_id == consumer)
+            ).scalar_one()
+        assert charged == round_half_even(_naive_cost(plan, quantities))
+        assert billing.wallet(consumer)["balance_micros"] == 10**15 - charged
+        verdict = billing.verify()
+        assert verdict["ok"], verdict["problems"]
+
+    check()
+    engine.dispose()
