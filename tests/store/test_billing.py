@@ -98,7 +98,7 @@ def test_subscription_invoice_worked_example_and_closing_twice(engine: Engine) -
         rows = [_usage_row(consumer, 100_000, start + timedelta(days=d)) for d in range(5)]
         rows.append(_usage_row(consumer, 12_345, start + timedelta(days=30, hours=23)))
         conn.execute(insert(UsageRecordRow), rows)
-    first = billing.close_period("2026-10")
+    first = billing.books.close_period("2026-10")
     assert len(first) == 1
     invoice = first[0]
     assert invoice["total_micros"] == 161_725_000 and invoice["due_micros"] == 161_725_000
@@ -110,14 +110,14 @@ def test_subscription_invoice_worked_example_and_closing_twice(engine: Engine) -
         61_725_000,
         6,
     )
-    assert len(billing.line_records(invoice, 2)) == 6
-    assert billing.close_period("2026-10") == first  # idempotent
-    statement = billing.statement(provider, "2026-10")
+    assert len(billing.books.line_records(invoice, 2)) == 6
+    assert billing.books.close_period("2026-10") == first  # idempotent
+    statement = billing.books.statement(provider, "2026-10")
     assert statement["gross_micros"] == 161_725_000
     assert statement["commission_micros"] == 32_345_000 and statement["net_micros"] == 129_380_000
-    assert billing.verify()["ok"], billing.verify()
+    assert billing.books.verify()["ok"], billing.books.verify()
     with pytest.raises(Exception, match="has not ended"):
-        billing.close_period(datetime.now(UTC).strftime("%Y-%m"))
+        billing.books.close_period(datetime.now(UTC).strftime("%Y-%m"))
 
 
 def _pay_as_you_go(billing: BillingService, price: int = 1_000_000) -> None:
@@ -162,7 +162,11 @@ def test_holds_never_overdraw_the_wallet_under_a_race(engine: Engine) -> None:
         billing.release(pending)  # type: ignore[arg-type]  # twice: given back once
     wallet = billing.wallet(consumer)
     assert wallet == {"balance_micros": 50 * 1_000_001 + 50, "held_micros": 0, "available_micros": 50 * 1_000_001 + 50}
-    assert billing.verify() == {"ok": True, "problems": [], "ledger_entries": billing.verify()["ledger_entries"]}
+    assert billing.books.verify() == {
+        "ok": True,
+        "problems": [],
+        "ledger_entries": billing.books.verify()["ledger_entries"],
+    }
 
 
 def test_a_record_arriving_after_its_period_closed_lands_on_the_next_invoice(engine: Engine) -> None:
@@ -180,18 +184,18 @@ def test_a_record_arriving_after_its_period_closed_lands_on_the_next_invoice(eng
             billing.settle(conn, row, pending)
 
     call(september)
-    [sep] = billing.close_period("2026-09")
+    [sep] = billing.books.close_period("2026-09")
     assert sep["prepaid_micros"] == 250_000 and sep["due_micros"] == 0
     call(september - timedelta(hours=1))  # late: its period is already closed
     call(datetime(2026, 10, 15, tzinfo=UTC))
-    [oct_] = billing.close_period("2026-10")
+    [oct_] = billing.books.close_period("2026-10")
     [line] = oct_["lines"]
     assert line["records"] == 2 and line["amount_micros"] == 500_000
     assert "earlier period" in line["description"]
-    times = [r["created_at"][:10] for r in billing.line_records(oct_, 1)]
+    times = [r["created_at"][:10] for r in billing.books.line_records(oct_, 1)]
     assert times == ["2026-09-30", "2026-10-15"]  # the late call keeps its own timestamp
-    assert billing.close_period("2026-09") == [sep]
-    assert billing.verify()["ok"]
+    assert billing.books.close_period("2026-09") == [sep]
+    assert billing.books.verify()["ok"]
 
 
 def _naive_cost(plan: PlanSpec, quantities: list[int]) -> Fraction:
@@ -274,8 +278,20 @@ def test_property_charges_add_up_to_the_exact_total_rounded_once(tmp_path_factor
             ).scalar_one()
         assert charged == round_half_even(_naive_cost(plan, quantities))
         assert billing.wallet(consumer)["balance_micros"] == 10**15 - charged
-        verdict = billing.verify()
+        verdict = billing.books.verify()
         assert verdict["ok"], verdict["problems"]
 
     check()
     engine.dispose()
+
+
+def test_amounts_parse_exactly() -> None:
+    from openmaas.billing.money import format_micros, parse_amount
+
+    assert parse_amount("161.725") == 161_725_000
+    assert parse_amount("0.000001") == 1
+    assert format_micros(161_725_000, "CNY") == "161.725000 CNY"
+    assert format_micros(-5) == "-0.000005"
+    for bad in ("1.0000001", "ten", ""):
+        with pytest.raises(ValueError, match=r"amount|decimals"):
+            parse_amount(bad)

@@ -16,8 +16,7 @@ from openmaas.api.deps import GatewayDep, PrincipalDep, actor, principal
 from openmaas.api.responses import JSONResponse
 from openmaas.api.tenancy import resolve_org
 from openmaas.billing.money import format_micros
-from openmaas.billing.plans import PlanSpec
-from openmaas.billing.service import month_bounds
+from openmaas.billing.plans import PlanSpec, month_bounds
 from openmaas.errors import Forbidden, InvalidRequest, NotFound
 from openmaas.gateway.auth import Principal
 from openmaas.gateway.service import Gateway
@@ -42,7 +41,7 @@ def _admin_only(who: Principal, what: str) -> None:
 
 async def _invoice_for(gw: Gateway, who: Principal, invoice_id: str) -> dict[str, Any]:
     try:
-        invoice = await run_in_threadpool(gw.billing.invoice, invoice_id)
+        invoice = await run_in_threadpool(gw.billing.books.invoice, invoice_id)
         who.require("usage.read", invoice["org_id"])
     except NotFound:
         raise NotFound(
@@ -204,7 +203,7 @@ def router() -> APIRouter:
         """Close a month: one invoice per organisation (closing again returns the same invoices)."""
         _admin_only(who, "closing a billing period")
         month_bounds(period)
-        invoices = await run_in_threadpool(gw.billing.close_period, period)
+        invoices = await run_in_threadpool(gw.billing.books.close_period, period)
         await gw.audit_async(
             actor(request, who), "billing.close", f"period:{period}", org_id=None, after={"invoices": len(invoices)}
         )
@@ -213,12 +212,12 @@ def router() -> APIRouter:
     @r.get("/billing/verify")
     async def verify(gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         _admin_only(who, "checking the books")
-        return JSONResponse(await run_in_threadpool(gw.billing.verify))
+        return JSONResponse(await run_in_threadpool(gw.billing.books.verify))
 
     @r.get("/orgs/{org}/invoices")
     async def invoices(org: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         found = await resolve_org(gw, who, org, "usage.read")
-        return JSONResponse({"invoices": await run_in_threadpool(lambda: gw.billing.invoices(org_id=found.id))})
+        return JSONResponse({"invoices": await run_in_threadpool(lambda: gw.billing.books.invoices(org_id=found.id))})
 
     @r.get("/invoices/{invoice_id}")
     async def invoice(
@@ -249,7 +248,11 @@ def router() -> APIRouter:
         """The usage records behind an invoice line, with their original timestamps."""
         inv = await _invoice_for(gw, who, invoice_id)
         return JSONResponse(
-            {"invoice": invoice_id, "line": n, "records": await run_in_threadpool(gw.billing.line_records, inv, n)}
+            {
+                "invoice": invoice_id,
+                "line": n,
+                "records": await run_in_threadpool(gw.billing.books.line_records, inv, n),
+            }
         )
 
     @r.get("/orgs/{org}/statements/{period}")
@@ -257,6 +260,6 @@ def router() -> APIRouter:
         """A provider's revenue in a closed period: gross per model and plan, commission, net payout."""
         found = await resolve_org(gw, who, org, "billing")
         month_bounds(period)
-        return JSONResponse(await run_in_threadpool(gw.billing.statement, found.id, period))
+        return JSONResponse(await run_in_threadpool(gw.billing.books.statement, found.id, period))
 
     return r

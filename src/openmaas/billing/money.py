@@ -18,3 +18,17 @@ def format_micros(micros: int, currency: str = "") -> str:
     whole, frac = divmod(abs(micros), MICROS)
     text = f"{sign}{whole}.{frac:06d}"
     return f"{text} {currency}".strip()
+
+
+def parse_amount(text: str) -> int:
+    """``"100.5"`` -> ``100500000`` micros, exactly (no floats); more than six decimals is an error."""
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        raise ValueError(f"'{text}' is not an amount") from None
+    micros = value * MICROS
+    if micros != micros.to_integral_value():
+        raise ValueError(f"'{text}' has more than six decimals")
+    return int(micros)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import calendar
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from openmaas.errors import InvalidRequest
 
 Unit = Literal["requests", "input_tokens", "output_tokens", "items", "audio_seconds"]
 PlanKind = Literal["usage", "subscription", "dedicated"]
@@ -94,3 +99,46 @@ def dedicated_cost(plan: PlanSpec, running_seconds: float) -> Fraction:
 
     minutes = math.ceil(running_seconds / 60) if running_seconds > 0 else 0
     return Fraction(plan.hourly_price_micros * minutes, 60)
+
+
+@dataclass(frozen=True)
+class Plan:
+    id: str
+    model: str
+    owner_org_id: str | None
+    spec: PlanSpec
+    active: bool
+    created_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "model": self.model,
+            "active": self.active,
+            "created_at": self.created_at.isoformat(),
+            **self.spec.model_dump(mode="json"),
+        }
+
+
+@dataclass(frozen=True)
+class PendingCharge:
+    """A pay-as-you-go call's hold, settled in the same transaction as its usage record."""
+
+    hold_id: str
+    org_id: str
+    held_micros: int
+    plan_id: str
+    provider_org_id: str | None
+    unit: str
+
+
+def month_bounds(period: str) -> tuple[datetime, datetime, int]:
+    """(start, end, days) of a ``YYYY-MM`` period, in UTC."""
+    try:
+        year, month = (int(p) for p in period.split("-"))
+        start = datetime(year, month, 1, tzinfo=UTC)
+    except ValueError:
+        raise InvalidRequest(f"a period is a month like 2026-11, not '{period}'", param="period") from None
+    days = calendar.monthrange(year, month)[1]
+    end = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=UTC)
+    return start, end, days

@@ -26,10 +26,13 @@ def install(app: typer.Typer) -> None:
     app.add_typer(keys_app, name="keys")
     app.add_typer(audit_app, name="audit")
     app.command("usage")(usage)
+    from openmaas.cli.billing import billing_app
+
+    app.add_typer(billing_app, name="billing")
     app.command("login")(login)
 
 
-def _call(url: str, api_key: str | None, data_dir: Path, fn: Callable[[Client], T]) -> T:
+def call(url: str, api_key: str | None, data_dir: Path, fn: Callable[[Client], T]) -> T:
     with client(url, api_key, data_dir) as c:
         try:
             return fn(c)
@@ -52,14 +55,14 @@ def orgs_create(
     name: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, data_dir: DataDirOpt = Path(".openmaas")
 ) -> None:
     """Create an organisation (platform admin)."""
-    org = _call(url, api_key, data_dir, lambda c: c.post("/api/orgs", {"name": name}))
+    org = call(url, api_key, data_dir, lambda c: c.post("/api/orgs", {"name": name}))
     console.print(f"Created organisation [bold]{org['name']}[/bold] (id {org['id']})")
 
 
 @orgs_app.command("list")
 def orgs_list(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, data_dir: DataDirOpt = Path(".openmaas")) -> None:
     """List the organisations you can see."""
-    orgs = _call(url, api_key, data_dir, lambda c: c.get("/api/orgs"))["orgs"]
+    orgs = call(url, api_key, data_dir, lambda c: c.get("/api/orgs"))["orgs"]
     console.print(_table(["name", "id", "created_at"], orgs))
 
 
@@ -81,14 +84,14 @@ def users_create(
 ) -> None:
     """Create a user (platform admin); the password is asked for, never taken on the command line."""
     password = _password(confirm=True)
-    user = _call(url, api_key, data_dir, lambda c: c.post("/api/users", {"email": email, "password": password}))
+    user = call(url, api_key, data_dir, lambda c: c.post("/api/users", {"email": email, "password": password}))
     console.print(f"Created user {user['email']} (id {user['id']})")
 
 
 @users_app.command("list")
 def users_list(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, data_dir: DataDirOpt = Path(".openmaas")) -> None:
     """List all users (platform admin)."""
-    users = _call(url, api_key, data_dir, lambda c: c.get("/api/users"))["users"]
+    users = call(url, api_key, data_dir, lambda c: c.get("/api/users"))["users"]
     console.print(_table(["email", "id", "created_at"], users))
 
 
@@ -102,7 +105,7 @@ def users_add(
     data_dir: DataDirOpt = Path(".openmaas"),
 ) -> None:
     """Give an existing user a role in ORG."""
-    member = _call(url, api_key, data_dir, lambda c: c.post(f"/api/orgs/{org}/members", {"email": email, "role": role}))
+    member = call(url, api_key, data_dir, lambda c: c.post(f"/api/orgs/{org}/members", {"email": email, "role": role}))
     console.print(f"{member['email']} is now {member['role']} in {org}")
 
 
@@ -111,7 +114,7 @@ def users_members(
     org: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, data_dir: DataDirOpt = Path(".openmaas")
 ) -> None:
     """List the members of ORG."""
-    members = _call(url, api_key, data_dir, lambda c: c.get(f"/api/orgs/{org}/members"))["members"]
+    members = call(url, api_key, data_dir, lambda c: c.get(f"/api/orgs/{org}/members"))["members"]
     console.print(_table(["email", "role", "user_id", "created_at"], members))
 
 
@@ -123,7 +126,7 @@ def login(
 ) -> None:
     """Sign in to ORG and print a 12-hour session key (use it as OPENMAAS_API_KEY)."""
     password = _password(confirm=False)
-    session = _call(
+    session = call(
         url, None, data_dir, lambda c: c.post("/api/auth/login", {"email": email, "password": password, "org": org})
     )
     err.print(f"Signed in to {org} as {session['role']}; the key expires at {session['expires_at']}.")
@@ -157,7 +160,7 @@ def keys_create(
     limits = {k: v for k, v in {"rpm": rpm, "tpm": tpm, "ipm": ipm, "concurrency": concurrency}.items() if v}
     if limits:
         body["limits"] = limits
-    key = _call(url, api_key, data_dir, lambda c: c.post(f"/api/orgs/{org}/keys", body))
+    key = call(url, api_key, data_dir, lambda c: c.post(f"/api/orgs/{org}/keys", body))
     err.print(f"Created key {key['id']} ({', '.join(key['scopes'])}). The secret is shown once:")
     print(key["key"])
 
@@ -167,7 +170,7 @@ def keys_list(
     org: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, data_dir: DataDirOpt = Path(".openmaas")
 ) -> None:
     """List ORG's keys (never their secrets)."""
-    keys = _call(url, api_key, data_dir, lambda c: c.get(f"/api/orgs/{org}/keys"))["keys"]
+    keys = call(url, api_key, data_dir, lambda c: c.get(f"/api/orgs/{org}/keys"))["keys"]
     for k in keys:
         k["scopes"] = ",".join(k["scopes"])
         k["limits"] = ",".join(f"{n}={v}" for n, v in k["limits"].items() if v) or ""
@@ -179,7 +182,7 @@ def keys_revoke(
     org: str, key_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, data_dir: DataDirOpt = Path(".openmaas")
 ) -> None:
     """Revoke a key (effective within a second on every server)."""
-    _call(url, api_key, data_dir, lambda c: c.delete(f"/api/orgs/{org}/keys/{key_id}"))
+    call(url, api_key, data_dir, lambda c: c.delete(f"/api/orgs/{org}/keys/{key_id}"))
     console.print(f"Revoked {key_id}")
 
 
@@ -193,7 +196,7 @@ def keys_rotate(
     data_dir: DataDirOpt = Path(".openmaas"),
 ) -> None:
     """Replace a key's secret; the old one works for --grace seconds more."""
-    new = _call(
+    new = call(
         url, api_key, data_dir, lambda c: c.post(f"/api/orgs/{org}/keys/{key_id}/rotate", {"grace_seconds": grace})
     )
     err.print(f"New key {new['id']}; {key_id} expires at {new['previous']['expires_at']}. The secret is shown once:")
@@ -214,7 +217,7 @@ def usage(
 ) -> None:
     """Print usage as a table."""
     params = {k: v for k, v in {"from": start, "to": end, "group_by": group_by, "org": org}.items() if v}
-    result = _call(url, api_key, data_dir, lambda c: c.get_params("/api/usage", params))
+    result = call(url, api_key, data_dir, lambda c: c.get_params("/api/usage", params))
     dims = result["group_by"]
     units = (
         ["unit", "quantity"]
@@ -238,7 +241,7 @@ def audit_list(
     data_dir: DataDirOpt = Path(".openmaas"),
 ) -> None:
     """List audit events (your organisation's; all for the platform admin)."""
-    events = _call(
+    events = call(
         url, api_key, data_dir, lambda c: c.get_params("/api/audit", {"after": str(after), "limit": str(limit)})
     )["events"]
     for e in events:
@@ -250,7 +253,7 @@ def audit_list(
 @audit_app.command("verify")
 def audit_verify(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, data_dir: DataDirOpt = Path(".openmaas")) -> None:
     """Check the audit log's hash chain from the first event to the last (platform admin)."""
-    result = _call(url, api_key, data_dir, lambda c: c.get("/api/audit/verify"))
+    result = call(url, api_key, data_dir, lambda c: c.get("/api/audit/verify"))
     if result["ok"]:
         console.print(f"[green]OK[/green]: {result['events']} events, chain intact")
         return

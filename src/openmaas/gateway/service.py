@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from openmaas.audit import Actor, AuditLog
-from openmaas.billing.service import BillingService, PendingCharge
+from openmaas.billing.plans import PendingCharge
+from openmaas.billing.service import BillingService
 from openmaas.errors import (
     ErrorCode,
     InvalidInput,

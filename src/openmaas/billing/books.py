@@ -1,0 +1,310 @@
+"""The books: closing periods into invoices, explaining invoice lines, provider statements, checking invariants."""
+
+from __future__ import annotations
+
+import math
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, date, datetime
+from fractions import Fraction
+from typing import Any
+
+from sqlalchemy import Connection, Engine, func, insert, select, update
+
+from openmaas.billing import ledger
+from openmaas.billing.money import round_half_even
+from openmaas.billing.plans import Plan, month_bounds, overage_cost, prorated_fee
+from openmaas.errors import InvalidRequest, NotFound
+from openmaas.store.tables import (
+    ChargeRow,
+    HoldRow,
+    InvoiceRow,
+    LedgerEntryRow,
+    PeriodRow,
+    SubscriptionRow,
+    UsageRecordRow,
+    WalletRow,
+)
+
+
+class Books:
+    def __init__(self, engine: Engine, plan: Callable[[str], Plan], currency: str, commission_bps: int) -> None:
+        self._engine = engine
+        self.plan = plan
+        self.currency = currency
+        self.commission_bps = commission_bps
+        self._lock = threading.Lock()
+
+    # -- invoices -------------------------------------------------------------------------------------------------
+
+    def close_period(self, period: str) -> list[dict[str, Any]]:
+        """One invoice per org for ``period``; closing again returns the same invoices."""
+        start, end, days = month_bounds(period)
+        if end > datetime.now(UTC):
+            raise InvalidRequest(f"period {period} has not ended yet", param="period")
+        with self._lock, self._engine.begin() as conn:
+            if conn.execute(select(PeriodRow).where(PeriodRow.period == period)).first() is None:
+                self._close(conn, period, start, end, days)
+        return self.invoices(period=period)
+
+    def _close(self, conn: Connection, period: str, start: datetime, end: datetime, days: int) -> None:
+        lines_by_org: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        subs = conn.execute(
+            select(SubscriptionRow).where(
+                SubscriptionRow.started_at < end,
+                (SubscriptionRow.ends_at.is_(None)) | (SubscriptionRow.ends_at > start),
+            )
+        ).all()
+        first_day, last_day = start.date().isoformat(), date.fromordinal(end.date().toordinal() - 1).isoformat()
+        for sub in subs:
+            plan = self.plan(sub.plan_id)
+            spec = plan.spec
+            active_from = max(sub.started_at, start)
+            active_to = min(sub.ends_at or end, end)
+            active_days = max(0, math.ceil((active_to - active_from).total_seconds() / 86400))
+            fee = round_half_even(prorated_fee(spec, active_days, days))
+            lines_by_org[sub.org_id].append(
+                {
+                    "kind": "subscription",
+                    "description": f"{plan.model}: {spec.name}, {active_days} of {days} days",
+                    "model": plan.model,
+                    "plan": spec.name,
+                    "provider_org_id": plan.owner_org_id,
+                    "quantity": active_days,
+                    "amount_micros": fee,
+                    "records": 0,
+                    "prepaid": False,
+                }
+            )
+            column = {
+                "requests": UsageRecordRow.requests,
+                "input_tokens": UsageRecordRow.input_tokens,
+                "output_tokens": UsageRecordRow.output_tokens,
+                "items": UsageRecordRow.items,
+                "audio_seconds": UsageRecordRow.audio_ms,
+            }[spec.unit]
+            used, count = conn.execute(
+                select(func.coalesce(func.sum(column), 0), func.count()).where(
+                    UsageRecordRow.org_id == sub.org_id,
+                    UsageRecordRow.model == plan.model,
+                    UsageRecordRow.day >= first_day,
+                    UsageRecordRow.day <= last_day,
+                )
+            ).one()
+            used = math.ceil(int(used) / 1000) if spec.unit == "audio_seconds" else int(used)
+            over, cost = overage_cost(spec, used)
+            lines_by_org[sub.org_id].append(
+                {
+                    "kind": "overage",
+                    "description": f"{plan.model}: {used} {spec.unit} used, {spec.included_units} included",
+                    "model": plan.model,
+                    "plan": spec.name,
+                    "provider_org_id": plan.owner_org_id,
+                    "quantity": over,
+                    "amount_micros": round_half_even(cost),
+                    "records": int(count),
+                    "prepaid": False,
+                }
+            )
+        charges = conn.execute(
+            select(
+                ChargeRow.org_id,
+                ChargeRow.model,
+                ChargeRow.plan_id,
+                ChargeRow.provider_org_id,
+                ChargeRow.unit,
+                func.sum(ChargeRow.quantity),
+                func.sum(ChargeRow.amount_micros),
+                func.count(),
+                func.min(ChargeRow.created_at),
+            )
+            .where(ChargeRow.invoice_id.is_(None), ChargeRow.created_at < end)
+            .group_by(ChargeRow.org_id, ChargeRow.model, ChargeRow.plan_id, ChargeRow.provider_org_id, ChargeRow.unit)
+        ).all()
+        for org, model, plan_id, provider, unit, qty, amount, count, earliest in charges:
+            plan = self.plan(plan_id)
+            late = " (includes calls from an earlier period)" if earliest < start else ""
+            lines_by_org[org].append(
+                {
+                    "kind": "usage",
+                    "description": f"{model}: {int(qty)} {unit}, pay as you go{late}",
+                    "model": model,
+                    "plan": plan.spec.name,
+                    "plan_id": plan_id,
+                    "provider_org_id": provider,
+                    "quantity": int(qty),
+                    "amount_micros": int(amount),
+                    "records": int(count),
+                    "prepaid": True,
+                }
+            )
+        now = datetime.now(UTC)
+        for org, lines in sorted(lines_by_org.items()):
+            for n, line in enumerate(lines, start=1):
+                line["n"] = n
+            total = sum(line["amount_micros"] for line in lines)
+            prepaid = sum(line["amount_micros"] for line in lines if line["prepaid"])
+            invoice_id = uuid.uuid4().hex
+            conn.execute(
+                insert(InvoiceRow).values(
+                    id=invoice_id,
+                    org_id=org,
+                    period=period,
+                    currency=self.currency,
+                    total_micros=total,
+                    prepaid_micros=prepaid,
+                    due_micros=total - prepaid,
+                    lines=lines,
+                    created_at=now,
+                )
+            )
+            conn.execute(
+                update(ChargeRow)
+                .where(ChargeRow.org_id == org, ChargeRow.invoice_id.is_(None), ChargeRow.created_at < end)
+                .values(invoice_id=invoice_id)
+            )
+            postpaid: dict[str | None, int] = defaultdict(int)
+            for line in lines:
+                if not line["prepaid"]:
+                    postpaid[line["provider_org_id"]] += line["amount_micros"]
+            entries = [(ledger.revenue(p), amount) for p, amount in postpaid.items()]
+            ledger.post(conn, "invoice", [(f"receivable:{org}", -sum(postpaid.values())), *entries], invoice_id)
+        conn.execute(insert(PeriodRow).values(period=period, closed_at=now))
+
+    def invoices(self, *, org_id: str | None = None, period: str | None = None) -> list[dict[str, Any]]:
+        q = select(InvoiceRow).order_by(InvoiceRow.period, InvoiceRow.org_id)
+        if org_id is not None:
+            q = q.where(InvoiceRow.org_id == org_id)
+        if period is not None:
+            q = q.where(InvoiceRow.period == period)
+        with self._engine.connect() as conn:
+            return [self._invoice_json(r) for r in conn.execute(q)]
+
+    def invoice(self, invoice_id: str) -> dict[str, Any]:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(InvoiceRow).where(InvoiceRow.id == invoice_id)).first()
+        if row is None:
+            raise NotFound(f"invoice '{invoice_id}' does not exist", param="invoice")
+        return self._invoice_json(row)
+
+    @staticmethod
+    def _invoice_json(row: Any) -> dict[str, Any]:
+        return {
+            "id": row.id,
+            "org_id": row.org_id,
+            "period": row.period,
+            "currency": row.currency,
+            "total_micros": row.total_micros,
+            "prepaid_micros": row.prepaid_micros,
+            "due_micros": row.due_micros,
+            "lines": row.lines,
+            "created_at": row.created_at.isoformat(),
+        }
+
+    def line_records(self, invoice: dict[str, Any], n: int, limit: int = 1000) -> list[dict[str, Any]]:
+        """The usage records behind one invoice line ("explain my bill")."""
+        line = next((x for x in invoice["lines"] if x["n"] == n), None)
+        if line is None:
+            raise NotFound(f"invoice {invoice['id']} has no line {n}", param="line")
+        cols = (
+            UsageRecordRow.request_id,
+            UsageRecordRow.created_at,
+            UsageRecordRow.key_id,
+            UsageRecordRow.model,
+            UsageRecordRow.requests,
+            UsageRecordRow.input_tokens,
+            UsageRecordRow.output_tokens,
+            UsageRecordRow.items,
+            UsageRecordRow.audio_ms,
+        )
+        q: Any
+        if line["kind"] == "usage":
+            q = (
+                select(*cols, ChargeRow.amount_micros)
+                .join(ChargeRow, ChargeRow.request_id == UsageRecordRow.request_id)
+                .where(ChargeRow.invoice_id == invoice["id"], ChargeRow.plan_id == line["plan_id"])
+            )
+        elif line["kind"] == "overage":
+            start, end, _ = month_bounds(invoice["period"])
+            q = select(*cols).where(
+                UsageRecordRow.org_id == invoice["org_id"],
+                UsageRecordRow.model == line["model"],
+                UsageRecordRow.created_at >= start,
+                UsageRecordRow.created_at < end,
+            )
+        else:
+            return []
+        with self._engine.connect() as conn:
+            rows = conn.execute(q.order_by(UsageRecordRow.created_at).limit(limit)).mappings().all()
+        return [{**dict(r), "created_at": r["created_at"].isoformat()} for r in rows]
+
+    # -- provider statements --------------------------------------------------------------------------------------
+
+    def statement(self, provider_org_id: str, period: str) -> dict[str, Any]:
+        by_key: dict[tuple[str, str], int] = defaultdict(int)
+        for inv in self.invoices(period=period):
+            for line in inv["lines"]:
+                if line["provider_org_id"] == provider_org_id:
+                    by_key[(line["model"], line["plan"])] += line["amount_micros"]
+        gross = sum(by_key.values())
+        commission = round_half_even(Fraction(gross * self.commission_bps, 10_000))
+        return {
+            "org_id": provider_org_id,
+            "period": period,
+            "currency": self.currency,
+            "lines": [{"model": m, "plan": p, "gross_micros": v} for (m, p), v in sorted(by_key.items())],
+            "gross_micros": gross,
+            "commission_bps": self.commission_bps,
+            "commission_micros": commission,
+            "net_micros": gross - commission,
+        }
+
+    # -- invariants -----------------------------------------------------------------------------------------------
+
+    def verify(self) -> dict[str, Any]:
+        """Check the books: balanced transactions, wallets equal to the ledger, holds, charges and invoices."""
+        problems: list[str] = []
+        with self._engine.connect() as conn:
+            total = conn.execute(select(func.coalesce(func.sum(LedgerEntryRow.amount_micros), 0))).scalar_one()
+            if total != 0:
+                problems.append(f"ledger entries sum to {total}, not 0")
+            unbalanced = conn.execute(
+                select(LedgerEntryRow.txn_id)
+                .group_by(LedgerEntryRow.txn_id)
+                .having(func.sum(LedgerEntryRow.amount_micros) != 0)
+            ).all()
+            problems += [f"ledger transaction {t} does not balance" for (t,) in unbalanced]
+            for w in conn.execute(select(WalletRow)).all():
+                if w.available_micros < 0 or w.held_micros < 0:
+                    problems.append(f"wallet of {w.org_id} is negative")
+                if ledger.balance(conn, ledger.wallet(w.org_id)) != w.available_micros:
+                    problems.append(f"wallet of {w.org_id}: available differs from the ledger")
+                if ledger.balance(conn, ledger.hold(w.org_id)) != w.held_micros:
+                    problems.append(f"wallet of {w.org_id}: held differs from the ledger")
+                open_holds = conn.execute(
+                    select(func.coalesce(func.sum(HoldRow.amount_micros), 0)).where(
+                        HoldRow.org_id == w.org_id, HoldRow.state == "open"
+                    )
+                ).scalar_one()
+                if open_holds != w.held_micros:
+                    problems.append(f"wallet of {w.org_id}: open holds {open_holds} differ from held {w.held_micros}")
+            orphans = conn.execute(
+                select(func.count())
+                .select_from(ChargeRow)
+                .outerjoin(UsageRecordRow, UsageRecordRow.request_id == ChargeRow.request_id)
+                .where(UsageRecordRow.request_id.is_(None))
+            ).scalar_one()
+            if orphans:
+                problems.append(f"{orphans} charges have no usage record")
+            for inv in conn.execute(select(InvoiceRow)).all():
+                if sum(line["amount_micros"] for line in inv.lines) != inv.total_micros:
+                    problems.append(f"invoice {inv.id}: lines do not add up to the total")
+                charged = conn.execute(
+                    select(func.coalesce(func.sum(ChargeRow.amount_micros), 0)).where(ChargeRow.invoice_id == inv.id)
+                ).scalar_one()
+                if charged != inv.prepaid_micros:
+                    problems.append(f"invoice {inv.id}: usage lines differ from the rated calls")
+            entries = conn.execute(select(func.count()).select_from(LedgerEntryRow)).scalar_one()
+        return {"ok": not problems, "problems": problems, "ledger_entries": int(entries)}
