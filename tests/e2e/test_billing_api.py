@@ -91,6 +91,27 @@ def test_pay_as_you_go_race_for_the_last_of_the_wallet(
     assert [(u["model"], u["requests"]) for u in usage if u["model"] == payg] == [(payg, 100)]
 
 
+def test_dedicated_capacity(server: ServerProcess, market: dict) -> None:
+    consumer, payg = market["consumer"], market["payg"]
+    with httpx.Client(base_url=server.url, headers=bearer(market["pkey"]), timeout=60) as p:
+        r = p.post(
+            f"/api/models/{payg}/plans", json={"name": "gpu", "kind": "dedicated", "hourly_price_micros": 1_000_000}
+        )
+        assert r.status_code == 201, r.text
+    with httpx.Client(base_url=server.url, headers=bearer(market["ckey"]), timeout=60) as c:
+        wallet = c.get(f"/api/orgs/{consumer['name']}/wallet").json()
+        started = c.post(f"/api/orgs/{consumer['name']}/dedicated", json={"model": payg, "plan": "gpu"})
+        assert started.status_code == 201, started.text
+        assert c.post(f"/api/orgs/{consumer['name']}/dedicated", json={"model": payg, "plan": "gpu"}).status_code == 409
+        states = {e["name"]: e["state"] for e in c.post("/v2/repository/index").json()}
+        assert states[payg] == "READY"
+        for _ in range(3):
+            assert c.post(f"/v2/models/{payg}/infer", json={"inputs": [X]}).status_code == 200
+        assert c.get(f"/api/orgs/{consumer['name']}/wallet").json() == wallet  # calls ride on the reservation
+        stopped = c.delete(f"/api/orgs/{consumer['name']}/dedicated/{started.json()['id']}")
+        assert stopped.status_code == 200 and stopped.json()["stopped_at"] is not None
+
+
 def test_subscription_required_then_subscribed(server: ServerProcess, market: dict) -> None:
     consumer, sub = market["consumer"], market["sub"]
     with httpx.Client(base_url=server.url, headers=bearer(market["ckey"]), timeout=60) as c:

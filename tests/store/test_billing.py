@@ -295,3 +295,43 @@ def test_amounts_parse_exactly() -> None:
     for bad in ("1.0000001", "ten", ""):
         with pytest.raises(ValueError, match=r"amount|decimals"):
             parse_amount(bad)
+
+
+def test_dedicated_capacity_billed_per_started_minute(engine: Engine) -> None:
+    from openmaas.store.tables import ReservationRow
+
+    billing, provider, consumer = _seed(engine)
+    plan = billing.create_plan("m", PlanSpec(name="gpu", kind="dedicated", hourly_price_micros=1_000_000))
+    with pytest.raises(PaymentRequired, match="subscribe"):
+        billing.admit(consumer, "m", provider, "r0", {"requests": 1})
+    running = billing.start_dedicated(consumer, "m", "gpu")
+    assert billing.admit(consumer, "m", provider, "r1", {"requests": 1}) is None  # calls ride on the reservation
+    billing.stop_dedicated(consumer, running["id"])
+    start = datetime(2026, 8, 31, 23, 0, tzinfo=UTC)
+    with engine.begin() as conn:  # 90 minutes across a month boundary: 60 in August, 30 in September
+        conn.execute(
+            insert(ReservationRow).values(
+                id="d1",
+                org_id=consumer,
+                plan_id=plan.id,
+                model="m",
+                started_at=start,
+                stopped_at=start + timedelta(minutes=90),
+            )
+        )
+        conn.execute(
+            insert(ReservationRow).values(
+                id="d2",
+                org_id=consumer,
+                plan_id=plan.id,
+                model="m",
+                started_at=datetime(2026, 7, 1, tzinfo=UTC),
+                stopped_at=datetime(2026, 7, 1, 1, 30, 1, tzinfo=UTC),
+            )
+        )
+    [july] = billing.books.close_period("2026-07")
+    assert [(x["kind"], x["quantity"], x["amount_micros"]) for x in july["lines"]] == [("dedicated", 91, 1_516_667)]
+    [aug] = billing.books.close_period("2026-08")
+    [sep] = billing.books.close_period("2026-09")
+    assert aug["lines"][0]["amount_micros"] + sep["lines"][0]["amount_micros"] == 1_500_000
+    assert billing.books.verify()["ok"]

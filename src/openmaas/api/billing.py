@@ -171,6 +171,37 @@ def router() -> APIRouter:
         )
         return JSONResponse(result)
 
+    # -- dedicated capacity ---------------------------------------------------------------------------------------
+
+    @r.post("/orgs/{org}/dedicated", status_code=201)
+    async def start_dedicated(
+        org: str, body: SubscriptionCreate, request: Request, gw: GatewayDep, who: PrincipalDep
+    ) -> JSONResponse:
+        """Reserve a model under a dedicated plan: it is loaded and kept resident, billed per started minute."""
+        found = await resolve_org(gw, who, org, "billing")
+        gw.get_model(who, body.model)
+        result = await run_in_threadpool(gw.billing.start_dedicated, found.id, body.model, body.plan)
+        await gw.pool.load(gw.model_version(who, body.model), pin=True)
+        await gw.audit_async(
+            actor(request, who), "dedicated.start", f"model:{body.model}", org_id=found.id, after=result
+        )
+        return JSONResponse(result, status_code=201)
+
+    @r.delete("/orgs/{org}/dedicated/{reservation_id}")
+    async def stop_dedicated(
+        org: str, reservation_id: str, request: Request, gw: GatewayDep, who: PrincipalDep
+    ) -> JSONResponse:
+        """Stop dedicated capacity: billing stops; the model may be evicted again."""
+        found = await resolve_org(gw, who, org, "billing")
+        result = await run_in_threadpool(gw.billing.stop_dedicated, found.id, reservation_id)
+        resident = gw.pool.get(result["model"], gw.registry.resolve(result["model"]).version)
+        if resident is not None:
+            resident.pinned = False
+        await gw.audit_async(
+            actor(request, who), "dedicated.stop", f"model:{result['model']}", org_id=found.id, after=result
+        )
+        return JSONResponse(result)
+
     # -- wallet ---------------------------------------------------------------------------------------------------
 
     @r.get("/orgs/{org}/wallet")

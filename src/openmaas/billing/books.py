@@ -15,7 +15,7 @@ from sqlalchemy import Connection, Engine, func, insert, select, update
 
 from openmaas.billing import ledger
 from openmaas.billing.money import round_half_even
-from openmaas.billing.plans import Plan, month_bounds, overage_cost, prorated_fee
+from openmaas.billing.plans import Plan, dedicated_cost, month_bounds, overage_cost, prorated_fee
 from openmaas.errors import InvalidRequest, NotFound
 from openmaas.store.tables import (
     ChargeRow,
@@ -23,6 +23,7 @@ from openmaas.store.tables import (
     InvoiceRow,
     LedgerEntryRow,
     PeriodRow,
+    ReservationRow,
     SubscriptionRow,
     UsageRecordRow,
     WalletRow,
@@ -105,6 +106,29 @@ class Books:
                     "quantity": over,
                     "amount_micros": round_half_even(cost),
                     "records": int(count),
+                    "prepaid": False,
+                }
+            )
+        reservations = conn.execute(
+            select(ReservationRow).where(
+                ReservationRow.started_at < end,
+                (ReservationRow.stopped_at.is_(None)) | (ReservationRow.stopped_at > start),
+            )
+        ).all()
+        for res in reservations:
+            plan = self.plan(res.plan_id)
+            running = (min(res.stopped_at or end, end) - max(res.started_at, start)).total_seconds()
+            minutes = math.ceil(running / 60)
+            lines_by_org[res.org_id].append(
+                {
+                    "kind": "dedicated",
+                    "description": f"{plan.model}: dedicated capacity, {minutes} started minutes",
+                    "model": plan.model,
+                    "plan": plan.spec.name,
+                    "provider_org_id": plan.owner_org_id,
+                    "quantity": minutes,
+                    "amount_micros": round_half_even(dedicated_cost(plan.spec, running)),
+                    "records": 0,
                     "prepaid": False,
                 }
             )

@@ -27,6 +27,7 @@ from openmaas.store.tables import (
     HoldRow,
     ModelRow,
     PlanRow,
+    ReservationRow,
     SubscriptionRow,
     UsageRecordRow,
     WalletRow,
@@ -191,6 +192,14 @@ class BillingService:
 
     @staticmethod
     def _active_subscription_row(conn: Connection, org_id: str, model: str, now: datetime) -> Any:
+        """The org's active subscription to the model, or its running dedicated capacity (both prepay calls)."""
+        running = conn.execute(
+            select(ReservationRow.id, ReservationRow.plan_id).where(
+                ReservationRow.org_id == org_id, ReservationRow.model == model, ReservationRow.stopped_at.is_(None)
+            )
+        ).first()
+        if running is not None:
+            return running
         return conn.execute(
             select(SubscriptionRow).where(
                 SubscriptionRow.org_id == org_id,
@@ -210,6 +219,44 @@ class BillingService:
         plan = self.plan(row.plan_id) if row is not None else None
         self._subs_cache[(org_id, model)] = (now, plan)
         return plan
+
+    # -- dedicated capacity ---------------------------------------------------------------------------------------
+
+    def start_dedicated(self, org_id: str, model: str, plan_ref: str) -> dict[str, Any]:
+        plan = next((p for p in self.plans(model, fresh=True) if plan_ref in (p.id, p.spec.name)), None)
+        if plan is None or plan.spec.kind != "dedicated":
+            raise NotFound(f"model '{model}' has no active dedicated plan '{plan_ref}'", param="plan")
+        now = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            running = conn.execute(
+                select(ReservationRow.id).where(
+                    ReservationRow.org_id == org_id, ReservationRow.model == model, ReservationRow.stopped_at.is_(None)
+                )
+            ).first()
+            if running is not None:
+                raise AlreadyExists(f"the organisation already runs dedicated capacity for '{model}'", param="model")
+            rid = uuid.uuid4().hex
+            conn.execute(
+                insert(ReservationRow).values(id=rid, org_id=org_id, plan_id=plan.id, model=model, started_at=now)
+            )
+        self._subs_cache.clear()
+        return {"id": rid, "model": model, "plan": plan.spec.name, "started_at": now.isoformat(), "stopped_at": None}
+
+    def stop_dedicated(self, org_id: str, reservation_id: str) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            row = conn.execute(select(ReservationRow).where(ReservationRow.id == reservation_id)).first()
+            if row is None or row.org_id != org_id:
+                raise NotFound(f"dedicated capacity '{reservation_id}' does not exist in this organisation", param="id")
+            stopped = row.stopped_at or now
+            conn.execute(update(ReservationRow).where(ReservationRow.id == reservation_id).values(stopped_at=stopped))
+        self._subs_cache.clear()
+        return {
+            "id": reservation_id,
+            "model": row.model,
+            "started_at": row.started_at.isoformat(),
+            "stopped_at": stopped.isoformat(),
+        }
 
     # -- wallet ---------------------------------------------------------------------------------------------------
 

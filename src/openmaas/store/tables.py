@@ -337,3 +337,16 @@ class PeriodRow(Base):
 
     period: Mapped[str] = mapped_column(String(7), primary_key=True)
     closed_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+
+
+class ReservationRow(Base):
+    """Dedicated capacity an org runs for a model under a ``dedicated`` plan, billed per started minute."""
+
+    __tablename__ = "reservations"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    org_id: Mapped[str] = mapped_column(String(32), nullable=False, index=True)
+    plan_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    model: Mapped[str] = mapped_column(String(128), nullable=False)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -137,9 +137,24 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("subscriptions", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_subscriptions_org_id"), ["org_id"], unique=False)
+    op.create_table(
+        "reservations",
+        sa.Column("id", sa.String(length=32), nullable=False),
+        sa.Column("org_id", sa.String(length=32), nullable=False),
+        sa.Column("plan_id", sa.String(length=32), nullable=False),
+        sa.Column("model", sa.String(length=128), nullable=False),
+        sa.Column("started_at", UTCDateTime(), nullable=False),
+        sa.Column("stopped_at", UTCDateTime(), nullable=True),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    with op.batch_alter_table("reservations", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_reservations_org_id"), ["org_id"], unique=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("reservations", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_reservations_org_id"))
+    op.drop_table("reservations")
     with op.batch_alter_table("subscriptions", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_subscriptions_org_id"))
 
