@@ -359,3 +359,33 @@ def test_dedicated_capacity_billed_per_started_minute(engine: Engine) -> None:
     [sep] = billing.books.close_period("2026-09")
     assert aug["lines"][0]["amount_micros"] + sep["lines"][0]["amount_micros"] == 1_500_000
     assert billing.books.verify()["ok"]
+
+
+def test_subscription_windows_cap_use_per_day(engine: Engine) -> None:
+    from openmaas.billing.plans import Window
+    from openmaas.errors import QuotaExceeded
+
+    billing, provider, consumer = _seed(engine)
+    spec = PlanSpec(
+        name="capped",
+        kind="subscription",
+        unit="items",
+        monthly_fee_micros=1_000_000,
+        included_units=1000,
+        windows=[Window(period="day", limit=10), Window(period="month", limit=25)],
+    )
+    billing.create_plan("m", spec)
+    billing.subscribe(consumer, "m", "capped")
+    now = datetime.now(UTC)
+    assert billing.admit(consumer, "m", provider, "a", {"items": 10}) is None
+    with engine.begin() as conn:
+        conn.execute(insert(UsageRecordRow).values(**_usage_row(consumer, 8, now)))
+    assert billing.admit(consumer, "m", provider, "b", {"items": 2}) is None
+    with pytest.raises(QuotaExceeded, match="10 items per day") as info:
+        billing.admit(consumer, "m", provider, "c", {"items": 3})
+    assert 0 < int(info.value.headers["Retry-After"]) <= 86400
+    if now.day > 1:  # earlier this month: counts toward the monthly cap only
+        with engine.begin() as conn:
+            conn.execute(insert(UsageRecordRow).values(**_usage_row(consumer, 16, now.replace(day=1, hour=0))))
+        with pytest.raises(QuotaExceeded, match="25 items per month"):
+            billing.admit(consumer, "m", provider, "d", {"items": 2})

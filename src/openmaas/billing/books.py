@@ -17,6 +17,7 @@ from openmaas.billing import ledger
 from openmaas.billing.money import round_half_even
 from openmaas.billing.plans import Plan, dedicated_cost, month_bounds, overage_cost, prorated_fee
 from openmaas.errors import InvalidRequest, NotFound
+from openmaas.metering.usage import UNIT_COLUMNS
 from openmaas.store.tables import (
     ChargeRow,
     HoldRow,
@@ -79,13 +80,7 @@ class Books:
                     "prepaid": False,
                 }
             )
-            column = {
-                "requests": UsageRecordRow.requests,
-                "input_tokens": UsageRecordRow.input_tokens,
-                "output_tokens": UsageRecordRow.output_tokens,
-                "items": UsageRecordRow.items,
-                "audio_seconds": UsageRecordRow.audio_ms,
-            }[spec.unit]
+            column = UNIT_COLUMNS[spec.unit]
             used, count = conn.execute(
                 select(func.coalesce(func.sum(column), 0), func.count()).where(
                     UsageRecordRow.org_id == sub.org_id,

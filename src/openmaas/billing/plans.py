@@ -25,6 +25,15 @@ class Tier(BaseModel):
     price_micros: int = Field(ge=0)
 
 
+class Window(BaseModel):
+    """A cap on a subscription's unit per day or per calendar month (UTC); calls beyond it are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    period: Literal["day", "month"]
+    limit: int = Field(ge=1)
+
+
 class PlanSpec(BaseModel):
     """What a provider sells. Prices are micros per ``block`` units (e.g. per 1,000 tokens)."""
 
@@ -41,6 +50,7 @@ class PlanSpec(BaseModel):
     monthly_fee_micros: int = Field(default=0, ge=0)
     included_units: int = Field(default=0, ge=0)
     overage_price_micros: int = Field(default=0, ge=0)
+    windows: list[Window] | None = Field(default=None, description="Caps per day/month (subscriptions).")
     # dedicated
     hourly_price_micros: int = Field(default=0, ge=0)
 

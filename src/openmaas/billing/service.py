@@ -7,11 +7,11 @@ import logging
 import math
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -19,7 +19,8 @@ from openmaas.billing import ledger
 from openmaas.billing.books import Books
 from openmaas.billing.money import round_half_even
 from openmaas.billing.plans import PendingCharge, Plan, PlanSpec, month_bounds, usage_cost
-from openmaas.errors import AlreadyExists, ErrorCode, InvalidRequest, NotFound, OpenMaaSError
+from openmaas.errors import AlreadyExists, ErrorCode, InvalidRequest, NotFound, OpenMaaSError, QuotaExceeded
+from openmaas.metering.usage import UNIT_COLUMNS
 from openmaas.store.tables import (
     ChargeAccumulatorRow,
     ChargeRow,
@@ -317,6 +318,7 @@ class BillingService:
             return None
         subscribed = self._subscribed_plan(org_id, model)
         if subscribed is not None:
+            self._check_windows(org_id, model, subscribed.spec, worst_case)
             return None  # postpaid: fees and overage go on the invoice
         usage = next((p for p in plans if p.spec.kind == "usage"), None)
         if usage is None:
@@ -347,6 +349,36 @@ class BillingService:
                 )
             )
         return PendingCharge(request_id, org_id, amount, usage.id, owner_org_id, spec.unit)
+
+    def _check_windows(self, org_id: str, model: str, spec: PlanSpec, worst_case: dict[str, int]) -> None:
+        """Refuse a call that would pass one of the subscription's caps (429 until the window resets)."""
+        if not spec.windows:
+            return
+        column = UNIT_COLUMNS[spec.unit]
+        now = datetime.now(UTC)
+        today = now.date()
+        for window in spec.windows:
+            first = today if window.period == "day" else today.replace(day=1)
+            with self._engine.connect() as conn:
+                used = conn.execute(
+                    select(func.coalesce(func.sum(column), 0)).where(
+                        UsageRecordRow.org_id == org_id,
+                        UsageRecordRow.model == model,
+                        UsageRecordRow.day >= first.isoformat(),
+                        UsageRecordRow.day <= today.isoformat(),
+                    )
+                ).scalar_one()
+            used = math.ceil(used / 1000) if spec.unit == "audio_seconds" else int(used)
+            if used + worst_case.get(spec.unit, 0) > window.limit:
+                if window.period == "day":
+                    resets = datetime(today.year, today.month, today.day, tzinfo=UTC) + timedelta(days=1)
+                else:
+                    resets = month_bounds(now.strftime("%Y-%m"))[1]
+                raise QuotaExceeded(
+                    f"plan '{spec.name}' allows {window.limit} {spec.unit} per {window.period} and "
+                    f"{used} are used; it resets at {resets.isoformat()}",
+                    retry_after=(resets - now).total_seconds(),
+                )
 
     def release(self, pending: PendingCharge) -> None:
         """Give a hold back (the call failed before it was metered)."""

@@ -21,7 +21,8 @@ GROUPS = {
     "org": UsageRecordRow.org_id,
     "protocol": UsageRecordRow.protocol,
 }
-_SUMS = {
+# The usage record column behind each unit (audio is kept in milliseconds).
+UNIT_COLUMNS = {
     "requests": UsageRecordRow.requests,
     "input_tokens": UsageRecordRow.input_tokens,
     "output_tokens": UsageRecordRow.output_tokens,
@@ -83,7 +84,7 @@ class UsageQueries:
         """Sums per group over days ``start``..``end`` (inclusive, YYYY-MM-DD); one org unless ``all_orgs``."""
         dims = [g for g in group_by if g != "unit"]
         cols = [GROUPS[d].label(d) for d in dims]
-        sums = [func.coalesce(func.sum(c), 0).label(u) for u, c in _SUMS.items()]
+        sums = [func.coalesce(func.sum(c), 0).label(u) for u, c in UNIT_COLUMNS.items()]
         q = select(*cols, *sums).where(UsageRecordRow.day >= start, UsageRecordRow.day <= end)
         if not all_orgs:
             q = q.where(UsageRecordRow.org_id.is_(None) if org_id is None else UsageRecordRow.org_id == org_id)
