@@ -42,6 +42,18 @@ class PaymentRequired(OpenMaaSError):
     code = ErrorCode.PAYMENT_REQUIRED
 
 
+def _plan(r: Any) -> Plan:
+    """A plan from a row of (PlanRow, model name, owner org id)."""
+    return Plan(
+        r.PlanRow.id,
+        r.name,
+        r.owner_org_id,
+        PlanSpec.model_validate(r.PlanRow.spec),
+        r.PlanRow.active,
+        r.PlanRow.created_at,
+    )
+
+
 def _spec_quantity(
     spec: PlanSpec, *, requests: int, input_tokens: int, output_tokens: int, items: int, audio_ms: int
 ) -> int:
@@ -61,6 +73,7 @@ class BillingService:
         self.commission_bps = commission_bps
         self._plans_cache: dict[str, tuple[float, list[Plan]]] = {}
         self._subs_cache: dict[tuple[str, str], tuple[float, Plan | None]] = {}
+        self._plan_by_id: dict[str, Plan] = {}
         self.books = Books(engine, self.plan, currency, commission_bps)
 
     # -- plans ----------------------------------------------------------------------------------------------------
@@ -102,34 +115,22 @@ class BillingService:
             .order_by(PlanRow.created_at)
         )
         with Session(self._engine) as conn:
-            plans = [
-                Plan(
-                    r.PlanRow.id,
-                    r.name,
-                    r.owner_org_id,
-                    PlanSpec.model_validate(r.PlanRow.spec),
-                    r.PlanRow.active,
-                    r.PlanRow.created_at,
-                )
-                for r in conn.execute(q)
-            ]
+            plans = [_plan(r) for r in conn.execute(q)]
         self._plans_cache[model] = (now, plans)
         return plans
 
     def plan(self, plan_id: str) -> Plan:
+        """A plan by id, active or not (specs never change, so they are kept once read)."""
+        hit = self._plan_by_id.get(plan_id)
+        if hit is not None:
+            return hit
         q = select(PlanRow, ModelRow.name, ModelRow.owner_org_id).join(ModelRow, ModelRow.id == PlanRow.model_id)
         with Session(self._engine) as conn:
             r = conn.execute(q.where(PlanRow.id == plan_id)).first()
         if r is None:
             raise NotFound(f"plan '{plan_id}' does not exist", param="plan")
-        return Plan(
-            r.PlanRow.id,
-            r.name,
-            r.owner_org_id,
-            PlanSpec.model_validate(r.PlanRow.spec),
-            r.PlanRow.active,
-            r.PlanRow.created_at,
-        )
+        plan = self._plan_by_id[plan_id] = _plan(r)
+        return plan
 
     # -- subscriptions --------------------------------------------------------------------------------------------
 
