@@ -109,6 +109,12 @@ class LocalArtifactStore(ArtifactStore):
     def exists(self, sha256: str) -> bool:
         return self._entry(sha256).exists()
 
+    def delete(self, sha256: str) -> None:
+        """Remove an artifact (callers make sure nothing refers to it any more)."""
+        entry = self._entry(sha256)
+        if entry.exists():
+            _remove(entry)
+
 
 def _make_read_only(path: Path) -> None:
     for p in [path, *path.rglob("*")]:

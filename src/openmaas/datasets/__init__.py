@@ -1,0 +1,1 @@
+"""Datasets: uploaded training data, validated at upload and stored content-addressed."""

@@ -1,0 +1,141 @@
+"""Reading and checking tabular data (CSV, JSONL): every problem names the row and column it is in."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from openmaas.errors import InvalidRequest
+
+TABULAR_FORMATS = ("csv", "jsonl")
+# A column this numeric is meant to be numeric: a few text cells in it are errors, not categories.
+_NUMERIC_SHARE = 0.9
+_MAX_CATEGORIES = 1000
+
+
+@dataclass
+class Table:
+    columns: list[str]
+    cells: dict[str, list[str]]  # column -> its cells as text ("" = missing)
+    kinds: dict[str, str]  # column -> "number" | "category"
+
+    @property
+    def rows(self) -> int:
+        return len(self.cells[self.columns[0]]) if self.columns else 0
+
+    def numbers(self, column: str) -> list[float]:
+        return [float(v) for v in self.cells[column]]
+
+    def schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"columns": []}
+        for c in self.columns:
+            entry: dict[str, Any] = {"name": c, "type": self.kinds[c]}
+            if self.kinds[c] == "category":
+                counts = Counter(self.cells[c])
+                entry["classes"] = dict(counts.most_common(50))
+            out["columns"].append(entry)
+        return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(value)
+
+
+def _fail(message: str) -> InvalidRequest:
+    return InvalidRequest(message, param="file")
+
+
+def read_table(path: Path, fmt: str) -> Table:
+    """Parse and check a CSV (with a header row) or JSONL (one object per line) file."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise _fail("the file is empty")
+    if fmt == "csv":
+        columns, rows = _read_csv(raw)
+    elif fmt == "jsonl":
+        columns, rows = _read_jsonl(raw)
+    else:
+        raise _fail(f"unsupported dataset format '{fmt}'; use one of {', '.join(TABULAR_FORMATS)} or an image zip")
+    if not rows:
+        raise _fail("the file has a header but no data rows")
+    cells = {c: [r[i] for r in rows] for i, c in enumerate(columns)}
+    kinds: dict[str, str] = {}
+    for c in columns:
+        values = cells[c]
+        for i, v in enumerate(values):
+            if v == "":
+                raise _fail(f"row {i + 1}, column '{c}': the value is missing")
+        numeric = [_is_number(v) for v in values]
+        share = sum(numeric) / len(values)
+        if share == 1.0:
+            kinds[c] = "number"
+        elif share >= _NUMERIC_SHARE:
+            bad = numeric.index(False)
+            raise _fail(f"row {bad + 1}, column '{c}': '{values[bad][:40]}' is not a number (the column is numeric)")
+        else:
+            kinds[c] = "category"
+            distinct = len(set(values))
+            if distinct > _MAX_CATEGORIES and distinct > len(values) // 2:
+                kinds[c] = "text"
+    return Table(columns, cells, kinds)
+
+
+def _read_csv(raw: bytes) -> tuple[list[str], list[list[str]]]:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _fail(f"the file is not UTF-8 text (byte {e.start})") from None
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise _fail("the file is empty") from None
+    columns = [h.strip() for h in header]
+    if not all(columns):
+        raise _fail("the header row has an empty column name")
+    if len(set(columns)) != len(columns):
+        dup = next(c for c in columns if columns.count(c) > 1)
+        raise _fail(f"the header names column '{dup}' twice")
+    rows: list[list[str]] = []
+    for n, row in enumerate(reader, start=1):
+        if not row or all(not v.strip() for v in row):
+            continue
+        if len(row) != len(columns):
+            raise _fail(f"row {n} has {len(row)} fields; the header has {len(columns)}")
+        rows.append([v.strip() for v in row])
+    return columns, rows
+
+
+def _read_jsonl(raw: bytes) -> tuple[list[str], list[list[str]]]:
+    columns: list[str] | None = None
+    rows: list[list[str]] = []
+    for n, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise _fail(f"line {n} is not valid JSON") from None
+        if not isinstance(obj, dict):
+            raise _fail(f"line {n} is not a JSON object")
+        if columns is None:
+            columns = list(obj)
+        missing = [c for c in columns if c not in obj]
+        if missing:
+            raise _fail(f"line {n} lacks column '{missing[0]}'")
+        extra = [k for k in obj if k not in columns]
+        if extra:
+            raise _fail(f"line {n} has column '{extra[0]}' that line 1 does not")
+        rows.append(["" if obj[c] is None else str(obj[c]) for c in columns])
+    return columns or [], rows

@@ -1,0 +1,104 @@
+"""Uploading, describing and deleting datasets (org-private, content-addressed)."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path, PurePath
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from openmaas.artifacts import LocalArtifactStore
+from openmaas.datasets.parse import TABULAR_FORMATS, Table, read_table
+from openmaas.errors import InvalidRequest, NotFound
+from openmaas.store.tables import DatasetRow
+
+
+def format_of(filename: str, declared: str | None) -> str:
+    if declared:
+        fmt = declared.lower()
+    else:
+        suffix = PurePath(filename).suffix.lower().lstrip(".")
+        fmt = {"ndjson": "jsonl", "json": "jsonl"}.get(suffix, suffix)
+    if fmt not in TABULAR_FORMATS:
+        raise InvalidRequest(
+            f"cannot tell a supported dataset format from '{filename}'; send a .csv or .jsonl file "
+            "(or say which with 'format')",
+            param="format",
+        )
+    return fmt
+
+
+def _json(row: DatasetRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "org_id": row.org_id,
+        "name": row.name,
+        "format": row.format,
+        "sha256": row.sha256,
+        "size_bytes": row.size_bytes,
+        "rows": row.rows,
+        "schema": row.schema,
+        "created_at": row.created_at.isoformat(),
+    }
+
+
+class DatasetService:
+    def __init__(self, sessions: sessionmaker[Session], artifacts: LocalArtifactStore, cache_dir: Path) -> None:
+        self._sessions = sessions
+        self._artifacts = artifacts
+        self._cache_dir = cache_dir
+
+    def upload(self, org_id: str | None, name: str, path: Path, fmt: str) -> dict[str, Any]:
+        """Check ``path`` and store it; a file that does not parse is refused with the row/column at fault."""
+        table = read_table(path, fmt)
+        artifact = self._artifacts.put(path)
+        row = DatasetRow(
+            id=uuid.uuid4().hex,
+            org_id=org_id,
+            name=name,
+            format=fmt,
+            sha256=artifact.sha256,
+            size_bytes=artifact.size_bytes,
+            rows=table.rows,
+            schema=table.schema(),
+            created_at=datetime.now(UTC),
+        )
+        with self._sessions() as s:
+            s.add(row)
+            s.commit()
+            return _json(row)
+
+    def get(self, org_id: str | None, dataset_id: str, *, any_org: bool = False) -> dict[str, Any]:
+        with self._sessions() as s:
+            row = s.get(DatasetRow, dataset_id)
+            if row is None or (not any_org and row.org_id != org_id):
+                raise NotFound(
+                    f"dataset '{dataset_id}' does not exist or you do not have access to it", param="dataset"
+                )
+            return _json(row)
+
+    def list(self, org_id: str | None, *, any_org: bool = False) -> list[dict[str, Any]]:
+        q = select(DatasetRow).order_by(DatasetRow.created_at)
+        if not any_org:
+            q = q.where(DatasetRow.org_id == org_id) if org_id else q.where(DatasetRow.org_id.is_(None))
+        with self._sessions() as s:
+            return [_json(r) for r in s.scalars(q)]
+
+    def table(self, dataset: dict[str, Any]) -> Table:
+        return read_table(self._artifacts.local_path(dataset["sha256"]), dataset["format"])
+
+    def delete(self, org_id: str | None, dataset_id: str, *, any_org: bool = False) -> None:
+        """Remove the dataset, its data (unless another dataset holds the same bytes) and derived caches."""
+        ds = self.get(org_id, dataset_id, any_org=any_org)
+        with self._sessions() as s:
+            row = s.get(DatasetRow, dataset_id)
+            s.delete(row)
+            s.commit()
+            shared = s.scalar(select(func.count()).select_from(DatasetRow).where(DatasetRow.sha256 == ds["sha256"]))
+        if not shared:
+            self._artifacts.delete(ds["sha256"])
+        shutil.rmtree(self._cache_dir / dataset_id, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Training code run inside jobs (never in the serving process)."""

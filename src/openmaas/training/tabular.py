@@ -1,0 +1,338 @@
+"""Tabular classification and regression: prepare, split, train with checkpoints, evaluate, export to ONNX.
+
+Reads top to bottom: data -> splits -> model -> training loop (resumable) -> held-out metrics -> ONNX.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from openmaas.datasets.parse import Table
+from openmaas.errors import InvalidRequest
+from openmaas.training.optim import TrainParams, lr_factor, make_optimizer
+
+Kind = Literal["classification", "regression"]
+
+# -- data ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    x: np.ndarray  # (N, F) float32, raw feature values
+    y: np.ndarray  # (N,) int64 class index, or float32 target
+    features: list[str]
+    classes: list[str] | None
+
+
+def prepare(table: Table, target: str, kind: Kind) -> Prepared:
+    """Features and target from a checked table; problems are named (column, class, row)."""
+    if target not in table.columns:
+        raise InvalidRequest(
+            f"target column '{target}' is not in the dataset; its columns are: {', '.join(table.columns)}",
+            param="target",
+        )
+    features = [c for c in table.columns if c != target]
+    if not features:
+        raise InvalidRequest("the dataset has no feature columns besides the target", param="target")
+    not_numeric = [c for c in features if table.kinds[c] != "number"]
+    if not_numeric:
+        raise InvalidRequest(
+            f"feature column '{not_numeric[0]}' is not numeric; this release trains on numeric features only "
+            "(encode categories as numbers, or drop the column)",
+            param="dataset",
+        )
+    x = np.array([table.numbers(c) for c in features], dtype=np.float32).T
+    if kind == "regression":
+        if table.kinds[target] != "number":
+            bad = next(i for i, v in enumerate(table.cells[target]) if not _is_float(v))
+            raise InvalidRequest(
+                f"target '{target}' must be numeric for regression; row {bad + 1} has '{table.cells[target][bad][:40]}'",
+                param="target",
+            )
+        return Prepared(x, np.array(table.numbers(target), dtype=np.float32), features, None)
+    labels = table.cells[target]
+    classes = sorted(set(labels), key=lambda v: (float(v), v) if _is_float(v) else (math.inf, v))
+    if len(classes) < 2:
+        raise InvalidRequest(
+            f"target '{target}' has a single class ('{classes[0]}'); classification needs two or more", param="target"
+        )
+    counts = {c: labels.count(c) for c in classes}
+    lonely = [c for c, n in counts.items() if n < 2]
+    if lonely:
+        raise InvalidRequest(
+            f"class '{lonely[0]}' of '{target}' has only {counts[lonely[0]]} row; every class needs at least 2 "
+            "(one to learn from, one to test on)",
+            param="target",
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    return Prepared(x, np.array([index[v] for v in labels], dtype=np.int64), features, classes)
+
+
+def _is_float(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def split(prepared: Prepared, params: TrainParams, kind: Kind) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """train / validation / test, stratified by class for classification, fixed by the seed."""
+    from sklearn.model_selection import train_test_split
+
+    strat = prepared.y if kind == "classification" else None
+    x_rest, x_test, y_rest, y_test = train_test_split(
+        prepared.x, prepared.y, test_size=params.test_split, random_state=params.seed, stratify=strat
+    )
+    strat = y_rest if kind == "classification" else None
+    try:
+        x_train, x_val, y_train, y_val = train_test_split(
+            x_rest, y_rest, test_size=params.validation_split, random_state=params.seed, stratify=strat
+        )
+    except ValueError:  # a class too small to stratify the validation split: split without
+        x_train, x_val, y_train, y_val = train_test_split(
+            x_rest, y_rest, test_size=params.validation_split, random_state=params.seed
+        )
+    return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
+
+
+# -- model ---------------------------------------------------------------------------------------------------------
+
+
+class TabularNet(nn.Module):
+    """Standardise (statistics of the training split, kept in the model) -> linear or MLP."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    y_mean: torch.Tensor
+    y_std: torch.Tensor
+
+    def __init__(
+        self, n_in: int, n_out: int, params: TrainParams, mean: np.ndarray, std: np.ndarray, y_scale: tuple[float, float]
+    ) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.from_numpy(mean.astype(np.float32)))
+        self.register_buffer("std", torch.from_numpy(std.astype(np.float32)))
+        # Regression learns a standardised target; the model answers in the target's own units.
+        self.register_buffer("y_mean", torch.tensor(y_scale[0], dtype=torch.float32))
+        self.register_buffer("y_std", torch.tensor(y_scale[1], dtype=torch.float32))
+        layers: list[nn.Module] = []
+        width = n_in
+        if params.model == "mlp":
+            for h in params.hidden:
+                layers += [nn.Linear(width, h), nn.ReLU()]
+                width = h
+        layers.append(nn.Linear(width, n_out))
+        self.net = nn.Sequential(*layers)
+
+    def scaled(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net((x - self.mean) / self.std)  # (B, n_out)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scaled(x) * self.y_std + self.y_mean
+
+
+class _Served(nn.Module):
+    """What the ONNX file computes: probabilities and label (classification) or the prediction (regression)."""
+
+    def __init__(self, net: TabularNet, kind: Kind) -> None:
+        super().__init__()
+        self.net = net
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.net(x)
+        if self.kind == "classification":
+            probs = torch.softmax(out, dim=1)
+            return probs, torch.argmax(probs, dim=1)
+        return (out[:, 0],)
+
+
+# -- training ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EpochReport:
+    epoch: int  # 1-based
+    epochs: int
+    loss: float
+    val_loss: float
+    val_metric: float  # accuracy or R²
+    lr: float
+    stopped_early: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "loss": round(self.loss, 6),
+            "val_loss": round(self.val_loss, 6),
+            "val_metric": round(self.val_metric, 6),
+            "lr": self.lr,
+        }
+
+
+def train(
+    data: dict[str, tuple[np.ndarray, np.ndarray]],
+    params: TrainParams,
+    kind: Kind,
+    n_classes: int,
+    checkpoint: Path,
+    on_epoch: Callable[[EpochReport], None],
+    cancelled: Callable[[], bool] = lambda: False,
+) -> TabularNet:
+    """Train, saving a checkpoint after every epoch; an existing checkpoint is resumed from."""
+    torch.manual_seed(params.seed)
+    x_train, y_train = data["train"]
+    mean = x_train.mean(axis=0)
+    std = x_train.std(axis=0)
+    std[std == 0] = 1.0
+    y_scale = (0.0, 1.0) if kind == "classification" else (float(y_train.mean()), float(y_train.std() or 1.0))
+    model = TabularNet(x_train.shape[1], n_classes if kind == "classification" else 1, params, mean, std, y_scale)
+    opt = make_optimizer(params, list(model.parameters()))
+    loss_fn: nn.Module = nn.CrossEntropyLoss() if kind == "classification" else nn.MSELoss()
+    start, best, best_state, waited = 0, math.inf, None, 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)  # our own file, written below; never an upload
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, best, best_state, waited = state["epoch"], state["best"], state["best_state"], state["waited"]
+        torch.set_rng_state(state["rng"])
+
+    xt = torch.from_numpy(x_train)
+    def target(y: np.ndarray) -> torch.Tensor:
+        if kind == "classification":
+            return torch.from_numpy(y)
+        return torch.from_numpy(((y - y_scale[0]) / y_scale[1]).astype(np.float32))
+
+    yt = target(y_train)
+    xv, yv = torch.from_numpy(data["val"][0]), target(data["val"][1])
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    for epoch in range(start, params.epochs):
+        if cancelled():
+            break
+        lr = params.learning_rate * lr_factor(params, epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        model.train()
+        order = torch.randperm(len(xt))
+        total = 0.0
+        for i in range(0, len(xt), params.batch_size):
+            idx = order[i : i + params.batch_size]
+            out = model.scaled(xt[idx])
+            loss = loss_fn(out, yt[idx]) if kind == "classification" else loss_fn(out[:, 0], yt[idx])
+            if params.l1:
+                loss = loss + params.l1 * sum(w.abs().sum() for w in weights)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(idx)
+        model.eval()
+        with torch.no_grad():
+            out = model.scaled(xv)
+            if kind == "classification":
+                val_loss = float(loss_fn(out, yv))
+                val_metric = float((out.argmax(dim=1) == yv).float().mean())
+            else:
+                val_loss = float(loss_fn(out[:, 0], yv))
+                val_metric = _r2(yv.numpy(), out[:, 0].numpy())
+        score = val_loss if params.monitor == "val_loss" else -val_metric
+        if score < best - 1e-6:
+            best, waited = score, 0
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            waited += 1
+        stop = params.early_stopping and waited >= params.patience
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "epoch": epoch + 1,
+                "best": best,
+                "best_state": best_state,
+                "waited": waited,
+                "rng": torch.get_rng_state(),
+            },
+            checkpoint,
+        )
+        on_epoch(EpochReport(epoch + 1, params.epochs, total / len(xt), val_loss, val_metric, lr, stop))
+        if stop:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model
+
+
+def _r2(y: np.ndarray, pred: np.ndarray) -> float:
+    ss_res = float(((y - pred) ** 2).sum())
+    ss_tot = float(((y - y.mean()) ** 2).sum()) or 1.0
+    return 1 - ss_res / ss_tot
+
+
+# -- evaluation and export -----------------------------------------------------------------------------------------
+
+
+def evaluate(model: TabularNet, x: np.ndarray, y: np.ndarray, kind: Kind) -> dict[str, Any]:
+    """Held-out metrics: accuracy, precision, recall, F1 (macro), ROC-AUC, log loss, confusion; or MSE, MAE, R²."""
+    from sklearn import metrics
+
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(x))
+    if kind == "regression":
+        pred = out[:, 0].numpy()
+        return {
+            "mse": float(metrics.mean_squared_error(y, pred)),
+            "mae": float(metrics.mean_absolute_error(y, pred)),
+            "r2": float(metrics.r2_score(y, pred)),
+        }
+    probs = torch.softmax(out, dim=1).numpy()
+    pred = probs.argmax(axis=1)
+    labels = list(range(probs.shape[1]))
+    result: dict[str, Any] = {
+        "accuracy": float(metrics.accuracy_score(y, pred)),
+        "precision_macro": float(metrics.precision_score(y, pred, average="macro", zero_division=0)),
+        "recall_macro": float(metrics.recall_score(y, pred, average="macro", zero_division=0)),
+        "f1_macro": float(metrics.f1_score(y, pred, average="macro", zero_division=0)),
+        "log_loss": float(metrics.log_loss(y, probs, labels=labels)),
+        "confusion_matrix": metrics.confusion_matrix(y, pred, labels=labels).tolist(),
+    }
+    try:
+        if probs.shape[1] == 2:
+            result["roc_auc"] = float(metrics.roc_auc_score(y, probs[:, 1]))
+        else:
+            result["roc_auc"] = float(
+                metrics.roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=labels)
+            )
+    except ValueError:  # a class missing from the held-out split
+        result["roc_auc"] = None
+    return result
+
+
+def export_onnx(model: TabularNet, n_features: int, kind: Kind, path: Path) -> None:
+    """``x`` FP32 [-1, F] -> ``probabilities`` FP32 [-1, C] and ``label`` INT64 [-1], or ``prediction`` FP32 [-1]."""
+    served = _Served(model, kind).eval()
+    outputs = ["probabilities", "label"] if kind == "classification" else ["prediction"]
+    example = torch.zeros(2, n_features)
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of one that needs onnxscript (not installed).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(
+            served,
+            (example,),
+            str(path),
+            input_names=["x"],
+            output_names=outputs,
+            dynamic_axes={"x": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
+            dynamo=False,
+        )
