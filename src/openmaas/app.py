@@ -16,15 +16,19 @@ from starlette.concurrency import run_in_threadpool
 from openmaas import __version__
 from openmaas.api import billing as billing_api
 from openmaas.api import health, manage, openai, tenancy, usage, v2
+from openmaas.api import jobs as jobs_api
 from openmaas.api.errors import install_error_handlers
 from openmaas.api.middleware import RequestContextMiddleware
 from openmaas.artifacts import LocalArtifactStore
 from openmaas.audit import AuditLog
 from openmaas.billing.service import BillingService
 from openmaas.config import Settings
+from openmaas.datasets.service import DatasetService
 from openmaas.gateway.auth import KeyAuthenticator, load_or_create_secret, new_key
 from openmaas.gateway.limits import QuotaGuard, RateLimiter
 from openmaas.gateway.service import Gateway, Metering
+from openmaas.jobs.runner import JobRunner
+from openmaas.jobs.service import JobService
 from openmaas.metering.usage import UsageQueries
 from openmaas.metering.writer import GroupCommitWriter
 from openmaas.registry.inspect import inspect_in_subprocess
@@ -51,6 +55,9 @@ class Platform:
     registry: ModelRegistry
     pool: ResidencyPool
     gateway: Gateway
+    datasets: DatasetService
+    jobs: JobService
+    runner: JobRunner
 
 
 def build_platform(settings: Settings) -> Platform:
@@ -122,7 +129,29 @@ def build_platform(settings: Settings) -> Platform:
         AuditLog(sessions, secret),
         billing,
     )
-    return Platform(settings, engine, metrics, registry, pool, gateway)
+    jobs_dir = settings.data_dir / "jobs"
+    worker_env = {
+        **os.environ,
+        "OPENMAAS_DATA_DIR": str(settings.data_dir.resolve()),
+        "OPENMAAS_DATABASE_URL": settings.resolved_database_url,
+        "OPENMAAS_JOB_THREADS": str(settings.job_threads),
+        "OMP_NUM_THREADS": str(settings.job_threads),
+        "MKL_NUM_THREADS": str(settings.job_threads),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if settings.secret_key is not None:
+        worker_env["OPENMAAS_SECRET_KEY"] = settings.secret_key.get_secret_value()
+    return Platform(
+        settings,
+        engine,
+        metrics,
+        registry,
+        pool,
+        gateway,
+        DatasetService(sessions, LocalArtifactStore(settings.artifacts_dir), settings.data_dir / "cache"),
+        JobService(sessions, jobs_dir),
+        JobRunner(sessions, jobs_dir, worker_env, settings.max_jobs),
+    )
 
 
 def _start(platform: Platform) -> None:
@@ -152,6 +181,7 @@ def _start(platform: Platform) -> None:
             "OPENMAAS_LOG_FORMAT": settings.log_format,
         }
         ensure_catalogue_in_subprocess(platform.registry, env)
+    platform.runner.start()
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -167,6 +197,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             app.state.ready = False
+            await run_in_threadpool(platform.runner.stop)
             await platform.pool.close()
             await platform.gateway.close()
             platform.engine.dispose()
@@ -196,9 +227,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(tenancy.router())
     app.include_router(usage.router())
     app.include_router(billing_api.router())
+    app.include_router(jobs_api.router(settings.data_dir / "tmp"))
 
     def body_limit(method: str, path: str) -> int:
-        if method == "POST" and path == "/api/models":
+        if method == "POST" and path in ("/api/models", "/api/datasets"):
             return settings.max_upload_bytes
         return settings.max_request_bytes
 

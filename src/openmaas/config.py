@@ -59,6 +59,13 @@ class Settings(BaseSettings):
         le=10_000,
         description="Platform commission on providers' revenue, in basis points (2000 = 20%).",
     )
+    max_jobs: int = Field(default=1, ge=0, le=64, description="Jobs (training, ...) run at once; 0 runs none.")
+    job_threads: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Threads each job's worker process may use (it also runs at lower priority).",
+    )
     bundled_models: bool = Field(
         default=True, description="Register the bundled model catalogue at start (first start trains it)."
     )

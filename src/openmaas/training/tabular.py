@@ -117,7 +117,13 @@ class TabularNet(nn.Module):
     y_std: torch.Tensor
 
     def __init__(
-        self, n_in: int, n_out: int, params: TrainParams, mean: np.ndarray, std: np.ndarray, y_scale: tuple[float, float]
+        self,
+        n_in: int,
+        n_out: int,
+        params: TrainParams,
+        mean: np.ndarray,
+        std: np.ndarray,
+        y_scale: tuple[float, float],
     ) -> None:
         super().__init__()
         self.register_buffer("mean", torch.from_numpy(mean.astype(np.float32)))
@@ -209,6 +215,7 @@ def train(
         torch.set_rng_state(state["rng"])
 
     xt = torch.from_numpy(x_train)
+
     def target(y: np.ndarray) -> torch.Tensor:
         if kind == "classification":
             return torch.from_numpy(y)

@@ -1,0 +1,44 @@
+"""What a job may ask for. Job types are looked up by name, so new ones (evaluation, compression, batch
+inference) plug in beside ``train``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from openmaas.errors import InvalidRequest
+from openmaas.training.optim import TrainParams
+
+TASKS = ("tabular-classification", "tabular-regression")
+
+
+class TrainSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["train"] = "train"
+    task: Literal["tabular-classification", "tabular-regression"]
+    dataset: str = Field(description="Dataset id.")
+    target: str = Field(min_length=1, description="The column to predict.")
+    params: TrainParams = Field(default_factory=TrainParams)
+    output_model: str = Field(min_length=1, max_length=128, description="Model to register the result as.")
+
+    @property
+    def kind(self) -> Literal["classification", "regression"]:
+        return "classification" if self.task.endswith("classification") else "regression"
+
+
+JOB_SPECS: dict[str, type[BaseModel]] = {"train": TrainSpec}
+
+
+def parse_spec(body: dict[str, Any]) -> BaseModel:
+    kind = body.get("type")
+    spec_type = JOB_SPECS.get(kind) if isinstance(kind, str) else None
+    if spec_type is None:
+        raise InvalidRequest(f"unknown job type {kind!r}; use one of {', '.join(JOB_SPECS)}", param="type")
+    try:
+        return spec_type.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidRequest(f"invalid job field '{where}': {first['msg']}", param=where) from None

@@ -1,0 +1,197 @@
+"""A job's own process: ``python -m openmaas.jobs.worker JOB_ID`` (started by the runner, never by hand).
+
+It reads the job, does the work with a checkpoint per epoch (a restarted job resumes from it), reports progress to
+the job table, and ends the job as succeeded or failed with a message that says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from openmaas.config import Settings
+from openmaas.errors import OpenMaaSError
+from openmaas.store import db
+from openmaas.store.tables import JobRow
+
+log = logging.getLogger("openmaas.jobs.worker")
+
+
+class Reporter:
+    """Writes progress, per-epoch history and the outcome into the job's row."""
+
+    def __init__(self, sessions: sessionmaker[Session], job_id: str) -> None:
+        self._sessions = sessions
+        self.job_id = job_id
+
+    def row(self) -> JobRow:
+        with self._sessions() as s:
+            row = s.get(JobRow, self.job_id)
+            assert row is not None
+            return row
+
+    def progress(
+        self, fraction: float, entry: dict[str, Any] | None = None, *, replace_from: int | None = None
+    ) -> None:
+        with self._sessions() as s:
+            row = s.get(JobRow, self.job_id)
+            assert row is not None
+            history = list(row.history)
+            if replace_from is not None:  # a resumed job redoes epochs after its checkpoint
+                history = [h for h in history if h.get("epoch", 0) < replace_from]
+            if entry is not None:
+                history.append(entry)
+            s.execute(update(JobRow).where(JobRow.id == self.job_id).values(progress=fraction, history=history))
+            s.commit()
+
+    def cancelled(self) -> bool:
+        return bool(self.row().cancel_requested)
+
+    def finish(self, status: str, *, result: dict[str, Any] | None = None, error: str | None = None) -> None:
+        with self._sessions() as s:
+            s.execute(
+                update(JobRow)
+                .where(JobRow.id == self.job_id, JobRow.status == "running")
+                .values(
+                    status=status,
+                    result=result,
+                    error=error,
+                    finished_at=datetime.now(UTC),
+                    progress=1.0 if status == "succeeded" else JobRow.progress,
+                )
+            )
+            s.commit()
+
+
+def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Reporter, job: JobRow) -> dict[str, Any]:
+    import torch
+
+    from openmaas.artifacts import LocalArtifactStore
+    from openmaas.datasets.service import DatasetService
+    from openmaas.jobs.specs import TrainSpec
+    from openmaas.registry.inspect import inspect_in_process
+    from openmaas.registry.models import ModelCard
+    from openmaas.registry.service import ModelRegistry
+    from openmaas.runtimes import RuntimeOptions
+    from openmaas.store.registry import RegistryStore
+    from openmaas.training import tabular
+
+    torch.set_num_threads(settings.job_threads)
+    spec = TrainSpec.model_validate(job.spec)
+    artifacts = LocalArtifactStore(settings.artifacts_dir)
+    datasets = DatasetService(sessions, artifacts, settings.data_dir / "cache")
+    dataset = datasets.get(job.org_id, spec.dataset, any_org=job.org_id is None)
+    print(f"dataset {dataset['name']} ({dataset['rows']} rows, sha256 {dataset['sha256'][:12]})", flush=True)
+    prepared = tabular.prepare(datasets.table(dataset), spec.target, spec.kind)
+    data = tabular.split(prepared, spec.params, spec.kind)
+    print(
+        f"train {len(data['train'][0])}, validation {len(data['val'][0])}, test {len(data['test'][0])} rows; "
+        f"{len(prepared.features)} features",
+        flush=True,
+    )
+    workdir = settings.data_dir / "jobs" / job.id
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint = workdir / "checkpoint.pt"
+    if checkpoint.exists():
+        resumed_at = int(torch.load(checkpoint, weights_only=False)["epoch"])
+        print(f"resuming from the checkpoint after epoch {resumed_at}", flush=True)
+        reporter.progress(resumed_at / spec.params.epochs, replace_from=resumed_at + 1)
+
+    def on_epoch(r: tabular.EpochReport) -> None:
+        print(
+            f"epoch {r.epoch}/{r.epochs} loss {r.loss:.4f} val_loss {r.val_loss:.4f} val_metric {r.val_metric:.4f}"
+            + (" (early stop)" if r.stopped_early else ""),
+            flush=True,
+        )
+        reporter.progress(r.epoch / r.epochs, r.to_json())
+
+    model = tabular.train(
+        data, spec.params, spec.kind, len(prepared.classes or [0]), checkpoint, on_epoch, reporter.cancelled
+    )
+    if reporter.cancelled():
+        raise _Cancelled()
+    metrics = tabular.evaluate(model, *data["test"], spec.kind)
+    print(f"held-out metrics: {metrics}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        tabular.export_onnx(model, len(prepared.features), spec.kind, path)
+        registry = ModelRegistry(RegistryStore(sessions), artifacts, RuntimeOptions(), inspect_in_process)
+        if registry.exists(spec.output_model):
+            owner = registry.get_model(spec.output_model).owner_org_id
+            if owner != job.org_id:
+                raise OpenMaaSError(
+                    f"model name '{spec.output_model}' is taken by another organisation; choose another"
+                )
+        scalar = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        classes = f" Classes (label index order): {', '.join(prepared.classes)}." if prepared.classes else ""
+        card = ModelCard(
+            task=spec.task,
+            description=f"Trained by job {job.id} on dataset {dataset['name']}: predicts '{spec.target}' from "
+            f"{', '.join(prepared.features)} (input x, in that order).{classes}",
+            intended_use=f"Predicting '{spec.target}' for data like the training set.",
+            training_data=f"dataset {dataset['id']} ({dataset['rows']} rows, sha256 {dataset['sha256']}); "
+            f"parameters: {spec.params.model_dump_json()}",
+            metrics=scalar,
+            limitations="Measured on a random held-out split of the same dataset only.",
+        )
+        mv = registry.register(
+            path,
+            spec.output_model,
+            format="onnx",
+            card=card,
+            owner_org_id=job.org_id,
+            visibility="private" if job.org_id else "public",
+        )
+    return {
+        "model": mv.model,
+        "version": mv.version,
+        "metrics": metrics,
+        "features": prepared.features,
+        "classes": prepared.classes,
+    }
+
+
+class _Cancelled(Exception):
+    pass
+
+
+RUNNERS = {"train": run_train}
+
+
+def main(job_id: str) -> int:
+    settings = Settings()
+    engine = db.create_db_engine(settings.resolved_database_url)
+    sessions = db.session_factory(engine)
+    reporter = Reporter(sessions, job_id)
+    job = reporter.row()
+    print(f"{datetime.now(UTC).isoformat()} job {job_id} ({job.type}), attempt {job.attempts}", flush=True)
+    started = time.monotonic()
+    try:
+        result = RUNNERS[job.type](settings, sessions, reporter, job)
+    except _Cancelled:
+        reporter.finish("cancelled", error="cancelled while running")
+        return 0
+    except OpenMaaSError as e:
+        print(f"failed: {e.message}", flush=True)
+        reporter.finish("failed", error=e.message)
+        return 1
+    except Exception as e:
+        traceback.print_exc()
+        reporter.finish("failed", error=f"internal error ({type(e).__name__}): {e}"[:2000])
+        return 1
+    print(f"done in {time.monotonic() - started:.1f} s: {result['model']} version {result['version']}", flush=True)
+    reporter.finish("succeeded", result=result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,202 @@
+"""Datasets and training jobs end to end: upload, train in a worker process, serve the result over v2."""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.helpers import ServerProcess, bearer, new_key, new_org, unique
+
+ADMIN = "om_jobs-admin-key-0123456789abcdefghijklmno"
+
+
+@pytest.fixture(scope="module")
+def jobs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(
+        tmp_path_factory.mktemp("jobs") / "data", env={"OPENMAAS_ADMIN_KEY": ADMIN, "OPENMAAS_BUNDLED_MODELS": "false"}
+    )
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def org_client(jobs_server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=jobs_server.url, headers=bearer(ADMIN), timeout=60) as admin:
+        org = new_org(admin, "trainers")
+        key = new_key(admin, org["name"], scopes=["inference", "manage"])
+    with httpx.Client(base_url=jobs_server.url, headers=bearer(key["key"]), timeout=60) as c:
+        yield c
+
+
+def _csv(path: Path, names: list[str], x: np.ndarray, y: np.ndarray) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*names, "target"])
+        for row, t in zip(x, y, strict=True):
+            writer.writerow([*row, t])
+    return path
+
+
+def _upload(c: httpx.Client, path: Path) -> dict:
+    with path.open("rb") as f:
+        r = c.post("/api/datasets", files={"file": (path.name, f)})
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def _wait(c: httpx.Client, job_id: str, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = c.get(f"/api/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return dict(job)
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish: {c.get(f'/api/jobs/{job_id}/logs').text[-2000:]}")
+
+
+@pytest.mark.parametrize(
+    ("dataset", "task", "metric", "bar"),
+    [("wine", "tabular-classification", "accuracy", 0.93), ("diabetes", "tabular-regression", "r2", 0.4)],
+)
+def test_train_tabular_and_serve_through_tritonclient(
+    jobs_server: ServerProcess,
+    org_client: httpx.Client,
+    tmp_path: Path,
+    dataset: str,
+    task: str,
+    metric: str,
+    bar: float,
+) -> None:
+    import tritonclient.http as triton
+    from sklearn import datasets as skd
+
+    data = skd.load_wine() if dataset == "wine" else skd.load_diabetes()
+    ds = _upload(org_client, _csv(tmp_path / f"{dataset}.csv", list(data.feature_names), data.data, data.target))
+    assert ds["rows"] == len(data.target) and len(ds["schema"]["columns"]) == len(data.feature_names) + 1
+    assert org_client.get(f"/api/datasets/{ds['id']}").json()["sha256"] == ds["sha256"]
+    name = unique(dataset)
+    r = org_client.post(
+        "/api/jobs",
+        json={
+            "type": "train",
+            "task": task,
+            "dataset": ds["id"],
+            "target": "target",
+            "output_model": name,
+            "params": {"epochs": 150, "optimizer": "adam", "schedule": "cosine", "warmup_epochs": 2},
+        },
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "queued"
+    job = _wait(org_client, r.json()["id"])
+    assert job["status"] == "succeeded", (job["error"], org_client.get(f"/api/jobs/{job['id']}/logs").text[-3000:])
+    assert job["result"]["metrics"][metric] >= bar, job["result"]["metrics"]
+    assert job["progress"] == 1.0 and job["history"] and "val_loss" in job["history"][0]
+    assert "held-out metrics" in org_client.get(f"/api/jobs/{job['id']}/logs").text
+
+    # The new model answers at once, through tritonclient, with the card filled in.
+    card = org_client.get(f"/api/models/{name}").json()["versions"][-1]["card"]
+    assert card["task"] == task and card["metrics"][metric] >= bar and ds["sha256"] in card["training_data"]
+    client = triton.InferenceServerClient(jobs_server.url.removeprefix("http://"))
+    x = data.data[:16].astype(np.float32)
+    inp = triton.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    out_name = "label" if task.endswith("classification") else "prediction"
+    result = client.infer(
+        name, [inp], outputs=[triton.InferRequestedOutput(out_name)], headers=dict(org_client.headers)
+    )
+    got = result.as_numpy(out_name)
+    assert got.shape == (16,)
+    if task.endswith("classification"):
+        assert (got == data.target[:16]).mean() >= 0.9
+    client.close()
+
+
+def test_bad_data_is_refused_with_the_problem_named(org_client: httpx.Client, tmp_path: Path) -> None:
+    cases = {
+        "empty.csv": (b"", "empty"),
+        "ragged.csv": (b"a,b,target\n1,2,x\n3,4\n", "row 2 has 2 fields"),
+        "text.csv": (b"a,target\n" + b"".join(b"%d,x\n" % i for i in range(30)) + b"abc,y\n", "'abc' is not a number"),
+        "bad.jsonl": (b'{"a": 1}\n[1, 2]\n', "line 2 is not a JSON object"),
+        "notes.txt": (b"hello", "format"),
+    }
+    for filename, (content, message) in cases.items():
+        r = org_client.post("/api/datasets", files={"file": (filename, content)})
+        assert r.status_code == 400, (filename, r.text)
+        assert message in r.json()["detail"], (filename, r.json()["detail"])
+    ds = _upload(
+        org_client,
+        _write(
+            tmp_path / "ok.csv",
+            b"a,b,target\n" + b"".join(b"%d,%d,c%d\n" % (i, i * 2, i % 3) for i in range(30)) + b"5,6,lonely\n",
+        ),
+    )
+    base = {"type": "train", "task": "tabular-classification", "dataset": ds["id"], "output_model": unique("m")}
+    for body, message in (
+        ({**base, "target": "nope"}, "target column 'nope' is not in the dataset"),
+        ({**base, "target": "target"}, "class 'lonely'"),
+        ({**base, "target": "target", "task": "tabular-regression"}, "must be numeric"),
+        ({**base, "target": "a", "dataset": "missing"}, "does not exist"),
+        ({**base, "target": "a", "params": {"optimizer": "rmsprop"}}, "params.optimizer"),
+        ({**base, "target": "a", "type": "dance"}, "unknown job type"),
+    ):
+        r = org_client.post("/api/jobs", json=body)
+        assert r.status_code in (400, 404), r.text
+        assert message in r.json()["detail"], (message, r.json()["detail"])
+    assert org_client.delete(f"/api/datasets/{ds['id']}").status_code == 200
+    assert org_client.get(f"/api/datasets/{ds['id']}").status_code == 404
+
+
+def _write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+def test_sigkill_during_training_resumes_from_the_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    from sklearn.datasets import load_wine
+
+    server = ServerProcess(
+        tmp_path_factory.mktemp("resume") / "data",
+        env={"OPENMAAS_ADMIN_KEY": ADMIN, "OPENMAAS_BUNDLED_MODELS": "false"},
+    ).start()
+    try:
+        data = load_wine()
+        with httpx.Client(base_url=server.url, headers=bearer(ADMIN), timeout=60) as c:
+            ds = _upload(c, _csv(tmp_path / "wine.csv", list(data.feature_names), data.data, data.target))
+            r = c.post(
+                "/api/jobs",
+                json={
+                    "type": "train",
+                    "task": "tabular-classification",
+                    "dataset": ds["id"],
+                    "target": "target",
+                    "output_model": "resumed",
+                    "params": {"epochs": 400, "batch_size": 4, "early_stopping": False},
+                },
+            )
+            job_id = r.json()["id"]
+            deadline = time.monotonic() + 120
+            while len(c.get(f"/api/jobs/{job_id}").json()["history"]) < 30:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        server.kill()  # the worker dies with it
+        server.start()
+        with httpx.Client(base_url=server.url, headers=bearer(ADMIN), timeout=60) as c:
+            job = _wait(c, job_id, timeout=300)
+            logs = c.get(f"/api/jobs/{job_id}/logs").text
+        assert job["status"] == "succeeded", (job["error"], logs[-2000:])
+        assert job["attempts"] == 2 and "resuming from the checkpoint after epoch" in logs
+        epochs = [h["epoch"] for h in job["history"]]
+        assert epochs == list(range(1, 401))  # the count continues; nothing redone twice in the history
+        assert job["result"]["metrics"]["accuracy"] >= 0.93
+    finally:
+        server.stop()
