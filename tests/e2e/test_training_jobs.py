@@ -200,3 +200,36 @@ def test_sigkill_during_training_resumes_from_the_checkpoint(
         assert job["result"]["metrics"]["accuracy"] >= 0.93
     finally:
         server.stop()
+
+
+def test_cli_train_datasets_and_jobs(jobs_server: ServerProcess, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    path = _csv(tmp_path / "cancer_data.csv", list(data.feature_names), data.data, data.target)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "openmaas", *args, "--url", jobs_server.url, "--api-key", ADMIN],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+
+    out = cli("train", "--task", "tabular-classification", "--data", str(path), "--target", "target", "--epochs", "60")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "succeeded" in out.stdout and "cancer-data version 1" in out.stdout and "accuracy" in out.stdout
+    assert "cancer_data.csv" in cli("datasets", "list").stdout
+    listed = cli("jobs", "list").stdout
+    assert "succeeded" in listed
+    jobs = httpx.get(f"{jobs_server.url}/api/jobs", headers=bearer(ADMIN)).json()["jobs"]
+    job_id = jobs[0]["id"]
+    assert "held-out metrics" in cli("jobs", "logs", job_id).stdout
+    assert cli("jobs", "cancel", job_id).returncode == 1  # already finished: refused with a message
+    bad = cli("train", "--task", "tabular-classification", "--data", str(path), "--target", "nope")
+    assert bad.returncode == 1 and "target column 'nope'" in bad.stderr

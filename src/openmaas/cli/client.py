@@ -69,6 +69,16 @@ class Client:
     def delete(self, path: str) -> Any:
         return self._check(self._http.delete(path))
 
+    def upload(self, path: str, file: Path, data: dict[str, str]) -> Any:
+        with file.open("rb") as f:
+            return self._check(self._http.post(path, data=data, files={"file": (file.name, f)}))
+
+    def text(self, path: str) -> str:
+        response = self._http.get(path)
+        if response.status_code >= 400:
+            self._check(response)
+        return response.text
+
     def register_model(self, path: Path, name: str, fmt: str | None, card_json: str | None) -> Any:
         """Upload a model file, or a folder zipped on the fly."""
         data: dict[str, str] = {"name": name}

@@ -29,6 +29,11 @@ def install(app: typer.Typer) -> None:
     from openmaas.cli.billing import billing_app
 
     app.add_typer(billing_app, name="billing")
+    from openmaas.cli.jobs import datasets_app, jobs_app, train
+
+    app.add_typer(datasets_app, name="datasets")
+    app.add_typer(jobs_app, name="jobs")
+    app.command("train")(train)
     app.command("login")(login)
 
 
