@@ -233,3 +233,87 @@ def test_cli_train_datasets_and_jobs(jobs_server: ServerProcess, tmp_path: Path)
     assert cli("jobs", "cancel", job_id).returncode == 1  # already finished: refused with a message
     bad = cli("train", "--task", "tabular-classification", "--data", str(path), "--target", "nope")
     assert bad.returncode == 1 and "target column 'nope'" in bad.stderr
+
+
+def _digits_zip(path: Path, count: int | None = None) -> Path:
+    import io
+    import zipfile
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    with zipfile.ZipFile(path, "w") as z:
+        for i, (img, label) in enumerate(zip(digits.images[:count], digits.target[:count], strict=False)):
+            buf = io.BytesIO()
+            Image.fromarray((img * 255 / 16).astype(np.uint8), mode="L").save(buf, format="PNG")
+            z.writestr(f"digits/{label}/{i}.png", buf.getvalue())
+    return path
+
+
+def test_image_classification_from_a_png_zip(
+    jobs_server: ServerProcess, org_client: httpx.Client, tmp_path: Path
+) -> None:
+    import tritonclient.http as triton
+    from sklearn.datasets import load_digits
+
+    ds = _upload(org_client, _digits_zip(tmp_path / "digits.zip"))
+    assert ds["format"] == "images" and ds["rows"] == 1797
+    assert ds["schema"]["height"] == 8 and ds["schema"]["channels"] == 1 and len(ds["schema"]["classes"]) == 10
+    name = unique("digits")
+    r = org_client.post(
+        "/api/jobs",
+        json={
+            "type": "train",
+            "task": "image-classification",
+            "dataset": ds["id"],
+            "output_model": name,
+            "params": {"epochs": 40, "learning_rate": 0.005},
+        },
+    )
+    assert r.status_code == 202, r.text
+    job = _wait(org_client, r.json()["id"], timeout=400)
+    assert job["status"] == "succeeded", (job["error"], org_client.get(f"/api/jobs/{job['id']}/logs").text[-2000:])
+    assert job["result"]["metrics"]["accuracy"] >= 0.95, job["result"]["metrics"]
+    x = (load_digits().images[:32] / 16).astype(np.float32)[:, None]
+    client = triton.InferenceServerClient(jobs_server.url.removeprefix("http://"))
+    inp = triton.InferInput("image", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    labels = client.infer(name, [inp], headers=dict(org_client.headers)).as_numpy("label")
+    assert (labels == load_digits().target[:32]).mean() >= 0.9
+    client.close()
+
+
+def test_bad_image_zips_are_refused(org_client: httpx.Client, tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    def zip_of(files: dict[str, bytes]) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            for n, content in files.items():
+                z.writestr(n, content)
+        return buf.getvalue()
+
+    good = _digits_zip(tmp_path / "g.zip", count=4).read_bytes()
+    png = zipfile.ZipFile(io.BytesIO(good)).read(zipfile.ZipFile(io.BytesIO(good)).namelist()[0])
+    cases = {
+        "flat.zip": (zip_of({"a.png": png, "b.png": png}), "wrong zip layout"),
+        "corrupt.zip": (
+            zip_of({"cats/1.png": png, "cats/2.png": b"\x89PNG not really"}),
+            "'cats/2.png' is not a readable image",
+        ),
+        "notzip.zip": (b"hello", "not a zip archive"),
+    }
+    for filename, (content, message) in cases.items():
+        r = org_client.post("/api/datasets", files={"file": (filename, content)})
+        assert r.status_code == 400, (filename, r.text)
+        assert message in r.json()["detail"], (filename, r.json()["detail"])
+    one = _upload(
+        org_client, _write(tmp_path / "one.zip", zip_of({"cats/1.png": png, "cats/2.png": png, "dogs/1.png": png}))
+    )
+    r = org_client.post(
+        "/api/jobs",
+        json={"type": "train", "task": "image-classification", "dataset": one["id"], "output_model": unique("m")},
+    )
+    assert r.status_code == 400 and "'dogs' has only 1 image" in r.json()["detail"]

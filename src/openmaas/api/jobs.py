@@ -168,8 +168,13 @@ async def _check_train(datasets: DatasetService, gw: Any, who: Principal, spec: 
     if not NAME_RE.match(spec.output_model):
         raise InvalidRequest(f"invalid model name '{spec.output_model}'", param="output_model")
     ds = await run_in_threadpool(lambda: datasets.get(who.org_id, spec.dataset, any_org=who.is_platform_admin))
-    table = await run_in_threadpool(datasets.table, ds)
-    await run_in_threadpool(prepare, table, spec.target, spec.kind)
+    if spec.task == "image-classification":
+        from openmaas.training.images import prepare as prepare_images
+
+        await run_in_threadpool(lambda: prepare_images(datasets.images(ds)))
+    else:
+        table = await run_in_threadpool(datasets.table, ds)
+        await run_in_threadpool(prepare, table, spec.target, spec.kind)
     if await run_in_threadpool(gw.registry.exists, spec.output_model):
         owner = gw.registry.get_model(spec.output_model).owner_org_id
         if owner != who.org_id:

@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from openmaas.artifacts import LocalArtifactStore
+from openmaas.datasets.images import Images, read_images
 from openmaas.datasets.parse import TABULAR_FORMATS, Table, read_table
 from openmaas.errors import InvalidRequest, NotFound
 from openmaas.store.tables import DatasetRow
@@ -22,11 +23,11 @@ def format_of(filename: str, declared: str | None) -> str:
         fmt = declared.lower()
     else:
         suffix = PurePath(filename).suffix.lower().lstrip(".")
-        fmt = {"ndjson": "jsonl", "json": "jsonl"}.get(suffix, suffix)
-    if fmt not in TABULAR_FORMATS:
+        fmt = {"ndjson": "jsonl", "json": "jsonl", "zip": "images"}.get(suffix, suffix)
+    if fmt not in (*TABULAR_FORMATS, "images"):
         raise InvalidRequest(
-            f"cannot tell a supported dataset format from '{filename}'; send a .csv or .jsonl file "
-            "(or say which with 'format')",
+            f"cannot tell a supported dataset format from '{filename}'; send a .csv or .jsonl file, or a .zip of "
+            "class_name/picture.png images (or say which with 'format')",
             param="format",
         )
     return fmt
@@ -54,7 +55,12 @@ class DatasetService:
 
     def upload(self, org_id: str | None, name: str, path: Path, fmt: str) -> dict[str, Any]:
         """Check ``path`` and store it; a file that does not parse is refused with the row/column at fault."""
-        table = read_table(path, fmt)
+        if fmt == "images":
+            images = read_images(path)
+            rows, schema = len(images.labels), images.schema()
+        else:
+            table = read_table(path, fmt)
+            rows, schema = table.rows, table.schema()
         artifact = self._artifacts.put(path)
         row = DatasetRow(
             id=uuid.uuid4().hex,
@@ -63,8 +69,8 @@ class DatasetService:
             format=fmt,
             sha256=artifact.sha256,
             size_bytes=artifact.size_bytes,
-            rows=table.rows,
-            schema=table.schema(),
+            rows=rows,
+            schema=schema,
             created_at=datetime.now(UTC),
         )
         with self._sessions() as s:
@@ -89,7 +95,14 @@ class DatasetService:
             return [_json(r) for r in s.scalars(q)]
 
     def table(self, dataset: dict[str, Any]) -> Table:
+        if dataset["format"] == "images":
+            raise InvalidRequest(f"dataset {dataset['id']} holds images; use an image task", param="dataset")
         return read_table(self._artifacts.local_path(dataset["sha256"]), dataset["format"])
+
+    def images(self, dataset: dict[str, Any]) -> Images:
+        if dataset["format"] != "images":
+            raise InvalidRequest(f"dataset {dataset['id']} is a table, not images; use a tabular task", param="dataset")
+        return read_images(self._artifacts.local_path(dataset["sha256"]))
 
     def delete(self, org_id: str | None, dataset_id: str, *, any_org: bool = False) -> None:
         """Remove the dataset, its data (unless another dataset holds the same bytes) and derived caches."""

@@ -10,16 +10,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from openmaas.errors import InvalidRequest
 from openmaas.training.optim import TrainParams
 
-TASKS = ("tabular-classification", "tabular-regression")
+TASKS = ("tabular-classification", "tabular-regression", "image-classification")
 
 
 class TrainSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["train"] = "train"
-    task: Literal["tabular-classification", "tabular-regression"]
+    task: Literal["tabular-classification", "tabular-regression", "image-classification"]
     dataset: str = Field(description="Dataset id.")
-    target: str = Field(min_length=1, description="The column to predict.")
+    target: str = Field(default="label", min_length=1, description="The column to predict (tabular tasks).")
     params: TrainParams = Field(default_factory=TrainParams)
     output_model: str = Field(min_length=1, max_length=128, description="Model to register the result as.")
 

@@ -91,7 +91,18 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
     datasets = DatasetService(sessions, artifacts, settings.data_dir / "cache")
     dataset = datasets.get(job.org_id, spec.dataset, any_org=job.org_id is None)
     print(f"dataset {dataset['name']} ({dataset['rows']} rows, sha256 {dataset['sha256'][:12]})", flush=True)
-    prepared = tabular.prepare(datasets.table(dataset), spec.target, spec.kind)
+    from openmaas.training import images as image_training
+
+    network = None
+    example_shape: tuple[int, ...]
+    if spec.task == "image-classification":
+        prepared = image_training.prepare(datasets.images(dataset))
+        _, c, h, w = prepared.x.shape
+        network = image_training.SmallCNN(c, h, w, len(prepared.classes or []))
+        example_shape, input_name = (c, h, w), "image"
+    else:
+        prepared = tabular.prepare(datasets.table(dataset), spec.target, spec.kind)
+        example_shape, input_name = (len(prepared.features),), "x"
     data = tabular.split(prepared, spec.params, spec.kind)
     print(
         f"train {len(data['train'][0])}, validation {len(data['val'][0])}, test {len(data['test'][0])} rows; "
@@ -115,7 +126,7 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
         reporter.progress(r.epoch / r.epochs, r.to_json())
 
     model = tabular.train(
-        data, spec.params, spec.kind, len(prepared.classes or [0]), checkpoint, on_epoch, reporter.cancelled
+        data, spec.params, spec.kind, len(prepared.classes or [0]), checkpoint, on_epoch, reporter.cancelled, network
     )
     if reporter.cancelled():
         raise _Cancelled()
@@ -123,7 +134,7 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
     print(f"held-out metrics: {metrics}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        tabular.export_onnx(model, len(prepared.features), spec.kind, path)
+        tabular.export_onnx(model, example_shape, spec.kind, path, input_name)
         registry = ModelRegistry(RegistryStore(sessions), artifacts, RuntimeOptions(), inspect_in_process)
         if registry.exists(spec.output_model):
             owner = registry.get_model(spec.output_model).owner_org_id
@@ -135,9 +146,14 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
         classes = f" Classes (label index order): {', '.join(prepared.classes)}." if prepared.classes else ""
         card = ModelCard(
             task=spec.task,
-            description=f"Trained by job {job.id} on dataset {dataset['name']}: predicts '{spec.target}' from "
-            f"{', '.join(prepared.features)} (input x, in that order).{classes}",
-            intended_use=f"Predicting '{spec.target}' for data like the training set.",
+            description=f"Trained by job {job.id} on dataset {dataset['name']}: "
+            + (
+                f"classifies {'x'.join(map(str, example_shape[1:]))} images (input image, values 0-1)."
+                if input_name == "image"
+                else f"predicts '{spec.target}' from {', '.join(prepared.features)} (input x, in that order)."
+            )
+            + classes,
+            intended_use="Predictions for data like the training set.",
             training_data=f"dataset {dataset['id']} ({dataset['rows']} rows, sha256 {dataset['sha256']}); "
             f"parameters: {spec.params.model_dump_json()}",
             metrics=scalar,

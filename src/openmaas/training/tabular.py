@@ -108,7 +108,14 @@ def split(prepared: Prepared, params: TrainParams, kind: Kind) -> dict[str, tupl
 # -- model ---------------------------------------------------------------------------------------------------------
 
 
-class TabularNet(nn.Module):
+class Net(nn.Module):
+    """What the training loop needs of a model: ``scaled`` outputs for the loss, ``forward`` for serving."""
+
+    def scaled(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TabularNet(Net):
     """Standardise (statistics of the training split, kept in the model) -> linear or MLP."""
 
     mean: torch.Tensor
@@ -151,7 +158,7 @@ class TabularNet(nn.Module):
 class _Served(nn.Module):
     """What the ONNX file computes: probabilities and label (classification) or the prediction (regression)."""
 
-    def __init__(self, net: TabularNet, kind: Kind) -> None:
+    def __init__(self, net: Net, kind: Kind) -> None:
         super().__init__()
         self.net = net
         self.kind = kind
@@ -195,15 +202,21 @@ def train(
     checkpoint: Path,
     on_epoch: Callable[[EpochReport], None],
     cancelled: Callable[[], bool] = lambda: False,
-) -> TabularNet:
-    """Train, saving a checkpoint after every epoch; an existing checkpoint is resumed from."""
+    network: Net | None = None,
+) -> Net:
+    """Train, saving a checkpoint after every epoch; an existing checkpoint is resumed from.
+
+    ``network`` defaults to a TabularNet for the data; any module with ``scaled`` (the outputs the loss sees)
+    and ``forward`` (what is served) trains the same way."""
     torch.manual_seed(params.seed)
     x_train, y_train = data["train"]
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0)
-    std[std == 0] = 1.0
     y_scale = (0.0, 1.0) if kind == "classification" else (float(y_train.mean()), float(y_train.std() or 1.0))
-    model = TabularNet(x_train.shape[1], n_classes if kind == "classification" else 1, params, mean, std, y_scale)
+    if network is None:
+        mean = x_train.mean(axis=0)
+        std = x_train.std(axis=0)
+        std[std == 0] = 1.0
+        network = TabularNet(x_train.shape[1], n_classes if kind == "classification" else 1, params, mean, std, y_scale)
+    model = network
     opt = make_optimizer(params, list(model.parameters()))
     loss_fn: nn.Module = nn.CrossEntropyLoss() if kind == "classification" else nn.MSELoss()
     start, best, best_state, waited = 0, math.inf, None, 0
@@ -288,7 +301,7 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
 # -- evaluation and export -----------------------------------------------------------------------------------------
 
 
-def evaluate(model: TabularNet, x: np.ndarray, y: np.ndarray, kind: Kind) -> dict[str, Any]:
+def evaluate(model: Net, x: np.ndarray, y: np.ndarray, kind: Kind) -> dict[str, Any]:
     """Held-out metrics: accuracy, precision, recall, F1 (macro), ROC-AUC, log loss, confusion; or MSE, MAE, R²."""
     from sklearn import metrics
 
@@ -325,11 +338,12 @@ def evaluate(model: TabularNet, x: np.ndarray, y: np.ndarray, kind: Kind) -> dic
     return result
 
 
-def export_onnx(model: TabularNet, n_features: int, kind: Kind, path: Path) -> None:
-    """``x`` FP32 [-1, F] -> ``probabilities`` FP32 [-1, C] and ``label`` INT64 [-1], or ``prediction`` FP32 [-1]."""
+def export_onnx(model: Net, example_shape: tuple[int, ...], kind: Kind, path: Path, input_name: str = "x") -> None:
+    """``x`` FP32 [-1, F] (or ``image`` [-1, C, H, W]) -> ``probabilities`` FP32 [-1, C] and ``label`` INT64 [-1],
+    or ``prediction`` FP32 [-1]."""
     served = _Served(model, kind).eval()
     outputs = ["probabilities", "label"] if kind == "classification" else ["prediction"]
-    example = torch.zeros(2, n_features)
+    example = torch.zeros(2, *example_shape)
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of one that needs onnxscript (not installed).
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -338,8 +352,8 @@ def export_onnx(model: TabularNet, n_features: int, kind: Kind, path: Path) -> N
             served,
             (example,),
             str(path),
-            input_names=["x"],
+            input_names=[input_name],
             output_names=outputs,
-            dynamic_axes={"x": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
+            dynamic_axes={input_name: {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
             dynamo=False,
         )
