@@ -317,3 +317,99 @@ def test_bad_image_zips_are_refused(org_client: httpx.Client, tmp_path: Path) ->
         json={"type": "train", "task": "image-classification", "dataset": one["id"], "output_model": unique("m")},
     )
     assert r.status_code == 400 and "'dogs' has only 1 image" in r.json()["detail"]
+
+
+def _topics(n_per_topic: int = 40, seed: int = 0) -> list[tuple[str, str]]:
+    import random
+
+    rng = random.Random(seed)
+    vocab = {
+        "sport": (
+            ["the striker", "our goalkeeper", "the coach", "the team", "a sprinter"],
+            [
+                "scored in the final minute",
+                "won the league title",
+                "trained for the marathon",
+                "missed a penalty",
+                "broke the record",
+            ],
+        ),
+        "cooking": (
+            ["the chef", "my grandmother", "the baker", "a home cook", "the pastry team"],
+            [
+                "simmered the tomato sauce",
+                "kneaded the bread dough",
+                "roasted garlic and onions",
+                "whisked eggs for an omelette",
+                "seasoned the soup with thyme",
+            ],
+        ),
+        "finance": (
+            ["the central bank", "investors", "the stock market", "the treasury", "a hedge fund"],
+            [
+                "raised interest rates",
+                "sold government bonds",
+                "reported quarterly earnings",
+                "hedged against inflation",
+                "cut the dividend",
+            ],
+        ),
+        "weather": (
+            ["a cold front", "the storm", "heavy rain", "the forecast", "a heatwave"],
+            [
+                "brought snow to the mountains",
+                "flooded the valley",
+                "promised sunshine tomorrow",
+                "pushed temperatures above forty degrees",
+                "caused strong winds on the coast",
+            ],
+        ),
+    }
+    rows = []
+    for topic, (subjects, predicates) in vocab.items():
+        for _ in range(n_per_topic):
+            rows.append((f"{rng.choice(subjects)} {rng.choice(predicates)}", topic))
+    rng.shuffle(rows)
+    return rows
+
+
+def test_text_classification_head_on_minilm(server: ServerProcess, admin: httpx.Client, tmp_path: Path) -> None:
+    import tritonclient.http as triton
+
+    org = new_org(admin, "texts")
+    key = new_key(admin, org["name"], scopes=["inference", "manage"])
+    path = tmp_path / "topics.jsonl"
+    import json
+
+    path.write_text("".join(json.dumps({"text": t, "topic": y}) + "\n" for t, y in _topics()))
+    with httpx.Client(base_url=server.url, headers=bearer(key["key"]), timeout=60) as c:
+        ds = _upload(c, path)
+        name = unique("topics")
+        body = {
+            "type": "train",
+            "task": "text-classification",
+            "dataset": ds["id"],
+            "target": "topic",
+            "output_model": name,
+            "params": {"epochs": 60},
+        }
+        assert c.post("/api/jobs", json={**body, "encoder": "digits-cnn"}).status_code == 400
+        assert c.post("/api/jobs", json={**body, "text_column": "body"}).status_code == 400
+        r = c.post("/api/jobs", json=body)
+        assert r.status_code == 202, r.text
+        job = _wait(c, r.json()["id"], timeout=400)
+        assert job["status"] == "succeeded", (job["error"], c.get(f"/api/jobs/{job['id']}/logs").text[-2000:])
+        assert job["result"]["metrics"]["accuracy"] >= 0.9
+        classes = job["result"]["classes"]
+        texts = [
+            "the goalkeeper saved a penalty in extra time",
+            "bake the bread with rosemary and olive oil",
+            "the bank raised rates to fight inflation",
+            "thunderstorms and hail are expected tonight",
+        ]
+        client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        inp = triton.InferInput("text", [len(texts)], "BYTES")
+        inp.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+        result = client.infer(name, [inp], outputs=[triton.InferRequestedOutput("label")], headers=dict(c.headers))
+        assert [classes[i] for i in result.as_numpy("label")] == ["sport", "cooking", "finance", "weather"]
+        client.close()

@@ -168,7 +168,16 @@ async def _check_train(datasets: DatasetService, gw: Any, who: Principal, spec: 
     if not NAME_RE.match(spec.output_model):
         raise InvalidRequest(f"invalid model name '{spec.output_model}'", param="output_model")
     ds = await run_in_threadpool(lambda: datasets.get(who.org_id, spec.dataset, any_org=who.is_platform_admin))
-    if spec.task == "image-classification":
+    if spec.task == "text-classification":
+        from openmaas.runtimes.sentence_transformers import SentenceTransformerRuntime
+        from openmaas.training.text import prepare_text
+
+        encoder = gw.model_version(who, spec.encoder)  # 404 when the caller cannot see it
+        if encoder.format != SentenceTransformerRuntime.format:
+            raise InvalidRequest(f"encoder '{spec.encoder}' is not a text-embedding model", param="encoder")
+        table = await run_in_threadpool(datasets.table, ds)
+        await run_in_threadpool(prepare_text, table, spec.text_column, spec.target)
+    elif spec.task == "image-classification":
         from openmaas.training.images import prepare as prepare_images
 
         await run_in_threadpool(lambda: prepare_images(datasets.images(ds)))

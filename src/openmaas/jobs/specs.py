@@ -10,16 +10,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from openmaas.errors import InvalidRequest
 from openmaas.training.optim import TrainParams
 
-TASKS = ("tabular-classification", "tabular-regression", "image-classification")
+TASKS = ("tabular-classification", "tabular-regression", "image-classification", "text-classification")
 
 
 class TrainSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["train"] = "train"
-    task: Literal["tabular-classification", "tabular-regression", "image-classification"]
+    task: Literal["tabular-classification", "tabular-regression", "image-classification", "text-classification"]
     dataset: str = Field(description="Dataset id.")
     target: str = Field(default="label", min_length=1, description="The column to predict (tabular tasks).")
+    text_column: str = Field(default="text", min_length=1, description="The text to classify (text tasks).")
+    encoder: str = Field(default="all-minilm-l6-v2", description="Registered embedding model (text tasks; frozen).")
     params: TrainParams = Field(default_factory=TrainParams)
     output_model: str = Field(min_length=1, max_length=128, description="Model to register the result as.")
 

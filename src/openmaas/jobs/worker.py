@@ -95,7 +95,24 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
 
     network = None
     example_shape: tuple[int, ...]
-    if spec.task == "image-classification":
+    encoder_dir: Path | None = None
+    if spec.task == "text-classification":
+        from openmaas.runtimes.sentence_transformers import SentenceTransformerRuntime
+        from openmaas.training.text import prepare_text
+
+        texts, labels, classes = prepare_text(datasets.table(dataset), spec.text_column, spec.target)
+        encoder = RegistryStore(sessions).get_version(spec.encoder)
+        if encoder.format != SentenceTransformerRuntime.format:
+            raise OpenMaaSError(f"encoder '{spec.encoder}' is not a text-embedding model")
+        encoder_dir = artifacts.local_path(encoder.sha256)
+        runtime = SentenceTransformerRuntime(encoder_dir, RuntimeOptions(torch_threads=settings.job_threads))
+        runtime.load()
+        print(f"embedding {len(texts)} texts with {spec.encoder} version {encoder.version}", flush=True)
+        embeddings, _ = runtime.embed(texts)
+        runtime.unload()
+        prepared = tabular.Prepared(embeddings, labels, ["embedding"], classes)
+        example_shape, input_name = (embeddings.shape[1],), "x"
+    elif spec.task == "image-classification":
         prepared = image_training.prepare(datasets.images(dataset))
         _, c, h, w = prepared.x.shape
         network = image_training.SmallCNN(c, h, w, len(prepared.classes or []))
@@ -134,7 +151,19 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
     print(f"held-out metrics: {metrics}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        tabular.export_onnx(model, example_shape, spec.kind, path, input_name)
+        fmt = "onnx"
+        if encoder_dir is not None:  # the encoder's folder plus the head: served by the sentence-transformers runtime
+            import shutil
+
+            from openmaas.runtimes.sentence_transformers import HEAD_FILE
+
+            folder = Path(tmp) / "model"
+            shutil.copytree(encoder_dir, folder)
+            folder.chmod(0o755)
+            path, fmt = folder, "sentence-transformers"
+            tabular.export_onnx(model, example_shape, spec.kind, folder / HEAD_FILE, input_name)
+        else:
+            tabular.export_onnx(model, example_shape, spec.kind, path, input_name)
         registry = ModelRegistry(RegistryStore(sessions), artifacts, RuntimeOptions(), inspect_in_process)
         if registry.exists(spec.output_model):
             owner = registry.get_model(spec.output_model).owner_org_id
@@ -143,16 +172,18 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
                     f"model name '{spec.output_model}' is taken by another organisation; choose another"
                 )
         scalar = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        classes = f" Classes (label index order): {', '.join(prepared.classes)}." if prepared.classes else ""
+        class_note = f" Classes (label index order): {', '.join(prepared.classes)}." if prepared.classes else ""
         card = ModelCard(
             task=spec.task,
             description=f"Trained by job {job.id} on dataset {dataset['name']}: "
             + (
                 f"classifies {'x'.join(map(str, example_shape[1:]))} images (input image, values 0-1)."
                 if input_name == "image"
+                else f"classifies text (input text) with a head on {spec.encoder}'s embeddings."
+                if encoder_dir is not None
                 else f"predicts '{spec.target}' from {', '.join(prepared.features)} (input x, in that order)."
             )
-            + classes,
+            + class_note,
             intended_use="Predictions for data like the training set.",
             training_data=f"dataset {dataset['id']} ({dataset['rows']} rows, sha256 {dataset['sha256']}); "
             f"parameters: {spec.params.model_dump_json()}",
@@ -162,7 +193,7 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
         mv = registry.register(
             path,
             spec.output_model,
-            format="onnx",
+            format=fmt,
             card=card,
             owner_org_id=job.org_id,
             visibility="private" if job.org_id else "public",

@@ -10,9 +10,14 @@ import numpy as np
 from openmaas.runtimes.base import Runtime, RuntimeResult
 from openmaas.runtimes.types import Signature, TensorSpec
 
+HEAD_FILE = "openmaas_head.onnx"
+
 
 class SentenceTransformerRuntime(Runtime):
-    """Input ``text`` BYTES [-1]; output ``embedding`` FP32 [-1, dim]; counts the tokens each text used."""
+    """Input ``text`` BYTES [-1]; output ``embedding`` FP32 [-1, dim]; counts the tokens each text used.
+
+    A folder that also holds ``openmaas_head.onnx`` (a classifier trained on these embeddings by a
+    text-classification job) adds its outputs: ``probabilities`` FP32 [-1, classes] and ``label`` INT64 [-1]."""
 
     format = "sentence-transformers"
     platform = "sentence_transformers"
@@ -21,6 +26,7 @@ class SentenceTransformerRuntime(Runtime):
         super().__init__(*args, **kwargs)
         self._model: Any = None
         self._signature: Signature | None = None
+        self._head: Any = None
 
     def load(self) -> None:
         import torch
@@ -30,10 +36,20 @@ class SentenceTransformerRuntime(Runtime):
         model = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
         model.eval()
         dim = int(model.get_embedding_dimension() or 0)
-        self._signature = Signature(
-            inputs=[TensorSpec(name="text", datatype="BYTES", shape=[-1])],
-            outputs=[TensorSpec(name="embedding", datatype="FP32", shape=[-1, dim])],
-        )
+        outputs = [TensorSpec(name="embedding", datatype="FP32", shape=[-1, dim])]
+        head_path = self.path / HEAD_FILE
+        if head_path.is_file():
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            self._head = ort.InferenceSession(str(head_path), opts, providers=["CPUExecutionProvider"])
+            classes = int(self._head.get_outputs()[0].shape[-1])
+            outputs += [
+                TensorSpec(name="probabilities", datatype="FP32", shape=[-1, classes]),
+                TensorSpec(name="label", datatype="INT64", shape=[-1]),
+            ]
+        self._signature = Signature(inputs=[TensorSpec(name="text", datatype="BYTES", shape=[-1])], outputs=outputs)
         self._model = model
 
     @property
@@ -84,7 +100,11 @@ class SentenceTransformerRuntime(Runtime):
     def infer(self, batch: Mapping[str, np.ndarray]) -> RuntimeResult:
         texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in batch["text"].reshape(-1)]
         embeddings, tokens = self.embed(texts)
-        return RuntimeResult(outputs={"embedding": embeddings}, tokens=tokens)
+        outputs = {"embedding": embeddings}
+        if self._head is not None:
+            probabilities, label = self._head.run(None, {"x": embeddings.astype(np.float32)})
+            outputs.update(probabilities=probabilities, label=label)
+        return RuntimeResult(outputs=outputs, tokens=tokens)
 
     def set_threads(self, threads: int) -> None:
         import torch
@@ -100,3 +120,4 @@ class SentenceTransformerRuntime(Runtime):
 
     def unload(self) -> None:
         self._model = None
+        self._head = None
