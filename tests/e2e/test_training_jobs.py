@@ -413,3 +413,30 @@ def test_text_classification_head_on_minilm(server: ServerProcess, admin: httpx.
         result = client.infer(name, [inp], outputs=[triton.InferRequestedOutput("label")], headers=dict(c.headers))
         assert [classes[i] for i in result.as_numpy("label")] == ["sport", "cooking", "finance", "weather"]
         client.close()
+
+
+def test_two_data_parallel_workers(org_client: httpx.Client, tmp_path: Path) -> None:
+    from sklearn.datasets import load_wine
+
+    data = load_wine()
+    ds = _upload(org_client, _csv(tmp_path / "wine2.csv", list(data.feature_names), data.data, data.target))
+    r = org_client.post(
+        "/api/jobs",
+        json={
+            "type": "train",
+            "task": "tabular-classification",
+            "dataset": ds["id"],
+            "target": "target",
+            "output_model": unique("wine-dp"),
+            "params": {"epochs": 100, "workers": 2},
+        },
+    )
+    assert r.status_code == 202, r.text
+    job = _wait(org_client, r.json()["id"])
+    logs = org_client.get(f"/api/jobs/{job['id']}/logs").text
+    assert job["status"] == "succeeded", (job["error"], logs[-3000:])
+    assert "data-parallel on 2 workers" in logs
+    assert job["result"]["metrics"]["accuracy"] >= 0.93
+    first = job["history"][0]
+    assert [w["rank"] for w in first["workers"]] == [0, 1]  # both workers' progress, every epoch
+    assert all(len(h["workers"]) == 2 for h in job["history"])

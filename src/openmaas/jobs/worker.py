@@ -142,9 +142,13 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
         )
         reporter.progress(r.epoch / r.epochs, r.to_json())
 
-    model = tabular.train(
-        data, spec.params, spec.kind, len(prepared.classes or [0]), checkpoint, on_epoch, reporter.cancelled, network
-    )
+    n_classes = len(prepared.classes or [0])
+    if spec.params.workers > 1:
+        _train_data_parallel(
+            spec.params.workers, sessions, reporter, data, spec, n_classes, checkpoint, on_epoch, network
+        )
+    # Single process, or after the parallel workers: this resumes from (or just reads) the checkpoint.
+    model = tabular.train(data, spec.params, spec.kind, n_classes, checkpoint, on_epoch, reporter.cancelled, network)
     if reporter.cancelled():
         raise _Cancelled()
     metrics = tabular.evaluate(model, *data["test"], spec.kind)
@@ -205,6 +209,55 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
         "features": prepared.features,
         "classes": prepared.classes,
     }
+
+
+def _train_data_parallel(
+    workers: int,
+    sessions: sessionmaker[Session],
+    reporter: Reporter,
+    data: dict[str, Any],
+    spec: Any,
+    n_classes: int,
+    checkpoint: Path,
+    on_epoch: Any,
+    network: Any,
+) -> None:
+    """``workers`` forked processes joined in a gloo group on this machine (Ray Train drives the same loop on a
+    cluster); rank 0 checkpoints and reports, every epoch report lists each worker's loss."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+    from torch.multiprocessing.spawn import start_processes
+
+    from openmaas.training import tabular
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    print(f"training data-parallel on {workers} workers (gloo)", flush=True)
+
+    def rank_main(rank: int) -> None:
+        sessions.kw["bind"].dispose(close=False)  # the parent's pooled connections are not this process's
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=workers)
+        try:
+            tabular.train(
+                data,
+                spec.params,
+                spec.kind,
+                n_classes,
+                checkpoint,
+                on_epoch if rank == 0 else (lambda r: None),
+                reporter.cancelled,
+                network,
+                rank,
+                workers,
+            )
+        finally:
+            dist.destroy_process_group()
+
+    start_processes(rank_main, nprocs=workers, join=True, start_method="fork")  # type: ignore[no-untyped-call]
 
 
 class _Cancelled(Exception):

@@ -34,6 +34,7 @@ class TrainParams(BaseModel):
     validation_split: float = Field(default=0.15, gt=0, lt=0.5)
     test_split: float = Field(default=0.2, gt=0, lt=0.5)
     seed: int = 42
+    workers: int = Field(default=1, ge=1, le=16, description="Data-parallel processes (gloo), gradients averaged.")
 
 
 def make_optimizer(params: TrainParams, weights: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

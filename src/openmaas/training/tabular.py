@@ -183,15 +183,19 @@ class EpochReport:
     val_metric: float  # accuracy or R²
     lr: float
     stopped_early: bool = False
+    workers: list[float] | None = None  # each data-parallel worker's training loss
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "epoch": self.epoch,
             "loss": round(self.loss, 6),
             "val_loss": round(self.val_loss, 6),
             "val_metric": round(self.val_metric, 6),
             "lr": self.lr,
         }
+        if self.workers is not None:
+            out["workers"] = [{"rank": r, "loss": round(v, 6)} for r, v in enumerate(self.workers)]
+        return out
 
 
 def train(
@@ -203,11 +207,17 @@ def train(
     on_epoch: Callable[[EpochReport], None],
     cancelled: Callable[[], bool] = lambda: False,
     network: Net | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> Net:
     """Train, saving a checkpoint after every epoch; an existing checkpoint is resumed from.
 
     ``network`` defaults to a TabularNet for the data; any module with ``scaled`` (the outputs the loss sees)
-    and ``forward`` (what is served) trains the same way."""
+    and ``forward`` (what is served) trains the same way. With ``world`` > 1 this is one of that many
+    data-parallel processes (a gloo process group is already set up): each takes its share of every global batch,
+    gradients are averaged across them, and rank 0 validates, checkpoints, reports and decides when to stop."""
+    import torch.distributed as dist
+
     torch.manual_seed(params.seed)
     x_train, y_train = data["train"]
     y_scale = (0.0, 1.0) if kind == "classification" else (float(y_train.mean()), float(y_train.std() or 1.0))
@@ -219,13 +229,16 @@ def train(
     model = network
     opt = make_optimizer(params, list(model.parameters()))
     loss_fn: nn.Module = nn.CrossEntropyLoss() if kind == "classification" else nn.MSELoss()
-    start, best, best_state, waited = 0, math.inf, None, 0
+    start, best, best_state, waited, done = 0, math.inf, None, 0, False
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)  # our own file, written below; never an upload
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, best, best_state, waited = state["epoch"], state["best"], state["best_state"], state["waited"]
+        done = state.get("done", False)
         torch.set_rng_state(state["rng"])
+    if done:
+        start = params.epochs  # finished earlier (say, by data-parallel workers): only the best weights remain
 
     xt = torch.from_numpy(x_train)
 
@@ -238,24 +251,38 @@ def train(
     xv, yv = torch.from_numpy(data["val"][0]), target(data["val"][1])
     weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
     for epoch in range(start, params.epochs):
-        if cancelled():
+        if world == 1 and cancelled():
             break
         lr = params.learning_rate * lr_factor(params, epoch)
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
-        order = torch.randperm(len(xt))
-        total = 0.0
-        for i in range(0, len(xt), params.batch_size):
-            idx = order[i : i + params.batch_size]
-            out = model.scaled(xt[idx])
-            loss = loss_fn(out, yt[idx]) if kind == "classification" else loss_fn(out[:, 0], yt[idx])
-            if params.l1:
-                loss = loss + params.l1 * sum(w.abs().sum() for w in weights)
+        order = torch.randperm(len(xt))  # the same on every rank: same seed, same RNG state
+        total, seen = 0.0, 0
+        step = params.batch_size * world
+        for i in range(0, len(xt), step):
+            idx = order[i : i + step][rank::world]  # this rank's share of the global batch
             opt.zero_grad()
-            loss.backward()
+            if len(idx):
+                out = model.scaled(xt[idx])
+                loss = loss_fn(out, yt[idx]) if kind == "classification" else loss_fn(out[:, 0], yt[idx])
+                if params.l1:
+                    loss = loss + params.l1 * sum(w.abs().sum() for w in weights)
+                loss.backward()
+                total += float(loss) * len(idx)
+                seen += len(idx)
+            if world > 1:
+                for p in model.parameters():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
             opt.step()
-            total += float(loss) * len(idx)
+        losses = [total / max(seen, 1)]
+        if world > 1:
+            gathered = [torch.zeros(1) for _ in range(world)]
+            dist.all_gather(gathered, torch.tensor([losses[0]]))
+            losses = [float(g) for g in gathered]
         model.eval()
         with torch.no_grad():
             out = model.scaled(xv)
@@ -272,19 +299,28 @@ def train(
         else:
             waited += 1
         stop = params.early_stopping and waited >= params.patience
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "epoch": epoch + 1,
-                "best": best,
-                "best_state": best_state,
-                "waited": waited,
-                "rng": torch.get_rng_state(),
-            },
-            checkpoint,
-        )
-        on_epoch(EpochReport(epoch + 1, params.epochs, total / len(xt), val_loss, val_metric, lr, stop))
+        if rank == 0:
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "epoch": epoch + 1,
+                    "best": best,
+                    "best_state": best_state,
+                    "waited": waited,
+                    "rng": torch.get_rng_state(),
+                    "done": stop or epoch + 1 == params.epochs,
+                },
+                checkpoint,
+            )
+            report = EpochReport(epoch + 1, params.epochs, sum(losses) / world, val_loss, val_metric, lr, stop)
+            report.workers = losses if world > 1 else None
+            on_epoch(report)
+            stop = stop or cancelled()
+        if world > 1:
+            flag = torch.tensor([1 if stop else 0])
+            dist.broadcast(flag, src=0)  # rank 0 decides: early stop or cancel
+            stop = bool(flag.item())
         if stop:
             break
     if best_state is not None:
