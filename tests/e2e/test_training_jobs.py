@@ -100,6 +100,15 @@ def test_train_tabular_and_serve_through_tritonclient(
     assert job["result"]["metrics"][metric] >= bar, job["result"]["metrics"]
     assert job["progress"] == 1.0 and job["history"] and "val_loss" in job["history"][0]
     assert "held-out metrics" in org_client.get(f"/api/jobs/{job['id']}/logs").text
+    png = org_client.get(job["result"]["curves"])
+    assert (
+        png.status_code == 200
+        and png.headers["content-type"] == "image/png"
+        and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    )
+    events = org_client.get(f"/api/jobs/{job['id']}/events")  # a finished job: its final state, then the end
+    assert events.headers["content-type"].startswith("text/event-stream")
+    assert '"status":"succeeded"' in events.text and events.text.startswith("event: progress")
 
     # The new model answers at once, through tritonclient, with the card filled in.
     card = org_client.get(f"/api/models/{name}").json()["versions"][-1]["card"]

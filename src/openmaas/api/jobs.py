@@ -12,12 +12,12 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import PlainTextResponse, StreamingResponse
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from openmaas.api.deps import GatewayDep, PrincipalDep, actor, principal
 from openmaas.api.responses import JSONResponse
 from openmaas.datasets.service import DatasetService, format_of
-from openmaas.errors import InvalidRequest
+from openmaas.errors import InvalidRequest, NotFound
 from openmaas.gateway.auth import Principal
 from openmaas.jobs.service import TERMINAL, JobService
 from openmaas.jobs.specs import TrainSpec, parse_spec
@@ -134,6 +134,16 @@ def router(scratch: Path) -> APIRouter:
         _, jobs = _services(request)
         await run_in_threadpool(lambda: jobs.get(who.org_id, job_id, **_scope(who)))
         return PlainTextResponse(await run_in_threadpool(jobs.logs, job_id))
+
+    @r.get("/jobs/{job_id}/curves.png")
+    async def job_curves(job_id: str, request: Request, who: PrincipalDep) -> Response:
+        """Training curves (loss, validation loss and metric per epoch) of a finished training job."""
+        _, jobs = _services(request)
+        await run_in_threadpool(lambda: jobs.get(who.org_id, job_id, **_scope(who)))
+        path = jobs.jobs_dir / job_id / "curves.png"
+        if not path.is_file():
+            raise NotFound(f"job {job_id} has no training curves (yet)", param="job")
+        return Response(await run_in_threadpool(path.read_bytes), media_type="image/png")
 
     @r.get("/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request, who: PrincipalDep) -> StreamingResponse:

@@ -153,6 +153,9 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
         raise _Cancelled()
     metrics = tabular.evaluate(model, *data["test"], spec.kind)
     print(f"held-out metrics: {metrics}", flush=True)
+    from openmaas.training.curves import draw_curves
+
+    draw_curves(reporter.row().history, workdir / "curves.png", "accuracy" if spec.kind == "classification" else "R²")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         fmt = "onnx"
@@ -207,6 +210,7 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
         "version": mv.version,
         "metrics": metrics,
         "features": prepared.features,
+        "curves": f"/api/jobs/{job.id}/curves.png",
         "classes": prepared.classes,
     }
 
