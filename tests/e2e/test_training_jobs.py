@@ -449,3 +449,19 @@ def test_two_data_parallel_workers(org_client: httpx.Client, tmp_path: Path) -> 
     first = job["history"][0]
     assert [w["rank"] for w in first["workers"]] == [0, 1]  # both workers' progress, every epoch
     assert all(len(h["workers"]) == 2 for h in job["history"])
+
+
+def test_parquet_dataset(org_client: httpx.Client, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes()
+    columns = {name: data.data[:, i] for i, name in enumerate(data.feature_names)} | {"target": data.target}
+    path = tmp_path / "diabetes.parquet"
+    pq.write_table(pa.table(columns), path)
+    ds = _upload(org_client, path)
+    assert ds["format"] == "parquet" and ds["rows"] == 442
+    assert {c["type"] for c in ds["schema"]["columns"]} == {"number"}
+    r = org_client.post("/api/datasets", files={"file": ("broken.parquet", b"PAR1 not really parquet")})
+    assert r.status_code == 400 and "Parquet" in r.json()["detail"]

@@ -14,7 +14,7 @@ import orjson
 
 from openmaas.errors import InvalidRequest
 
-TABULAR_FORMATS = ("csv", "jsonl")
+TABULAR_FORMATS = ("csv", "jsonl", "parquet")
 # A column this numeric is meant to be numeric: a few text cells in it are errors, not categories.
 _NUMERIC_SHARE = 0.9
 _MAX_CATEGORIES = 1000
@@ -65,6 +65,8 @@ def read_table(path: Path, fmt: str) -> Table:
         columns, rows = _read_csv(raw)
     elif fmt == "jsonl":
         columns, rows = _read_jsonl(raw)
+    elif fmt == "parquet":
+        columns, rows = _read_parquet(raw)
     else:
         raise _fail(f"unsupported dataset format '{fmt}'; use one of {', '.join(TABULAR_FORMATS)} or an image zip")
     if not rows:
@@ -114,6 +116,20 @@ def _read_csv(raw: bytes) -> tuple[list[str], list[list[str]]]:
         if len(row) != len(columns):
             raise _fail(f"row {n} has {len(row)} fields; the header has {len(columns)}")
         rows.append([v.strip() for v in row])
+    return columns, rows
+
+
+def _read_parquet(raw: bytes) -> tuple[list[str], list[list[str]]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(raw))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise _fail(f"the file is not a readable Parquet file: {e}") from None
+    columns = [str(c) for c in table.column_names]
+    data = table.to_pydict()
+    rows = [["" if data[c][i] is None else str(data[c][i]) for c in columns] for i in range(table.num_rows)]
     return columns, rows
 
 

@@ -23,10 +23,10 @@ def format_of(filename: str, declared: str | None) -> str:
         fmt = declared.lower()
     else:
         suffix = PurePath(filename).suffix.lower().lstrip(".")
-        fmt = {"ndjson": "jsonl", "json": "jsonl", "zip": "images"}.get(suffix, suffix)
+        fmt = {"ndjson": "jsonl", "json": "jsonl", "zip": "images", "pq": "parquet"}.get(suffix, suffix)
     if fmt not in (*TABULAR_FORMATS, "images"):
         raise InvalidRequest(
-            f"cannot tell a supported dataset format from '{filename}'; send a .csv or .jsonl file, or a .zip of "
+            f"cannot tell a supported dataset format from '{filename}'; send a .csv, .jsonl or .parquet file, or a .zip of "
             "class_name/picture.png images (or say which with 'format')",
             param="format",
         )
