@@ -51,6 +51,25 @@ def _upload(c: httpx.Client, path: Path) -> dict:
     return dict(r.json())
 
 
+def _submit_wine(c: httpx.Client, tmp_path: Path, output: str, params: dict) -> str:
+    """Upload the wine data and submit a tabular-classification job on it; returns the job id."""
+    from sklearn.datasets import load_wine
+
+    data = load_wine()
+    ds = _upload(c, _csv(tmp_path / f"{output}.csv", list(data.feature_names), data.data, data.target))
+    body = {
+        "type": "train",
+        "task": "tabular-classification",
+        "dataset": ds["id"],
+        "target": "target",
+        "output_model": output,
+        "params": params,
+    }
+    r = c.post("/api/jobs", json=body)
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
 def _wait(c: httpx.Client, job_id: str, timeout: float = 240) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -171,28 +190,14 @@ def _write(path: Path, content: bytes) -> Path:
 def test_sigkill_during_training_resumes_from_the_checkpoint(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
-    from sklearn.datasets import load_wine
 
     server = ServerProcess(
         tmp_path_factory.mktemp("resume") / "data",
         env={"OPENMAAS_ADMIN_KEY": ADMIN, "OPENMAAS_BUNDLED_MODELS": "false"},
     ).start()
     try:
-        data = load_wine()
         with httpx.Client(base_url=server.url, headers=bearer(ADMIN), timeout=60) as c:
-            ds = _upload(c, _csv(tmp_path / "wine.csv", list(data.feature_names), data.data, data.target))
-            r = c.post(
-                "/api/jobs",
-                json={
-                    "type": "train",
-                    "task": "tabular-classification",
-                    "dataset": ds["id"],
-                    "target": "target",
-                    "output_model": "resumed",
-                    "params": {"epochs": 400, "batch_size": 4, "early_stopping": False},
-                },
-            )
-            job_id = r.json()["id"]
+            job_id = _submit_wine(c, tmp_path, "resumed", {"epochs": 400, "batch_size": 4, "early_stopping": False})
             deadline = time.monotonic() + 120
             while len(c.get(f"/api/jobs/{job_id}").json()["history"]) < 30:
                 assert time.monotonic() < deadline
@@ -425,23 +430,8 @@ def test_text_classification_head_on_minilm(server: ServerProcess, admin: httpx.
 
 
 def test_two_data_parallel_workers(org_client: httpx.Client, tmp_path: Path) -> None:
-    from sklearn.datasets import load_wine
-
-    data = load_wine()
-    ds = _upload(org_client, _csv(tmp_path / "wine2.csv", list(data.feature_names), data.data, data.target))
-    r = org_client.post(
-        "/api/jobs",
-        json={
-            "type": "train",
-            "task": "tabular-classification",
-            "dataset": ds["id"],
-            "target": "target",
-            "output_model": unique("wine-dp"),
-            "params": {"epochs": 100, "workers": 2},
-        },
-    )
-    assert r.status_code == 202, r.text
-    job = _wait(org_client, r.json()["id"])
+    job_id = _submit_wine(org_client, tmp_path, unique("wine-dp"), {"epochs": 100, "workers": 2})
+    job = _wait(org_client, job_id)
     logs = org_client.get(f"/api/jobs/{job['id']}/logs").text
     assert job["status"] == "succeeded", (job["error"], logs[-3000:])
     assert "data-parallel on 2 workers" in logs
@@ -465,3 +455,20 @@ def test_parquet_dataset(org_client: httpx.Client, tmp_path: Path) -> None:
     assert {c["type"] for c in ds["schema"]["columns"]} == {"number"}
     r = org_client.post("/api/datasets", files={"file": ("broken.parquet", b"PAR1 not really parquet")})
     assert r.status_code == 400 and "Parquet" in r.json()["detail"]
+
+
+def test_cancel_a_running_job(org_client: httpx.Client, tmp_path: Path) -> None:
+    job_id = _submit_wine(
+        org_client, tmp_path, unique("cancelled"), {"epochs": 5000, "batch_size": 2, "early_stopping": False}
+    )
+    deadline = time.monotonic() + 120
+    while not org_client.get(f"/api/jobs/{job_id}").json()["history"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    r = org_client.post(f"/api/jobs/{job_id}/cancel")
+    assert r.status_code == 200, r.text
+    job = _wait(org_client, job_id, timeout=60)
+    assert job["status"] == "cancelled" and job["result"] is None
+    assert len(job["history"]) < 5000
+    again = org_client.post(f"/api/jobs/{job_id}/cancel")
+    assert again.status_code == 400 and "already cancelled" in again.json()["detail"]
