@@ -5,6 +5,7 @@ Reads top to bottom: data -> splits -> model -> training loop (resumable) -> hel
 
 from __future__ import annotations
 
+import abc
 import math
 import warnings
 from collections.abc import Callable
@@ -108,11 +109,12 @@ def split(prepared: Prepared, params: TrainParams, kind: Kind) -> dict[str, tupl
 # -- model ---------------------------------------------------------------------------------------------------------
 
 
-class Net(nn.Module):
+class Net(nn.Module, abc.ABC):
     """What the training loop needs of a model: ``scaled`` outputs for the loss, ``forward`` for serving."""
 
+    @abc.abstractmethod
     def scaled(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The outputs the loss is computed on (logits, or a standardised regression target)."""
 
 
 class TabularNet(Net):
