@@ -9,7 +9,7 @@ import abc
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,10 +28,14 @@ Kind = Literal["classification", "regression"]
 
 @dataclass
 class Prepared:
-    x: np.ndarray  # (N, F) float32, raw feature values
+    x: np.ndarray  # (N, F) float32, raw numeric feature values
     y: np.ndarray  # (N,) int64 class index, or float32 target
-    features: list[str]
+    features: list[str]  # the numeric features, in the order of x's columns
     classes: list[str] | None
+    categorical: list[str] = field(default_factory=list)  # categorical feature columns
+    raw: np.ndarray | None = None  # (N, len(categorical)) their values, as text
+    # Categories of each categorical column, learned from the training split (filled by ``split``).
+    categories: dict[str, list[str]] = field(default_factory=dict)
 
 
 def prepare(table: Table, target: str, kind: Kind) -> Prepared:
@@ -41,17 +45,22 @@ def prepare(table: Table, target: str, kind: Kind) -> Prepared:
             f"target column '{target}' is not in the dataset; its columns are: {', '.join(table.columns)}",
             param="target",
         )
-    features = [c for c in table.columns if c != target]
-    if not features:
+    columns = [c for c in table.columns if c != target]
+    if not columns:
         raise InvalidRequest("the dataset has no feature columns besides the target", param="target")
-    not_numeric = [c for c in features if table.kinds[c] != "number"]
-    if not_numeric:
+    free_text = [c for c in columns if table.kinds[c] == "text"]
+    if free_text:
         raise InvalidRequest(
-            f"feature column '{not_numeric[0]}' is not numeric; this release trains on numeric features only "
-            "(encode categories as numbers, or drop the column)",
+            f"feature column '{free_text[0]}' looks like free text (most values differ); drop it, or classify the "
+            "text with the text-classification task",
             param="dataset",
         )
-    x = np.array([table.numbers(c) for c in features], dtype=np.float32).T
+    features = [c for c in columns if table.kinds[c] == "number"]
+    categorical = [c for c in columns if table.kinds[c] == "category"]
+    x = np.array([table.numbers(c) for c in features], dtype=np.float32).reshape(len(features), -1).T
+    if not features:
+        x = np.zeros((table.rows, 0), dtype=np.float32)
+    raw = np.array([table.cells[c] for c in categorical], dtype=object).T if categorical else None
     if kind == "regression":
         if table.kinds[target] != "number":
             bad = next(i for i, v in enumerate(table.cells[target]) if not _is_float(v))
@@ -59,7 +68,7 @@ def prepare(table: Table, target: str, kind: Kind) -> Prepared:
                 f"target '{target}' must be numeric for regression; row {bad + 1} has '{table.cells[target][bad][:40]}'",
                 param="target",
             )
-        return Prepared(x, np.array(table.numbers(target), dtype=np.float32), features, None)
+        return Prepared(x, np.array(table.numbers(target), dtype=np.float32), features, None, categorical, raw)
     labels = table.cells[target]
     classes = sorted(set(labels), key=lambda v: (float(v), v) if _is_float(v) else (math.inf, v))
     if len(classes) < 2:
@@ -75,7 +84,7 @@ def prepare(table: Table, target: str, kind: Kind) -> Prepared:
             param="target",
         )
     index = {c: i for i, c in enumerate(classes)}
-    return Prepared(x, np.array([index[v] for v in labels], dtype=np.int64), features, classes)
+    return Prepared(x, np.array([index[v] for v in labels], dtype=np.int64), features, classes, categorical, raw)
 
 
 def _is_float(v: str) -> bool:
@@ -87,23 +96,34 @@ def _is_float(v: str) -> bool:
 
 
 def split(prepared: Prepared, params: TrainParams, kind: Kind) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """train / validation / test, stratified by class for classification, fixed by the seed."""
+    """train / validation / test, stratified by class for classification, fixed by the seed.
+
+    Categorical columns are one-hot encoded with the categories seen in the training split (a category seen only
+    elsewhere encodes as all zeros, as it will when served); the encoded columns follow the numeric ones."""
     from sklearn.model_selection import train_test_split
 
+    rows = np.arange(len(prepared.y))
     strat = prepared.y if kind == "classification" else None
-    x_rest, x_test, y_rest, y_test = train_test_split(
-        prepared.x, prepared.y, test_size=params.test_split, random_state=params.seed, stratify=strat
-    )
-    strat = y_rest if kind == "classification" else None
+    rest, test = train_test_split(rows, test_size=params.test_split, random_state=params.seed, stratify=strat)
+    strat = prepared.y[rest] if kind == "classification" else None
     try:
-        x_train, x_val, y_train, y_val = train_test_split(
-            x_rest, y_rest, test_size=params.validation_split, random_state=params.seed, stratify=strat
-        )
+        train, val = train_test_split(rest, test_size=params.validation_split, random_state=params.seed, stratify=strat)
     except ValueError:  # a class too small to stratify the validation split: split without
-        x_train, x_val, y_train, y_val = train_test_split(
-            x_rest, y_rest, test_size=params.validation_split, random_state=params.seed
-        )
-    return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
+        train, val = train_test_split(rest, test_size=params.validation_split, random_state=params.seed)
+    if prepared.raw is not None:
+        prepared.categories = {
+            c: sorted(set(prepared.raw[train, j].tolist())) for j, c in enumerate(prepared.categorical)
+        }
+
+    def features(idx: np.ndarray) -> np.ndarray:
+        parts = [prepared.x[idx]]
+        if prepared.raw is not None:
+            for j, c in enumerate(prepared.categorical):
+                cats = np.array(prepared.categories[c], dtype=object)
+                parts.append((prepared.raw[idx, j][:, None] == cats[None, :]).astype(np.float32))
+        return np.concatenate(parts, axis=1).astype(np.float32)
+
+    return {name: (features(idx), prepared.y[idx]) for name, idx in (("train", train), ("val", val), ("test", test))}
 
 
 # -- model ---------------------------------------------------------------------------------------------------------
@@ -302,6 +322,11 @@ def train(
             waited += 1
         stop = params.early_stopping and waited >= params.patience
         if rank == 0:
+            # Report before checkpointing: a crash between the two then redoes (and re-reports) this epoch,
+            # instead of resuming after an epoch the job's history never heard of.
+            report = EpochReport(epoch + 1, params.epochs, sum(losses) / world, val_loss, val_metric, lr, stop)
+            report.workers = losses if world > 1 else None
+            on_epoch(report)
             torch.save(
                 {
                     "model": model.state_dict(),
@@ -313,11 +338,9 @@ def train(
                     "rng": torch.get_rng_state(),
                     "done": stop or epoch + 1 == params.epochs,
                 },
-                checkpoint,
+                checkpoint.with_suffix(".tmp"),
             )
-            report = EpochReport(epoch + 1, params.epochs, sum(losses) / world, val_loss, val_metric, lr, stop)
-            report.workers = losses if world > 1 else None
-            on_epoch(report)
+            checkpoint.with_suffix(".tmp").replace(checkpoint)  # atomic: a crash never leaves half a checkpoint
             stop = stop or cancelled()
         if world > 1:
             flag = torch.tensor([1 if stop else 0])
