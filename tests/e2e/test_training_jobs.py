@@ -472,3 +472,48 @@ def test_cancel_a_running_job(org_client: httpx.Client, tmp_path: Path) -> None:
     assert len(job["history"]) < 5000
     again = org_client.post(f"/api/jobs/{job_id}/cancel")
     assert again.status_code == 400 and "already cancelled" in again.json()["detail"]
+
+
+def test_categorical_columns_are_one_hot_encoded_in_the_served_model(
+    jobs_server: ServerProcess, org_client: httpx.Client, tmp_path: Path
+) -> None:
+    import random
+
+    import tritonclient.http as triton
+
+    rng = random.Random(0)
+    colours = {"red": "stop", "green": "go", "amber": "wait"}
+    lines = ["speed,colour,action"]
+    for _ in range(300):
+        colour = rng.choice(list(colours))
+        lines.append(f"{rng.uniform(0, 100):.2f},{colour},{colours[colour]}")
+    ds = _upload(org_client, _write(tmp_path / "lights.csv", ("\n".join(lines) + "\n").encode()))
+    kinds = {c["name"]: c["type"] for c in ds["schema"]["columns"]}
+    assert kinds == {"speed": "number", "colour": "category", "action": "category"}
+    name = unique("lights")
+    r = org_client.post(
+        "/api/jobs",
+        json={
+            "type": "train",
+            "task": "tabular-classification",
+            "dataset": ds["id"],
+            "target": "action",
+            "output_model": name,
+            "params": {"epochs": 60},
+        },
+    )
+    job = _wait(org_client, r.json()["id"])
+    assert job["status"] == "succeeded", (job["error"], org_client.get(f"/api/jobs/{job['id']}/logs").text[-2000:])
+    assert job["result"]["metrics"]["accuracy"] >= 0.95
+    classes = job["result"]["classes"]
+    client = triton.InferenceServerClient(jobs_server.url.removeprefix("http://"))
+    speed = triton.InferInput("x", [4, 1], "FP32")
+    speed.set_data_from_numpy(np.array([[10], [50], [90], [30]], dtype=np.float32))
+    colour = triton.InferInput("colour", [4], "BYTES")
+    colour.set_data_from_numpy(np.array([b"red", b"green", b"amber", b"purple"], dtype=object))
+    result = client.infer(
+        name, [speed, colour], outputs=[triton.InferRequestedOutput("label")], headers=dict(org_client.headers)
+    )
+    labels = [classes[i] for i in result.as_numpy("label")]
+    assert labels[:3] == ["stop", "go", "wait"]  # an unseen colour still gets an answer (all-zero encoding)
+    client.close()

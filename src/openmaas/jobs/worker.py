@@ -169,6 +169,14 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
             folder.chmod(0o755)
             path, fmt = folder, "sentence-transformers"
             tabular.export_onnx(model, example_shape, spec.kind, folder / HEAD_FILE, input_name)
+        elif prepared.categorical:
+            from openmaas.training.encoding import with_categorical_inputs
+
+            encoded = sum(len(c) for c in prepared.categories.values())
+            net_path = Path(tmp) / "net.onnx"
+            tabular.export_onnx(model, (len(prepared.features) + encoded,), spec.kind, net_path, "features")
+            names = with_categorical_inputs(net_path, len(prepared.features), prepared.categories, path)
+            print(f"categorical inputs (text): {', '.join(names)}", flush=True)
         else:
             tabular.export_onnx(model, example_shape, spec.kind, path, input_name)
         registry = ModelRegistry(RegistryStore(sessions), artifacts, RuntimeOptions(), inspect_in_process)
@@ -188,7 +196,8 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
                 if input_name == "image"
                 else f"classifies text (input text) with a head on {spec.encoder}'s embeddings."
                 if encoder_dir is not None
-                else f"predicts '{spec.target}' from {', '.join(prepared.features)} (input x, in that order)."
+                else f"predicts '{spec.target}' from {', '.join(prepared.features)} (input x, in that order)"
+                + (f" and the text inputs {', '.join(prepared.categorical)}." if prepared.categorical else ".")
             )
             + class_note,
             intended_use="Predictions for data like the training set.",
