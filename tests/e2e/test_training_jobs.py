@@ -517,3 +517,24 @@ def test_categorical_columns_are_one_hot_encoded_in_the_served_model(
     labels = [classes[i] for i in result.as_numpy("label")]
     assert labels[:3] == ["stop", "go", "wait"]  # an unseen colour still gets an answer (all-zero encoding)
     client.close()
+
+
+@pytest.mark.parametrize("task", ["tabular-regression", "image-classification"])
+def test_two_data_parallel_workers_reach_the_same_bars(org_client: httpx.Client, tmp_path: Path, task: str) -> None:
+    from sklearn.datasets import load_diabetes
+
+    if task == "image-classification":
+        ds = _upload(org_client, _digits_zip(tmp_path / "digits.zip"))
+        body = {"dataset": ds["id"], "params": {"epochs": 40, "learning_rate": 0.005, "workers": 2}}
+        metric, bar = "accuracy", 0.95
+    else:
+        data = load_diabetes()
+        ds = _upload(org_client, _csv(tmp_path / "diabetes.csv", list(data.feature_names), data.data, data.target))
+        body = {"dataset": ds["id"], "target": "target", "params": {"epochs": 150, "workers": 2}}
+        metric, bar = "r2", 0.4
+    r = org_client.post("/api/jobs", json={"type": "train", "task": task, "output_model": unique("dp"), **body})
+    assert r.status_code == 202, r.text
+    job = _wait(org_client, r.json()["id"], timeout=400)
+    assert job["status"] == "succeeded", (job["error"], org_client.get(f"/api/jobs/{job['id']}/logs").text[-2000:])
+    assert job["result"]["metrics"][metric] >= bar, job["result"]["metrics"]
+    assert all(len(h["workers"]) == 2 for h in job["history"])
