@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from openmaas.config import Settings
@@ -54,7 +54,10 @@ class Reporter:
             s.commit()
 
     def cancelled(self) -> bool:
-        return bool(self.row().cancel_requested)
+        """Asked every epoch: reads the flag alone, not the row (whose history grows with every epoch)."""
+        with self._sessions() as s:
+            flag = s.scalar(select(JobRow.cancel_requested).where(JobRow.id == self.job_id))
+            return bool(flag)
 
     def finish(self, status: str, *, result: dict[str, Any] | None = None, error: str | None = None) -> None:
         with self._sessions() as s:
