@@ -70,6 +70,14 @@ def _submit_wine(c: httpx.Client, tmp_path: Path, output: str, params: dict) -> 
     return str(r.json()["id"])
 
 
+def _assert_uploads_refused(c: httpx.Client, cases: dict[str, tuple[bytes, str]]) -> None:
+    """Each file (name -> content, words the refusal must contain) is refused at upload with a 400."""
+    for filename, (content, message) in cases.items():
+        r = c.post("/api/datasets", files={"file": (filename, content)})
+        assert r.status_code == 400, (filename, r.text)
+        assert message in r.json()["detail"], (filename, r.json()["detail"])
+
+
 def _wait(c: httpx.Client, job_id: str, timeout: float = 240) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -155,10 +163,7 @@ def test_bad_data_is_refused_with_the_problem_named(org_client: httpx.Client, tm
         "bad.jsonl": (b'{"a": 1}\n[1, 2]\n', "line 2 is not a JSON object"),
         "notes.txt": (b"hello", "format"),
     }
-    for filename, (content, message) in cases.items():
-        r = org_client.post("/api/datasets", files={"file": (filename, content)})
-        assert r.status_code == 400, (filename, r.text)
-        assert message in r.json()["detail"], (filename, r.json()["detail"])
+    _assert_uploads_refused(org_client, cases)
     ds = _upload(
         org_client,
         _write(
@@ -319,10 +324,7 @@ def test_bad_image_zips_are_refused(org_client: httpx.Client, tmp_path: Path) ->
         ),
         "notzip.zip": (b"hello", "not a zip archive"),
     }
-    for filename, (content, message) in cases.items():
-        r = org_client.post("/api/datasets", files={"file": (filename, content)})
-        assert r.status_code == 400, (filename, r.text)
-        assert message in r.json()["detail"], (filename, r.json()["detail"])
+    _assert_uploads_refused(org_client, cases)
     one = _upload(
         org_client, _write(tmp_path / "one.zip", zip_of({"cats/1.png": png, "cats/2.png": png, "dogs/1.png": png}))
     )
