@@ -179,6 +179,7 @@ def test_bad_data_is_refused_with_the_problem_named(org_client: httpx.Client, tm
         ({**base, "target": "a", "dataset": "missing"}, "does not exist"),
         ({**base, "target": "a", "params": {"optimizer": "rmsprop"}}, "params.optimizer"),
         ({**base, "target": "a", "type": "dance"}, "unknown job type"),
+        ({**base, "target": "a", "fine_tune": True}, "fine_tune applies to text-classification only"),
     ):
         r = org_client.post("/api/jobs", json=body)
         assert r.status_code in (400, 404), r.text
@@ -389,7 +390,14 @@ def _topics(n_per_topic: int = 40, seed: int = 0) -> list[tuple[str, str]]:
     return rows
 
 
-def test_text_classification_head_on_minilm(server: ServerProcess, admin: httpx.Client, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("fine_tune", "params"),
+    [(False, {"epochs": 60}), (True, {"epochs": 4, "batch_size": 16, "encoder_learning_rate": 5e-5})],
+    ids=["frozen", "fine-tuned"],
+)
+def test_text_classification_head_on_minilm(
+    server: ServerProcess, admin: httpx.Client, tmp_path: Path, fine_tune: bool, params: dict
+) -> None:
     import tritonclient.http as triton
 
     org = new_org(admin, "texts")
@@ -407,7 +415,8 @@ def test_text_classification_head_on_minilm(server: ServerProcess, admin: httpx.
             "dataset": ds["id"],
             "target": "topic",
             "output_model": name,
-            "params": {"epochs": 60},
+            "params": params,
+            "fine_tune": fine_tune,
         }
         assert c.post("/api/jobs", json={**body, "encoder": "digits-cnn"}).status_code == 400
         assert c.post("/api/jobs", json={**body, "text_column": "body"}).status_code == 400
@@ -426,9 +435,18 @@ def test_text_classification_head_on_minilm(server: ServerProcess, admin: httpx.
         client = triton.InferenceServerClient(server.url.removeprefix("http://"))
         inp = triton.InferInput("text", [len(texts)], "BYTES")
         inp.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
-        result = client.infer(name, [inp], outputs=[triton.InferRequestedOutput("label")], headers=dict(c.headers))
+        wanted = [triton.InferRequestedOutput("label"), triton.InferRequestedOutput("embedding")]
+        result = client.infer(name, [inp], outputs=wanted, headers=dict(c.headers))
         assert [classes[i] for i in result.as_numpy("label")] == ["sport", "cooking", "finance", "weather"]
+        base = client.infer("all-minilm-l6-v2", [inp], headers=dict(c.headers)).as_numpy("embedding")
         client.close()
+        # Frozen: the encoder served with the head is the base model, bit for bit; fine-tuned: its weights moved.
+        cosine = (result.as_numpy("embedding") * base).sum(axis=1)
+        if fine_tune:
+            assert cosine.max() < 0.999, cosine
+            assert "fine-tuned" in c.get(f"/api/models/{name}/versions/1").json()["card"]["description"]
+        else:
+            np.testing.assert_allclose(cosine, 1.0, atol=1e-5)
 
 
 def test_two_data_parallel_workers(org_client: httpx.Client, tmp_path: Path) -> None:

@@ -140,14 +140,21 @@ def jobs_logs(
 
 
 def train(
-    task: Annotated[str, typer.Option(help="tabular-classification or tabular-regression.")],
-    data: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="CSV or JSONL file.")],
+    task: Annotated[
+        str,
+        typer.Option(help="tabular-classification, tabular-regression, image-classification or text-classification."),
+    ],
+    data: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="CSV, JSONL, Parquet or image zip.")],
     target: Annotated[str, typer.Option(help="The column to predict.")],
     output: Annotated[str | None, typer.Option(help="Model name (default: the file's name).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
     model: Annotated[str | None, typer.Option(help="linear or mlp.")] = None,
     optimizer: Annotated[str | None, typer.Option(help="sgd, momentum, adagrad, adam or adamw.")] = None,
     learning_rate: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
+    text_column: Annotated[str | None, typer.Option(help="The text to classify (text-classification).")] = None,
+    fine_tune: Annotated[
+        bool, typer.Option("--fine-tune", help="text-classification: train the encoder too, not just a head.")
+    ] = False,
     url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = None,
     data_dir: DataDirOpt = Path(".openmaas"),
@@ -170,5 +177,9 @@ def train(
             "output_model": name,
             "params": params,
         }
+        if text_column:
+            body["text_column"] = text_column
+        if fine_tune:
+            body["fine_tune"] = True
         job = call(url, api_key, data_dir, lambda c2: c2.post("/api/jobs", body))
         _report(watch_job(c, job["id"]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from openmaas.errors import InvalidRequest
 from openmaas.training.optim import TrainParams
@@ -21,9 +21,20 @@ class TrainSpec(BaseModel):
     dataset: str = Field(description="Dataset id.")
     target: str = Field(default="label", min_length=1, description="The column to predict (tabular tasks).")
     text_column: str = Field(default="text", min_length=1, description="The text to classify (text tasks).")
-    encoder: str = Field(default="all-minilm-l6-v2", description="Registered embedding model (text tasks; frozen).")
+    encoder: str = Field(default="all-minilm-l6-v2", description="Registered embedding model (text tasks).")
+    fine_tune: bool = Field(
+        default=False,
+        description="Text tasks: train the encoder's weights too (at params.encoder_learning_rate) instead of a "
+        "head on its frozen embeddings; the tuned encoder is served with the head.",
+    )
     params: TrainParams = Field(default_factory=TrainParams)
     output_model: str = Field(min_length=1, max_length=128, description="Model to register the result as.")
+
+    @model_validator(mode="after")
+    def _fine_tune_needs_text(self) -> TrainSpec:
+        if self.fine_tune and self.task != "text-classification":
+            raise ValueError("fine_tune applies to text-classification only")
+        return self
 
     @property
     def kind(self) -> Literal["classification", "regression"]:

@@ -96,7 +96,7 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
     print(f"dataset {dataset['name']} ({dataset['rows']} rows, sha256 {dataset['sha256'][:12]})", flush=True)
     from openmaas.training import images as image_training
 
-    network = None
+    network: tabular.Net | None = None
     example_shape: tuple[int, ...]
     encoder_dir: Path | None = None
     if spec.task == "text-classification":
@@ -108,13 +108,24 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
         if encoder.format != SentenceTransformerRuntime.format:
             raise OpenMaaSError(f"encoder '{spec.encoder}' is not a text-embedding model")
         encoder_dir = artifacts.local_path(encoder.sha256)
-        runtime = SentenceTransformerRuntime(encoder_dir, RuntimeOptions(torch_threads=settings.job_threads))
-        runtime.load()
-        print(f"embedding {len(texts)} texts with {spec.encoder} version {encoder.version}", flush=True)
-        embeddings, _ = runtime.embed(texts)
-        runtime.unload()
-        prepared = tabular.Prepared(embeddings, labels, ["embedding"], classes)
-        example_shape, input_name = (embeddings.shape[1],), "x"
+        if spec.fine_tune:
+            from sentence_transformers import SentenceTransformer
+
+            from openmaas.training.text import FineTuned, token_ids
+
+            st = SentenceTransformer(str(encoder_dir), device="cpu", local_files_only=True)
+            print(f"fine-tuning {spec.encoder} version {encoder.version} on {len(texts)} texts", flush=True)
+            network = FineTuned(st, len(classes), int(st.tokenizer.pad_token_id or 0))
+            prepared = tabular.Prepared(token_ids(st, texts), labels, ["text"], classes)
+            example_shape, input_name = (network.head.in_features,), "x"
+        else:
+            runtime = SentenceTransformerRuntime(encoder_dir, RuntimeOptions(torch_threads=settings.job_threads))
+            runtime.load()
+            print(f"embedding {len(texts)} texts with {spec.encoder} version {encoder.version}", flush=True)
+            embeddings, _ = runtime.embed(texts)
+            runtime.unload()
+            prepared = tabular.Prepared(embeddings, labels, ["embedding"], classes)
+            example_shape, input_name = (embeddings.shape[1],), "x"
     elif spec.task == "image-classification":
         prepared = image_training.prepare(datasets.images(dataset))
         _, c, h, w = prepared.x.shape
@@ -168,10 +179,18 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
             from openmaas.runtimes.sentence_transformers import HEAD_FILE
 
             folder = Path(tmp) / "model"
-            shutil.copytree(encoder_dir, folder)
-            folder.chmod(0o755)
+            if spec.fine_tune:
+                from openmaas.training.text import FineTuned, Head
+
+                assert isinstance(model, FineTuned)
+                model.encoder.save(str(folder), create_model_card=False)  # safetensors
+                head: tabular.Net = Head(model.head)
+            else:
+                shutil.copytree(encoder_dir, folder)
+                folder.chmod(0o755)
+                head = model
             path, fmt = folder, "sentence-transformers"
-            tabular.export_onnx(model, example_shape, spec.kind, folder / HEAD_FILE, input_name)
+            tabular.export_onnx(head, example_shape, spec.kind, folder / HEAD_FILE, input_name)
         elif prepared.categorical:
             from openmaas.training.encoding import with_categorical_inputs
 
@@ -197,6 +216,9 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
             + (
                 f"classifies {'x'.join(map(str, example_shape[1:]))} images (input image, values 0-1)."
                 if input_name == "image"
+                else f"classifies text (input text) with {spec.encoder} fine-tuned on this data and a linear head; "
+                "its embedding output is the tuned encoder's."
+                if spec.fine_tune
                 else f"classifies text (input text) with a head on {spec.encoder}'s embeddings."
                 if encoder_dir is not None
                 else f"predicts '{spec.target}' from {', '.join(prepared.features)} (input x, in that order)"

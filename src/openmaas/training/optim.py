@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,6 +21,9 @@ class TrainParams(BaseModel):
     hidden: list[int] = Field(default_factory=lambda: [64])
     optimizer: Optimizer = "adam"
     learning_rate: float = Field(default=0.01, gt=0, le=10)
+    encoder_learning_rate: float = Field(
+        default=2e-5, gt=0, le=1, description="Learning rate of the encoder's own weights when fine-tuning it."
+    )
     schedule: Schedule = "constant"
     warmup_epochs: int = Field(default=0, ge=0)
     decay: float = Field(default=0.95, gt=0, le=1, description="Per-epoch factor of the exponential schedule.")
@@ -37,7 +40,10 @@ class TrainParams(BaseModel):
     workers: int = Field(default=1, ge=1, le=16, description="Data-parallel processes (gloo), gradients averaged.")
 
 
-def make_optimizer(params: TrainParams, weights: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: TrainParams, weights: list[torch.nn.Parameter] | list[dict[str, Any]]
+) -> torch.optim.Optimizer:
+    """``weights``: the parameters, or parameter groups each with its own base ``lr``."""
     lr, wd = params.learning_rate, params.weight_decay
     if params.optimizer == "sgd":
         return torch.optim.SGD(weights, lr=lr, weight_decay=wd)

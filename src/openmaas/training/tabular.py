@@ -116,6 +116,8 @@ def split(prepared: Prepared, params: TrainParams, kind: Kind) -> dict[str, tupl
         }
 
     def features(idx: np.ndarray) -> np.ndarray:
+        if prepared.raw is None:
+            return prepared.x[idx]  # as prepared (token ids stay integers)
         parts = [prepared.x[idx]]
         if prepared.raw is not None:
             for j, c in enumerate(prepared.categorical):
@@ -249,7 +251,10 @@ def train(
         std[std == 0] = 1.0
         network = TabularNet(x_train.shape[1], n_classes if kind == "classification" else 1, params, mean, std, y_scale)
     model = network
-    opt = make_optimizer(params, list(model.parameters()))
+    groups = getattr(model, "param_groups", None)
+    opt = make_optimizer(params, groups(params) if groups else list(model.parameters()))
+    for group in opt.param_groups:
+        group["base_lr"] = group["lr"]  # the schedule scales each group's own rate
     loss_fn: nn.Module = nn.CrossEntropyLoss() if kind == "classification" else nn.MSELoss()
     start, best, best_state, waited, done = 0, math.inf, None, 0, False
     if checkpoint.exists():
@@ -277,7 +282,7 @@ def train(
             break
         lr = params.learning_rate * lr_factor(params, epoch)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = group["base_lr"] * lr_factor(params, epoch)
         model.train()
         order = torch.randperm(len(xt))  # the same on every rank: same seed, same RNG state
         total, seen = 0.0, 0
