@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from openmaas import __version__
 from openmaas.api import billing as billing_api
-from openmaas.api import health, manage, openai, tenancy, usage, v2
+from openmaas.api import generation, health, manage, openai, tenancy, usage, v2
 from openmaas.api import jobs as jobs_api
 from openmaas.api.errors import install_error_handlers
 from openmaas.api.middleware import RequestContextMiddleware
@@ -34,7 +34,7 @@ from openmaas.metering.writer import GroupCommitWriter
 from openmaas.registry.inspect import inspect_in_subprocess
 from openmaas.registry.models import ModelVersion
 from openmaas.registry.service import ModelRegistry
-from openmaas.runtimes import RuntimeOptions
+from openmaas.runtimes import GENERATIVE_FORMATS, RuntimeOptions
 from openmaas.serving.batcher import BatchConfig
 from openmaas.serving.pool import ResidencyPool
 from openmaas.store import db
@@ -70,7 +70,14 @@ def build_platform(settings: Settings) -> Platform:
     engine = db.create_db_engine(settings.resolved_database_url)
     sessions = db.session_factory(engine)
     metrics = Metrics()
-    options = RuntimeOptions(onnx_threads=settings.onnx_threads, torch_threads=settings.torch_threads)
+    options = RuntimeOptions(
+        onnx_threads=settings.onnx_threads,
+        torch_threads=settings.torch_threads,
+        generation_batch=settings.generation_batch,
+        generation_context=settings.generation_context,
+        generation_max_tokens=settings.generation_max_tokens,
+        generation_queue=settings.generation_queue,
+    )
     # Uploaded models are loaded for inspection in a child process (crash isolation; see registry/inspect.py).
     registry = ModelRegistry(
         RegistryStore(sessions), LocalArtifactStore(settings.artifacts_dir), options, inspect_in_subprocess
@@ -89,6 +96,8 @@ def build_platform(settings: Settings) -> Platform:
         return replace(defaults, **overrides)
 
     def instances(mv: ModelVersion) -> int:
+        if mv.format in GENERATIVE_FORMATS:
+            return 1  # one engine per model batches every request itself
         configured = registry.get_model(mv.model).serving.instances
         return configured if configured is not None else settings.model_instances
 
@@ -222,6 +231,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(v2.health_router())
     app.include_router(v2.router())
     app.include_router(openai.router(settings.max_embedding_inputs))
+    app.include_router(generation.router(settings.audio_max_seconds))
     app.include_router(manage.router(settings.data_dir / "tmp", settings.max_upload_bytes))
     app.include_router(tenancy.public_router())
     app.include_router(tenancy.router())

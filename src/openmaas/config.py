@@ -114,6 +114,27 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         default=16384, ge=1, description="Default most (estimated) tokens per batch for text models."
     )
+    generation_batch: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Most generation requests one language model decodes together (step by "
+        "step: a request joins at the next step and leaves when done); the rest wait in its queue.",
+    )
+    generation_queue: int = Field(
+        default=64, ge=1, description="Most generation requests waiting per language model; beyond it 429."
+    )
+    generation_context: int = Field(
+        default=8192,
+        ge=16,
+        description="Longest context (prompt plus answer, in tokens) a language model serves, at most its own window.",
+    )
+    generation_max_tokens: int = Field(
+        default=256, ge=1, description="Answer length when a completion request gives no max_tokens."
+    )
+    audio_max_seconds: float = Field(
+        default=600.0, gt=0, description="Longest audio /v1/audio/transcriptions accepts; longer files get 413."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Log level of the server's JSON logs."
     )

@@ -21,17 +21,26 @@ Builder = Callable[[Path], tuple[Path, ModelCard]]
 
 
 def _builders() -> dict[str, Builder]:
-    from openmaas.catalogue import digits, minilm, tabular
+    from openmaas.catalogue import digits, minilm, speech_and_text, tabular
 
     return {
         "all-minilm-l6-v2": minilm.build,
         "digits-cnn": digits.build,
         "breast-cancer-logreg": tabular.build_breast_cancer,
         "diabetes-linreg": tabular.build_diabetes,
+        "gemma-3-270m": speech_and_text.build_gemma,
+        "whisper-tiny-en": speech_and_text.build_whisper,
     }
 
 
-BUNDLED = ("all-minilm-l6-v2", "digits-cnn", "breast-cancer-logreg", "diabetes-linreg")
+BUNDLED = (
+    "all-minilm-l6-v2",
+    "digits-cnn",
+    "breast-cancer-logreg",
+    "diabetes-linreg",
+    "gemma-3-270m",
+    "whisper-tiny-en",
+)
 
 
 def missing(registry: ModelRegistry) -> list[str]:

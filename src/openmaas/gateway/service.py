@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import math
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +23,7 @@ from openmaas.errors import (
     InvalidRequest,
     ModelNotFound,
     OpenMaaSError,
+    PayloadTooLarge,
 )
 from openmaas.gateway.auth import KeyAuthenticator, Principal
 from openmaas.gateway.limits import Admission, QuotaGuard, RateLimiter
@@ -28,8 +32,11 @@ from openmaas.metering.usage import UsageQueries
 from openmaas.metering.writer import GroupCommitWriter
 from openmaas.registry.models import Model, ModelVersion
 from openmaas.registry.service import ModelRegistry
+from openmaas.runtimes import GENERATIVE_FORMATS
+from openmaas.runtimes.generative import CausalLMRuntime, Generation, SamplingParams, TokenEvent
 from openmaas.runtimes.sentence_transformers import SentenceTransformerRuntime
-from openmaas.serving.pool import ResidencyPool
+from openmaas.runtimes.whisper import SAMPLE_RATE, AudioError, Transcript, WhisperRuntime, decode_audio
+from openmaas.serving.pool import ResidencyPool, Resident
 from openmaas.serving.types import InferenceRequest, InferenceResponse
 from openmaas.serving.validation import validate_request
 from openmaas.telemetry import Metrics
@@ -230,16 +237,10 @@ class Gateway:
         self, principal: Principal, mv: ModelVersion, request: InferenceRequest, rows: int, ctx: CallContext
     ) -> PendingCharge | None:
         """A subscription or a hold of the call's worst-case cost when the model is sold (402 otherwise)."""
-        if principal.org_id is None or not await self.billing.priced(mv.model):
-            return None
-        owner = self.registry.cached_model(mv.model).owner_org_id
-        if owner == principal.org_id:
-            return None
         text = request.inputs.get("text")
         # Each token takes at least one byte, and the model reads at most its window (well under 512).
         tokens = int(sum(min(len(t) + 2, 512) for t in text.reshape(-1))) if text is not None else 0
-        worst = {"requests": 1, "items": rows, "input_tokens": tokens, "output_tokens": 0, "audio_seconds": 0}
-        return await asyncio.to_thread(self.billing.admit, principal.org_id, mv.model, owner, ctx.request_id, worst)
+        return await self._entitle_units(principal, mv, ctx, {"requests": 1, "items": rows, "input_tokens": tokens})
 
     async def _meter(self, record: UsageRecord) -> None:
         try:
@@ -306,6 +307,266 @@ class Gateway:
         request = InferenceRequest(inputs={"text": array}, deadline=deadline)
         return await self.infer(principal, name, None, request, protocol, ctx)
 
+    # -- generation and speech --------------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        principal: Principal,
+        name: str,
+        *,
+        prompt: str | None,
+        messages: list[dict[str, str]] | None,
+        max_tokens: int | None,
+        sampling: dict[str, Any],
+        protocol: str,
+        ctx: CallContext,
+    ) -> GenerationCall:
+        """Authorise and admit a text-generation request and queue it on the model's engine.
+
+        Everything a client can get wrong (not a language model, prompt too long, over a limit) is refused here,
+        before any answer starts; the returned call streams the answer and is finished exactly once."""
+        mv = self.model_version(principal, name)
+        principal.require("inference")
+        if mv.format not in GENERATIVE_FORMATS:
+            raise InvalidInput(
+                f"model '{name}' does not generate text (task: {mv.card.task or 'unknown'}); "
+                "list text-generation models with GET /v1/models",
+                param="model",
+            )
+        idem = await self._check_idempotency(principal, ctx)
+        started = time.perf_counter()
+        resident = admission = pending = None
+        try:
+            resident = await self.pool.acquire(mv)
+            runtime = resident.instances[0].runtime
+            assert isinstance(runtime, CausalLMRuntime)
+            stop = tuple(sampling.pop("stop", ()))
+            if messages is not None:
+                prompt = runtime.render_chat(messages)
+                stop = stop + tuple(s for s in runtime.chat_stop if s not in stop)
+            ids = runtime.encode(prompt or "")
+            window = runtime.context_window
+            if max_tokens is not None and len(ids) + max_tokens > window:
+                raise InvalidRequest(
+                    f"this model's context window is {window} tokens; the request asks for {len(ids) + max_tokens} "
+                    f"({len(ids)} in the prompt, {max_tokens} to generate): shorten the prompt or lower max_tokens",
+                    param="messages" if messages is not None else "prompt",
+                )
+            if len(ids) >= window:
+                raise InvalidRequest(
+                    f"the prompt is {len(ids)} tokens; this model's context window is {window} tokens",
+                    param="messages" if messages is not None else "prompt",
+                )
+            budget = (
+                max_tokens
+                if max_tokens is not None
+                else min(self.pool.options.generation_max_tokens, window - len(ids))
+            )
+            params = SamplingParams(max_tokens=budget, stop=stop, **sampling)
+            admission = await self.limiter.admit(
+                principal.key_id, principal.limits, ctx.request_id, tokens=len(ids) + budget, items=1
+            )
+            ctx.response_headers.update(admission.headers)
+            if not ctx.replayed:
+                await self.quotas.check(principal.org_id, {"requests": 1, "input_tokens": len(ids)})
+                pending = await self._entitle_units(
+                    principal, mv, ctx, {"requests": 1, "input_tokens": len(ids), "output_tokens": budget}
+                )
+            request = runtime.generate(ids, params, asyncio.get_running_loop())
+        except BaseException as e:
+            if isinstance(e, OpenMaaSError) and e.code in (ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED):
+                self.metrics.rate_limited.labels(e.code.value).inc()
+            if pending is not None:
+                await asyncio.to_thread(self.billing.release, pending)
+            if admission is not None:
+                await admission.release()
+            if resident is not None:
+                await self.pool.release(resident)
+            if idem is not None:
+                self._idempotency_in_flight.discard(idem)
+            raise
+        self.metrics.in_flight.labels(mv.model).inc()
+        return GenerationCall(
+            self, principal, mv, protocol, ctx, request, len(ids), started, resident, admission, pending, idem
+        )
+
+    async def _settle_generation(self, call: GenerationCall, outcome: str) -> None:
+        """Meter what the client was given (once), then give back the hold, the limits' slot and the model."""
+        metered = False
+        try:
+            # A runtime failure before anything was delivered is a failed call: nothing is charged.
+            if self.metering.enabled and not call.ctx.replayed and not (outcome == "error" and call.delivered == 0):
+                await self._meter(
+                    UsageRecord(
+                        request_id=call.ctx.request_id,
+                        org_id=call.principal.org_id,
+                        key_id=call.principal.key_id,
+                        model=call.mv.model,
+                        version=call.mv.version,
+                        protocol=call.protocol,
+                        latency_ms=(time.perf_counter() - call.started) * 1000,
+                        input_tokens=call.prompt_tokens,
+                        output_tokens=call.delivered,
+                        outcome=outcome,
+                        idempotency_key=call.ctx.idempotency_key,
+                        fingerprint=call.ctx.fingerprint,
+                        charge=call.pending,
+                    )
+                )
+                metered = True
+        finally:
+            if call.pending is not None and not metered:
+                await asyncio.to_thread(self.billing.release, call.pending)
+            await call.admission.release()
+            await self.pool.release(call.resident)
+            if call.idem is not None:
+                self._idempotency_in_flight.discard(call.idem)
+            self.metrics.in_flight.labels(call.mv.model).dec()
+            status = "ok" if outcome in ("stop", "length") else outcome
+            labels = (call.mv.model, str(call.mv.version), call.protocol, status)
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - call.started)
+
+    async def transcribe(
+        self,
+        principal: Principal,
+        name: str,
+        audio: bytes,
+        *,
+        language: str | None,
+        prompt: str | None,
+        temperature: float,
+        max_seconds: float,
+        protocol: str,
+        ctx: CallContext,
+    ) -> Transcript:
+        """Speech to text with a Whisper model, metered in audio seconds."""
+        mv = self.model_version(principal, name)
+        principal.require("inference")
+        if mv.format != WhisperRuntime.format:
+            raise InvalidInput(
+                f"model '{name}' is not a speech-recognition model (task: {mv.card.task or 'unknown'})", param="model"
+            )
+        try:
+            samples = await asyncio.to_thread(decode_audio, audio)
+        except AudioError as e:
+            raise InvalidRequest(str(e), param="file") from None
+        seconds = len(samples) / SAMPLE_RATE
+        if seconds > max_seconds:
+            raise PayloadTooLarge(
+                f"the audio is {seconds:.1f} s long; the limit is {max_seconds:g} s (OPENMAAS_AUDIO_MAX_SECONDS)",
+                param="file",
+            )
+        audio_s = math.ceil(seconds)
+        idem = await self._check_idempotency(principal, ctx)
+        started = time.perf_counter()
+        status, metered = "error", False
+        admission: Admission | None = None
+        pending: PendingCharge | None = None
+        self.metrics.in_flight.labels(mv.model).inc()
+        try:
+            admission = await self.limiter.admit(principal.key_id, principal.limits, ctx.request_id, tokens=0, items=1)
+            ctx.response_headers.update(admission.headers)
+            if not ctx.replayed:
+                await self.quotas.check(principal.org_id, {"requests": 1, "audio_seconds": audio_s})
+                pending = await self._entitle_units(principal, mv, ctx, {"requests": 1, "audio_seconds": audio_s})
+            resident = await self.pool.acquire(mv)
+            try:
+                runtime = resident.instances[0].runtime
+                assert isinstance(runtime, WhisperRuntime)
+                if language and runtime.english_only and language != "en":
+                    raise InvalidRequest(
+                        f"model '{name}' transcribes English only; omit 'language' or send 'en'", param="language"
+                    )
+                transcript = await resident.instances[0].call(
+                    functools.partial(runtime.transcribe, samples, language, prompt, temperature)
+                )
+            finally:
+                await self.pool.release(resident)
+            if self.metering.enabled and not ctx.replayed:
+                await self._meter(
+                    UsageRecord(
+                        request_id=ctx.request_id,
+                        org_id=principal.org_id,
+                        key_id=principal.key_id,
+                        model=mv.model,
+                        version=mv.version,
+                        protocol=protocol,
+                        latency_ms=(time.perf_counter() - started) * 1000,
+                        items=1,
+                        audio_ms=round(seconds * 1000),
+                        idempotency_key=ctx.idempotency_key,
+                        fingerprint=ctx.fingerprint,
+                        charge=pending,
+                    )
+                )
+                metered = True
+            status = "ok"
+            return transcript
+        except OpenMaaSError as e:
+            status = str(e.status)
+            if e.code in (ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED):
+                self.metrics.rate_limited.labels(e.code.value).inc()
+            raise
+        finally:
+            if pending is not None and not metered:
+                await asyncio.to_thread(self.billing.release, pending)
+            if admission is not None:
+                await admission.release()
+            if idem is not None:
+                self._idempotency_in_flight.discard(idem)
+            self.metrics.in_flight.labels(mv.model).dec()
+            labels = (mv.model, str(mv.version), protocol, status)
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+
+    async def _entitle_units(
+        self, principal: Principal, mv: ModelVersion, ctx: CallContext, units: dict[str, int]
+    ) -> PendingCharge | None:
+        """A subscription or a hold of ``units``' cost (the call's worst case) when the model is sold; 402 if not."""
+        if principal.org_id is None or not await self.billing.priced(mv.model):
+            return None
+        owner = self.registry.cached_model(mv.model).owner_org_id
+        if owner == principal.org_id:
+            return None
+        worst = {"requests": 0, "items": 0, "input_tokens": 0, "output_tokens": 0, "audio_seconds": 0} | units
+        return await asyncio.to_thread(self.billing.admit, principal.org_id, mv.model, owner, ctx.request_id, worst)
+
     async def close(self) -> None:
         await self.limiter.close()
         await asyncio.to_thread(self.metering.writer.close)
+
+
+@dataclass(eq=False)
+class GenerationCall:
+    """An admitted generation request: iterate ``events()``, add what reached the client to ``delivered``, and
+    ``finish`` it once with how it ended (finishing twice does nothing)."""
+
+    gateway: Gateway
+    principal: Principal
+    mv: ModelVersion
+    protocol: str
+    ctx: CallContext
+    request: Generation
+    prompt_tokens: int
+    started: float
+    resident: Resident
+    admission: Admission
+    pending: PendingCharge | None
+    idem: tuple[str, str] | None
+    delivered: int = 0
+    outcome: str | None = None
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        while True:
+            event = await self.request.events.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    async def finish(self, outcome: str) -> None:
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        self.request.cancel()  # a no-op once the engine has finished it
+        await self.gateway._settle_generation(self, outcome)

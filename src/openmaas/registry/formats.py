@@ -10,10 +10,12 @@ from openmaas.errors import UnsafeFormat, UnsupportedFormat
 
 SAFE_FORMATS_HELP = (
     "Accepted formats: an ONNX file (.onnx), a Hugging Face or sentence-transformers folder with "
-    "safetensors weights (upload it as .zip or .tar.gz), or a scikit-learn model saved with skops (.skops)."
+    "safetensors weights (upload it as .zip or .tar.gz; a causal language model is served for text generation), "
+    "a GGUF language model (.gguf), a Whisper model in CTranslate2 format (a folder), or a scikit-learn model "
+    "saved with skops (.skops)."
 )
 PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".joblib", ".pt", ".pth", ".ckpt", ".bin", ".npy", ".npz"})
-FORMATS = ("onnx", "sentence-transformers", "skops")
+FORMATS = ("onnx", "sentence-transformers", "skops", "transformers", "gguf", "whisper")
 
 
 def looks_like_pickle(path: Path) -> bool:
@@ -60,11 +62,22 @@ def _detect_file(path: Path) -> str:
     if suffix == ".skops":
         return "skops"
     if suffix == ".gguf":
-        raise UnsupportedFormat("GGUF models are not servable yet (text generation arrives in a later release)")
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise UnsupportedFormat(f"'{path.name}' is not a GGUF file (no GGUF header)", param="file")
+        return "gguf"
     raise UnsupportedFormat(f"cannot tell the format of '{path.name}'. {SAFE_FORMATS_HELP}", param="file")
 
 
 def _detect_dir(path: Path) -> str:
+    from openmaas.runtimes.whisper import is_ctranslate2_whisper
+
+    if is_ctranslate2_whisper(path):
+        others = [p for p in path.rglob("*") if p.is_file() and p.name != "model.bin"]
+        pickles = [p for p in others if p.suffix.lower() in PICKLE_SUFFIXES or looks_like_pickle(p)]
+        if pickles:
+            raise _refuse_pickle(f"the folder holds {pickles[0].relative_to(path).as_posix()}, which")
+        return "whisper"  # model.bin is CTranslate2's own binary format, not a pickle
     files = [p for p in path.rglob("*") if p.is_file()]
     pickles = [p for p in files if p.suffix.lower() in PICKLE_SUFFIXES or looks_like_pickle(p)]
     if pickles:
@@ -84,9 +97,13 @@ def _detect_dir(path: Path) -> str:
             architectures = json.loads(config.read_text()).get("architectures") or []
         except (json.JSONDecodeError, AttributeError):
             raise UnsupportedFormat("config.json in the folder is not valid JSON", param="file") from None
-        if any(str(a).endswith(("ForCausalLM", "ForConditionalGeneration")) for a in architectures):
+        if any(str(a).endswith("ForCausalLM") for a in architectures):
+            return "transformers"
+        if any(str(a).endswith("ForConditionalGeneration") for a in architectures):
             raise UnsupportedFormat(
-                "generative Hugging Face models are not servable yet (text generation arrives in a later release)"
+                "encoder-decoder and multimodal Hugging Face models are not servable yet; causal language models "
+                "(architectures ending in ForCausalLM) are",
+                param="file",
             )
         # An encoder without sentence-transformers config: served as embeddings with mean pooling.
         return "sentence-transformers"

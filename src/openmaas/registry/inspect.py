@@ -25,6 +25,12 @@ def inspect_in_process(fmt: str, path: Path, options: RuntimeOptions) -> Signatu
     """Load the model, read its signature, unload it; InvalidRequest if it does not load."""
     runtime = create_runtime(fmt, path, options)
     try:
+        static = type(runtime).static_signature(path)
+    except Exception as e:
+        raise InvalidRequest(f"the {fmt} model could not be read: {e}", param="file") from None
+    if static is not None:
+        return static
+    try:
         runtime.load()
         return runtime.signature
     except Exception as e:

@@ -5,13 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from openmaas.runtimes.base import Runtime, RuntimeOptions, RuntimeResult
+from openmaas.runtimes.generative import CausalLMRuntime, GGUFRuntime
 from openmaas.runtimes.onnx import OnnxRuntime
 from openmaas.runtimes.sentence_transformers import SentenceTransformerRuntime
 from openmaas.runtimes.sklearn import SkopsRuntime
+from openmaas.runtimes.whisper import WhisperRuntime
 
 RUNTIMES: dict[str, type[Runtime]] = {
-    cls.format: cls for cls in (OnnxRuntime, SentenceTransformerRuntime, SkopsRuntime)
+    cls.format: cls
+    for cls in (OnnxRuntime, SentenceTransformerRuntime, SkopsRuntime, CausalLMRuntime, GGUFRuntime, WhisperRuntime)
 }
+
+#: Formats served for text generation (one engine per model batches its requests itself).
+GENERATIVE_FORMATS = frozenset({CausalLMRuntime.format, GGUFRuntime.format})
 
 
 def create_runtime(fmt: str, path: Path, options: RuntimeOptions) -> Runtime:
@@ -23,4 +29,4 @@ def create_runtime(fmt: str, path: Path, options: RuntimeOptions) -> Runtime:
     return cls(path, options)
 
 
-__all__ = ["RUNTIMES", "Runtime", "RuntimeOptions", "RuntimeResult", "create_runtime"]
+__all__ = ["GENERATIVE_FORMATS", "RUNTIMES", "Runtime", "RuntimeOptions", "RuntimeResult", "create_runtime"]

@@ -18,6 +18,11 @@ class RuntimeOptions:
 
     onnx_threads: int = 1
     torch_threads: int = 1
+    #: Text generation: requests decoded together, the longest context served, the default answer length.
+    generation_batch: int = 8
+    generation_context: int = 8192
+    generation_max_tokens: int = 256
+    generation_queue: int = 64
 
 
 @dataclass
@@ -39,6 +44,12 @@ class Runtime(ABC):
     def __init__(self, path: Path, options: RuntimeOptions) -> None:
         self.path = path
         self.options = options
+
+    @classmethod
+    def static_signature(cls, path: Path) -> Signature | None:
+        """The signature without loading the model (cheap checks only), for formats whose signature is fixed and
+        whose first load is slow; None: registration loads the model to read it."""
+        return None
 
     @abstractmethod
     def load(self) -> None:

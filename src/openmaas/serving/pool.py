@@ -158,6 +158,10 @@ class ResidencyPool:
 
     # -- inspection --------------------------------------------------------------------------------------------
 
+    @property
+    def options(self) -> RuntimeOptions:
+        return self._options
+
     def get(self, name: str, version: int) -> Resident | None:
         return self._resident.get((name, version))
 
