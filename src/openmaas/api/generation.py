@@ -239,15 +239,16 @@ def _usage(call: GenerationCall) -> dict[str, int]:
 async def _whole(call: GenerationCall, shape: _Shape, headers: dict[str, str]) -> Response:
     """Wait for the whole answer; settled (metered) before it is sent, so a metering failure withholds it."""
     parts: list[str] = []
-    outcome = "disconnected"
+    outcome, tokens = "disconnected", 0
     try:
         async for event in call.events():
             parts.append(event.text)
-            call.delivered += event.tokens
+            tokens += event.tokens
             if event.finish_reason is not None:
                 outcome = event.finish_reason
-                if event.finish_reason == "error":
+                if event.finish_reason == "error":  # the client gets an error, not the partial text
                     raise OpenMaaSError(f"the model failed while generating: {event.error}", code=ErrorCode.INTERNAL)
+                call.delivered = tokens
     finally:
         with anyio.CancelScope(shield=True):
             await call.finish(outcome)

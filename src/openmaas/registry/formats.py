@@ -97,7 +97,7 @@ def _detect_dir(path: Path) -> str:
             architectures = json.loads(config.read_text()).get("architectures") or []
         except (json.JSONDecodeError, AttributeError):
             raise UnsupportedFormat("config.json in the folder is not valid JSON", param="file") from None
-        if any(str(a).endswith("ForCausalLM") for a in architectures):
+        if any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
             return "transformers"
         if any(str(a).endswith("ForConditionalGeneration") for a in architectures):
             raise UnsupportedFormat(

@@ -240,7 +240,11 @@ class Engine:
         for row, s in enumerate(active):
             if s.request.cancelled:
                 continue  # nobody is listening: no event
-            token = sample(logits[row], s.request.params, s.generator)
+            try:
+                token = sample(logits[row], s.request.params, s.generator)
+            except RuntimeError as e:  # say, the model produced NaN for this row: it alone fails
+                self._finish(s, "error", error=f"sampling failed: {e}")
+                continue
             s.generated.append(token)
             s.ids.append(token)
             s.unsent_tokens += 1
