@@ -190,7 +190,9 @@ def _tiny_model(folder: Path, kind: str) -> Path:
         )
         model: torch.nn.Module = LlamaForCausalLM(config)
     else:
-        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)
+        config = GPT2Config(
+            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2
+        )
         model = GPT2LMHeadModel(config)
         with torch.no_grad():  # a broken checkpoint: the position embedding of position 6 is NaN
             model.transformer.wpe.weight[6:].fill_(float("nan"))
@@ -212,7 +214,9 @@ def test_a_tiny_llama_made_here_registers_and_generates(
     assert name in {m.id for m in llm.models.list()}
     out = llm.completions.create(model=name, prompt="the cat sat", max_tokens=6, temperature=0)
     assert out.usage is not None and out.usage.prompt_tokens >= 2
-    assert out.usage.completion_tokens == (6 if out.choices[0].finish_reason == "length" else out.usage.completion_tokens)
+    assert out.usage.completion_tokens == (
+        6 if out.choices[0].finish_reason == "length" else out.usage.completion_tokens
+    )
     assert out.choices[0].finish_reason in ("length", "stop")
     chat = llm.chat.completions.create(model=name, messages=[{"role": "user", "content": "the dog"}], max_tokens=4)
     assert chat.choices[0].message.role == "assistant"

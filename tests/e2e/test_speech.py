@@ -116,9 +116,7 @@ def test_formats_and_response_formats(asr: openai.OpenAI, tmp_path: Path) -> Non
 
 def test_bad_audio_is_refused(server: ServerProcess, admin: httpx.Client, tmp_path: Path) -> None:
     def post(content: bytes, name: str = "a.wav", **data: str) -> httpx.Response:
-        return admin.post(
-            "/v1/audio/transcriptions", data={"model": MODEL, **data}, files={"file": (name, content)}
-        )
+        return admin.post("/v1/audio/transcriptions", data={"model": MODEL, **data}, files={"file": (name, content)})
 
     r = post(b"")
     assert r.status_code == 400 and "empty" in r.json()["error"]["message"]
