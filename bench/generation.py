@@ -1,0 +1,257 @@
+"""Text generation: gemma-3-270m tokens/s at 1, 4 and 8 concurrent streams, in one run, side by side with the
+in-process runtime and (when installed) llama.cpp's own OpenAI-compatible server on the same GGUF file.
+
+    python bench/generation.py [--tokens 64] [--append docs/benchmarks.md] [--data-dir DIR]
+
+Each stream asks for ``--tokens`` tokens (greedy) and counts the content chunks it receives (one token each on both
+servers). Reported per concurrency: aggregate tokens/s, time to first token (p50) and inter-token latency (p50 and
+p99 of the gaps between chunks). The load generator runs in this process; the servers in their own.
+llama.cpp: ``pip install 'llama-cpp-python[server]'`` (it builds from source, minutes), here or in another
+environment named by ``--llama-python``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serving import free_port, machine, start_server
+
+KEY = "om_bench-key-0123456789abcdefghijklmnopqrstuvwxyz"
+MODEL = "gemma-3-270m"
+PROMPTS = [
+    "Once upon a time, in a small village by the sea,",
+    "The history of the printing press begins",
+    "Here is a recipe for a simple vegetable soup:",
+    "The most important lesson I learned at school was",
+    "In the year 2050, cities will",
+    "The train left the station at dawn and",
+    "Scientists have discovered a new species of",
+    "My favourite place in the world is",
+]
+CONCURRENCY = (1, 4, 8)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summarise(streams: list[dict[str, Any]], wall: float) -> dict[str, float]:
+    gaps = [g for s in streams for g in s["gaps"]]
+    tokens = sum(s["tokens"] for s in streams)
+    return {
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_ms": 1000 * statistics.median(s["ttft"] for s in streams),
+        "itl_p50_ms": 1000 * _percentile(gaps, 0.5),
+        "itl_p99_ms": 1000 * _percentile(gaps, 0.99),
+    }
+
+
+async def _http_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    started = time.perf_counter()
+    arrivals: list[float] = []
+    async with client.stream("POST", url, json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            for choice in event.get("choices", []):
+                if choice.get("text"):
+                    arrivals.append(time.perf_counter())
+    return _stream_stats(started, arrivals)
+
+
+def _stream_stats(started: float, arrivals: list[float]) -> dict[str, Any]:
+    """One stream's token count, time to first token and gaps between tokens."""
+    return {
+        "tokens": len(arrivals),
+        "ttft": (arrivals[0] - started) if arrivals else float("nan"),
+        "gaps": [b - a for a, b in itertools.pairwise(arrivals)],
+    }
+
+
+async def http_round(base: str, model: str, concurrency: int, tokens: int, key: str | None) -> dict[str, float]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=600) as client:
+        bodies = [
+            {
+                "model": model,
+                "prompt": PROMPTS[i % len(PROMPTS)],
+                "max_tokens": tokens,
+                "temperature": 0,
+                "stream": True,
+            }
+            for i in range(concurrency)
+        ]
+        started = time.perf_counter()
+        streams = await asyncio.gather(*[_http_stream(client, "/v1/completions", b) for b in bodies])
+        return summarise(list(streams), time.perf_counter() - started)
+
+
+async def in_process_round(runtime: Any, concurrency: int, tokens: int) -> dict[str, float]:
+    from openmaas.runtimes.generative import SamplingParams
+
+    loop = asyncio.get_running_loop()
+
+    async def one(prompt: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        request = runtime.generate(runtime.encode(prompt), SamplingParams(max_tokens=tokens, temperature=0.0), loop)
+        arrivals: list[float] = []
+        while True:
+            event = await request.events.get()
+            if event.text:
+                arrivals.append(time.perf_counter())
+            if event.finish_reason is not None:
+                break
+        return _stream_stats(started, arrivals)
+
+    started = time.perf_counter()
+    streams = await asyncio.gather(*[one(PROMPTS[i % len(PROMPTS)]) for i in range(concurrency)])
+    return summarise(list(streams), time.perf_counter() - started)
+
+
+def start_llama_cpp(python: str, gguf: Path, threads: int) -> tuple[subprocess.Popen[bytes], int] | None:
+    if subprocess.run([python, "-c", "import llama_cpp.server"], capture_output=True).returncode != 0:
+        return None
+    port = free_port()
+    proc = subprocess.Popen(
+        [python, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_threads",
+         str(threads), "--n_ctx", "4096", "--model_alias", MODEL],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            print(f"llama.cpp server exited with {proc.returncode}", file=sys.stderr)
+            return None
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    return None
+
+
+def markdown(results: dict[str, dict[int, dict[str, float]]], tokens: int, note: str) -> str:
+    lines = [
+        "",
+        "## Text generation: gemma-3-270m (GGUF Q4_K_M)",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()} by `bench/generation.py` "
+        f"({tokens} tokens per stream, greedy; one run, one after another).",
+        "",
+        "| target | streams | tokens/s | vs 1 stream | TTFT p50 ms | ITL p50 ms | ITL p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for target, rows in results.items():
+        one = rows.get(1, {}).get("tokens_per_s") or float("nan")
+        for c, r in rows.items():
+            lines.append(
+                f"| {target} | {c} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / one:.2f}x | "
+                f"{r['ttft_p50_ms']:.0f} | {r['itl_p50_ms']:.0f} | {r['itl_p99_ms']:.0f} |"
+            )
+    if "OpenMaaS (HTTP)" in results and "llama.cpp server" in results:
+        ratio = results["OpenMaaS (HTTP)"][8]["tokens_per_s"] / results["llama.cpp server"][8]["tokens_per_s"]
+        lines += ["", f"OpenMaaS at 8 streams = {ratio:.2f}x llama.cpp's server at 8 streams."]
+    if note:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--append", type=Path, help="append the results as markdown to this file")
+    parser.add_argument(
+        "--llama-python", default=sys.executable, help="Python with llama-cpp-python[server] (default: this one)"
+    )
+    parser.add_argument("--data-dir", type=Path, help="server data folder (kept: the GGUF conversion is reused)")
+    args = parser.parse_args()
+    threads = os.cpu_count() or 1
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    note = ""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data_dir or Path(tmp) / "data"
+        proc, port = start_server(data, KEY, {})
+        base = f"http://127.0.0.1:{port}"
+        try:
+            started = time.perf_counter()
+            httpx.post(
+                f"{base}/v1/completions",
+                json={"model": MODEL, "prompt": "Hi", "max_tokens": 1},
+                headers={"Authorization": f"Bearer {KEY}"},
+                timeout=900,
+            ).raise_for_status()
+            print(f"first load (GGUF conversion unless cached): {time.perf_counter() - started:.1f} s", flush=True)
+            results["OpenMaaS (HTTP)"] = {}
+            for c in CONCURRENCY:
+                results["OpenMaaS (HTTP)"][c] = asyncio.run(http_round(base, MODEL, c, args.tokens, KEY))
+                print("http", c, json.dumps(results["OpenMaaS (HTTP)"][c]), flush=True)
+            # Free the server's copy before loading the in-process one (same machine, same cores).
+            httpx.post(f"{base}/v2/repository/models/{MODEL}/unload", headers={"Authorization": f"Bearer {KEY}"})
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        converted = next((data / "artifacts" / "sha256").glob("*/converted"))
+        gguf = converted.parent / "blob"
+
+        from openmaas.runtimes import RuntimeOptions
+        from openmaas.runtimes.generative import CausalLMRuntime
+
+        runtime = CausalLMRuntime(converted, RuntimeOptions(torch_threads=threads))
+        runtime.load()
+        try:
+            results["in-process runtime"] = {}
+            for c in CONCURRENCY:
+                results["in-process runtime"][c] = asyncio.run(in_process_round(runtime, c, args.tokens))
+                print("in-process", c, json.dumps(results["in-process runtime"][c]), flush=True)
+        finally:
+            runtime.unload()
+
+        started_llama = start_llama_cpp(args.llama_python, gguf, threads)
+        if started_llama is None:
+            note = (
+                "llama.cpp's server was not measured in this run: llama-cpp-python is not installed here "
+                "(`pip install 'llama-cpp-python[server]'` builds it from source)."
+            )
+        else:
+            llama, lport = started_llama
+            try:
+                results["llama.cpp server"] = {}
+                for c in CONCURRENCY:
+                    results["llama.cpp server"][c] = asyncio.run(
+                        http_round(f"http://127.0.0.1:{lport}", MODEL, c, args.tokens, None)
+                    )
+                    print("llama.cpp", c, json.dumps(results["llama.cpp server"][c]), flush=True)
+            finally:
+                llama.terminate()
+                llama.wait(30)
+    text = markdown(results, args.tokens, note)
+    print(text)
+    if args.append:
+        with args.append.open("a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
