@@ -161,7 +161,7 @@ def test_every_way_a_stream_ends_is_metered_once_with_what_was_delivered(
     assert totals["output_tokens"] == sum(received.values())
 
 
-def _tiny_model(folder: Path, kind: str) -> Path:
+def _tiny_model(folder: Path, kind: str, window: int = 128) -> Path:
     """A randomly initialised causal LM saved with save_pretrained (safetensors) and a BPE tokenizer trained here."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -184,7 +184,7 @@ def _tiny_model(folder: Path, kind: str) -> Path:
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=128,
+            max_position_embeddings=window,
             bos_token_id=1,
             eos_token_id=2,
         )
@@ -222,6 +222,51 @@ def test_a_tiny_llama_made_here_registers_and_generates(
     assert chat.choices[0].message.role == "assistant"
     with pytest.raises(openai.BadRequestError, match="context window is 128 tokens"):
         llm.completions.create(model=name, prompt="the cat sat on the mat " * 40, max_tokens=4)
+    # Over v2 (tritonclient's generate-style tensors): text_input -> text_output, greedy.
+    r = admin.post(
+        f"/v2/models/{name}/infer",
+        json={"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["the cat sat"]}]},
+    )
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["outputs"][0]["data"][0], str)
+
+
+def test_a_full_generation_queue_answers_429_at_once(tmp_path: Path, admin_key: str) -> None:
+    """One request decodes at a time and one may wait: the rest are refused at once with Retry-After."""
+    server = ServerProcess(
+        tmp_path / "data",
+        env={
+            "OPENMAAS_ADMIN_KEY": admin_key,
+            "OPENMAAS_BUNDLED_MODELS": "false",
+            "OPENMAAS_GENERATION_BATCH": "1",
+            "OPENMAAS_GENERATION_QUEUE": "1",
+        },
+    ).start()
+    try:
+        archive = _tiny_model(tmp_path / "tiny", "llama", window=4096)
+        with httpx.Client(base_url=server.url, headers=bearer(admin_key), timeout=120) as c:
+            with archive.open("rb") as f:
+                assert c.post("/api/models", data={"name": "tiny"}, files={"file": ("t.zip", f)}).status_code == 201
+            body = {"model": "tiny", "prompt": "the cat", "max_tokens": 3000, "temperature": 1.0, "seed": 3}
+            assert c.post("/v1/completions", json={**body, "max_tokens": 1}).status_code == 200  # loaded
+            from concurrent.futures import ThreadPoolExecutor
+
+            def call(_: int) -> tuple[int, float, str | None]:
+                started = time.perf_counter()
+                r = c.post("/v1/completions", json=body)
+                return r.status_code, time.perf_counter() - started, r.headers.get("retry-after")
+
+            with ThreadPoolExecutor(6) as pool:
+                results = list(pool.map(call, range(6)))
+        refused = [r for r in results if r[0] == 429]
+        served = [r for r in results if r[0] == 200]
+        # One decoding plus one waiting at most (the first may still sit in the queue when the next arrives).
+        assert 1 <= len(served) <= 2 and len(refused) >= 4, results
+        assert len(served) + len(refused) == 6
+        assert all(r[2] for r in refused)  # Retry-After
+        assert max(r[1] for r in refused) < min(r[1] for r in served)  # refused at once, not after waiting
+    finally:
+        server.stop()
 
 
 def test_a_model_failing_mid_stream_settles_what_was_delivered(
