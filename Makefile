@@ -42,6 +42,7 @@ lint: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/serving.py --write docs/benchmarks.md
 	$(BIN)/python bench/training_latency.py --append docs/benchmarks.md
+	$(BIN)/python bench/generation.py --append docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

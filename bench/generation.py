@@ -134,9 +134,11 @@ def start_llama_cpp(python: str, gguf: Path, threads: int) -> tuple[subprocess.P
     port = free_port()
     proc = subprocess.Popen(
         [python, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_threads",
-         str(threads), "--n_ctx", "4096", "--model_alias", MODEL],
+         str(threads), "--n_ctx", "4096", "--model_alias", MODEL,
+         # By default a new request interrupts the one streaming; queue them instead.
+         "--interrupt_requests", "False"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # llama.cpp logs a lot: a pipe nobody reads would fill and stall it
     )  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline:
