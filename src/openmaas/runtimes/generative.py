@@ -465,20 +465,67 @@ class GGUFRuntime(CausalLMRuntime):
         return converted_folder(self.path)
 
 
-def describe_gguf(path: Path) -> dict[str, Any]:
-    """Architecture and context length from a GGUF header; ValueError if the file is not one."""
-    from gguf import GGUFReader
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:
-        raise ValueError(f"not a readable GGUF file ({type(e).__name__}: {e})") from None
-    field_ = reader.fields.get("general.architecture")
-    if field_ is None:
+
+def describe_gguf(path: Path) -> dict[str, Any]:
+    """Architecture and context length from a GGUF file's header; ValueError if it is not a GGUF language model.
+
+    Reads the key-value header only, stopping as soon as both are known (a full parse, vocabulary included, takes
+    seconds for a large tokenizer)."""
+    import struct
+
+    def read(f: Any, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise ValueError("the GGUF header is truncated")
+        return struct.unpack(fmt, data)[0]
+
+    def string(f: Any) -> str:
+        n = read(f, "<Q")
+        if n > 1 << 20:
+            raise ValueError("the GGUF header has an implausibly long string")
+        return str(f.read(n).decode("utf-8", errors="replace"))
+
+    def skip(f: Any, kind: int) -> None:
+        if kind in _GGUF_SCALARS:
+            f.seek(struct.calcsize(_GGUF_SCALARS[kind]), 1)
+        elif kind == 8:
+            f.seek(read(f, "<Q"), 1)
+        elif kind == 9:
+            inner, count = read(f, "<I"), read(f, "<Q")
+            if inner in _GGUF_SCALARS:
+                f.seek(count * struct.calcsize(_GGUF_SCALARS[inner]), 1)
+            else:
+                for _ in range(count):
+                    skip(f, inner)
+        else:
+            raise ValueError(f"unknown GGUF value type {kind}")
+
+    found: dict[str, Any] = {}
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file (no GGUF header)")
+        version = read(f, "<I")
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is too old; convert it with a current llama.cpp")
+        read(f, "<Q")  # tensors
+        for _ in range(read(f, "<Q")):
+            key, kind = string(f), read(f, "<I")
+            arch = found.get("architecture")
+            if key == "general.architecture" and kind == 8:
+                found["architecture"] = string(f)
+            elif arch and key == f"{arch}.context_length" and kind in _GGUF_SCALARS:
+                found["context_length"] = int(read(f, _GGUF_SCALARS[kind]))
+            else:
+                skip(f, kind)
+            if "architecture" in found and "context_length" in found:
+                break
+    if "architecture" not in found:
         raise ValueError("the GGUF file names no architecture (general.architecture)")
-    arch = bytes(field_.parts[field_.data[0]]).decode()
-    context = reader.fields.get(f"{arch}.context_length")
-    return {"architecture": arch, "context_length": int(context.parts[context.data[0]][0]) if context else None}
+    found.setdefault("context_length", None)
+    return found
 
 
 def converted_folder(gguf_path: Path) -> Path:
