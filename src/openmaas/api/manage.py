@@ -19,6 +19,7 @@ from openmaas.gateway.auth import Principal
 from openmaas.gateway.service import Gateway
 from openmaas.registry.models import Model, ModelCard, ModelVersion, ServingConfig, Visibility
 from openmaas.registry.uploads import is_archive, unpack
+from openmaas.runtimes.generative import GGUFRuntime
 
 
 class ModelUpdate(BaseModel):
@@ -225,6 +226,8 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
                 owner_org_id=owner,
                 visibility="private" if owner else "public",
             )
+        if mv.format == GGUFRuntime.format:
+            gw.prepare_in_background(mv)  # convert now, so the first call finds it ready
         await gw.audit_async(
             actor(request, who),
             "model.register",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
@@ -33,7 +34,7 @@ from openmaas.metering.writer import GroupCommitWriter
 from openmaas.registry.models import Model, ModelVersion
 from openmaas.registry.service import ModelRegistry
 from openmaas.runtimes import GENERATIVE_FORMATS
-from openmaas.runtimes.generative import CausalLMRuntime, Generation, SamplingParams, TokenEvent
+from openmaas.runtimes.generative import CausalLMRuntime, Generation, SamplingParams, TokenEvent, converted_folder
 from openmaas.runtimes.sentence_transformers import SentenceTransformerRuntime
 from openmaas.runtimes.whisper import SAMPLE_RATE, AudioError, Transcript, WhisperRuntime, decode_audio
 from openmaas.serving.pool import ResidencyPool, Resident
@@ -42,6 +43,7 @@ from openmaas.serving.validation import validate_request
 from openmaas.telemetry import Metrics
 from openmaas.tenancy.service import TenancyService
 
+log = logging.getLogger(__name__)
 MAX_IDEMPOTENCY_KEY = 255
 
 
@@ -110,6 +112,7 @@ class Gateway:
         self.billing = billing
         # Idempotency keys with a call in progress in this process: a concurrent duplicate gets 409.
         self._idempotency_in_flight: set[tuple[str, str]] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- visibility -------------------------------------------------------------------------------------------
 
@@ -532,7 +535,23 @@ class Gateway:
         worst = {"requests": 0, "items": 0, "input_tokens": 0, "output_tokens": 0, "audio_seconds": 0} | units
         return await asyncio.to_thread(self.billing.admit, principal.org_id, mv.model, owner, ctx.request_id, worst)
 
+    def prepare_in_background(self, mv: ModelVersion) -> None:
+        """Convert a newly registered GGUF file to its served form now, off the request path (the first load
+        would otherwise do it); failures are logged, and the first load tries again."""
+
+        async def convert() -> None:
+            try:
+                await asyncio.to_thread(converted_folder, self.registry.artifact_path(mv))
+            except Exception:
+                log.exception("background GGUF conversion failed", extra={"model": mv.model, "version": mv.version})
+
+        task = asyncio.get_running_loop().create_task(convert())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
         await self.limiter.close()
         await asyncio.to_thread(self.metering.writer.close)
 

@@ -532,8 +532,22 @@ def converted_folder(gguf_path: Path) -> Path:
     """The safetensors folder converted from ``gguf_path``, made on first use (in a child process) and kept beside
     the artifact."""
     target = gguf_path.parent / "converted"
-    if (target / "config.json").is_file():
-        return target
+    with _conversion_lock(target):  # one conversion per file in this process; others wait for it
+        if (target / "config.json").is_file():
+            return target
+        return _convert_into(gguf_path, target)
+
+
+_CONVERSIONS: dict[Path, threading.Lock] = {}
+_CONVERSIONS_GUARD = threading.Lock()
+
+
+def _conversion_lock(target: Path) -> threading.Lock:
+    with _CONVERSIONS_GUARD:
+        return _CONVERSIONS.setdefault(target, threading.Lock())
+
+
+def _convert_into(gguf_path: Path, target: Path) -> Path:
     staging = gguf_path.parent / f"converting-{os.getpid()}-{threading.get_ident()}"
     shutil.rmtree(staging, ignore_errors=True)
     started = time.perf_counter()
@@ -581,5 +595,6 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
+    os.nice(10)  # a background conversion must not slow the models being served
     logging.disable(logging.WARNING)
     convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]))
