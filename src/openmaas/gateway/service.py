@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -173,77 +174,79 @@ class Gateway:
         rows = validate_request(mv.signature, request)
         ctx = ctx or CallContext(request_id=request.id or "")
         cost = _cost(mv, request, rows)
-        is_text = mv.format == SentenceTransformerRuntime.format
-        idem = await self._check_idempotency(principal, ctx)
-        started = time.perf_counter()
-        status = "error"
-        admission: Admission | None = None
-        pending: PendingCharge | None = None
-        metered = False
-        self.metrics.in_flight.labels(mv.model).inc()
-        try:
-            admission = await self.limiter.admit(
-                principal.key_id, principal.limits, ctx.request_id, tokens=cost if is_text else 0, items=rows
-            )
-            ctx.response_headers.update(admission.headers)
-            if not ctx.replayed:
-                await self.quotas.check(
-                    principal.org_id, {"requests": 1, "items": rows, "input_tokens": cost if is_text else 0}
-                )
-                pending = await self._entitle(principal, mv, request, rows, ctx)
+        tokens = cost if mv.format == SentenceTransformerRuntime.format else 0
+        text = request.inputs.get("text")
+        # Each token takes at least one byte, and the model reads at most its window (well under 512).
+        worst_tokens = int(sum(min(len(t) + 2, 512) for t in text.reshape(-1))) if text is not None else 0
+        async with self._admitted(
+            principal,
+            mv,
+            ctx,
+            protocol,
+            tokens=tokens,
+            items=rows,
+            quota={"requests": 1, "items": rows, "input_tokens": tokens},
+            worst={"requests": 1, "items": rows, "input_tokens": worst_tokens},
+        ) as call:
             result = await self.pool.infer(mv, request.inputs, rows, cost, request.deadline)
             wanted = request.outputs or [o.name for o in mv.signature.outputs]
             outputs = {k: result.outputs[k] for k in wanted}
-            tokens = int(result.tokens.sum()) if result.tokens is not None else 0
-            if self.metering.enabled and not ctx.replayed:
-                record = UsageRecord(
-                    request_id=ctx.request_id,
-                    org_id=principal.org_id,
-                    key_id=principal.key_id,
-                    model=mv.model,
-                    version=mv.version,
-                    protocol=protocol,
-                    latency_ms=(time.perf_counter() - started) * 1000,
-                    input_tokens=tokens,
-                    items=rows,
-                    idempotency_key=ctx.idempotency_key,
-                    fingerprint=ctx.fingerprint,
-                    charge=pending,
-                )
-                await self._meter(record)
-                metered = True
-            status = "ok"
+            used = int(result.tokens.sum()) if result.tokens is not None else 0
+            await call.meter(input_tokens=used, items=rows)
             return InferenceResponse(
                 model=mv.model, version=mv.version, outputs=outputs, tokens=result.tokens, id=request.id
             )
-        except OpenMaaSError as e:
-            status = str(e.status)
-            if e.code in (ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED):
-                self.metrics.rate_limited.labels(e.code.value).inc()
+
+    async def _admit(
+        self,
+        principal: Principal,
+        mv: ModelVersion,
+        ctx: CallContext,
+        protocol: str,
+        *,
+        tokens: int,
+        items: int,
+        quota: dict[str, int],
+        worst: dict[str, int],
+    ) -> AdmittedCall:
+        """Idempotency, rate limits (``tokens``, ``items``), the monthly ``quota`` and, for a sold model, a
+        subscription or a hold of the ``worst`` case; the caller then meters and closes the call."""
+        idem = await self._check_idempotency(principal, ctx)
+        call = AdmittedCall(self, principal, mv, ctx, protocol, time.perf_counter(), idem)
+        self.metrics.in_flight.labels(mv.model).inc()
+        try:
+            call.admission = await self.limiter.admit(
+                principal.key_id, principal.limits, ctx.request_id, tokens=tokens, items=items
+            )
+            ctx.response_headers.update(call.admission.headers)
+            if not ctx.replayed:
+                await self.quotas.check(principal.org_id, quota)
+                call.pending = await self._entitle_units(principal, mv, ctx, worst)
+        except BaseException as e:
+            await call.close(_status_of(e, self.metrics))
             raise
-        except asyncio.CancelledError:
-            status = "cancelled"  # the client went away
+        return call
+
+    @contextlib.asynccontextmanager
+    async def _admitted(
+        self,
+        principal: Principal,
+        mv: ModelVersion,
+        ctx: CallContext,
+        protocol: str,
+        **admission: Any,
+    ) -> AsyncIterator[AdmittedCall]:
+        """``_admit``, then run the body and close the call with how it went."""
+        call = await self._admit(principal, mv, ctx, protocol, **admission)
+        status = "error"
+        try:
+            yield call
+            status = "ok"
+        except BaseException as e:
+            status = _status_of(e, self.metrics)
             raise
         finally:
-            if pending is not None and not metered:
-                await asyncio.to_thread(self.billing.release, pending)
-            if admission is not None:
-                await admission.release()
-            if idem is not None:
-                self._idempotency_in_flight.discard(idem)
-            self.metrics.in_flight.labels(mv.model).dec()
-            labels = (mv.model, str(mv.version), protocol, status)
-            self.metrics.requests.labels(*labels).inc()
-            self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
-
-    async def _entitle(
-        self, principal: Principal, mv: ModelVersion, request: InferenceRequest, rows: int, ctx: CallContext
-    ) -> PendingCharge | None:
-        """A subscription or a hold of the call's worst-case cost when the model is sold (402 otherwise)."""
-        text = request.inputs.get("text")
-        # Each token takes at least one byte, and the model reads at most its window (well under 512).
-        tokens = int(sum(min(len(t) + 2, 512) for t in text.reshape(-1))) if text is not None else 0
-        return await self._entitle_units(principal, mv, ctx, {"requests": 1, "items": rows, "input_tokens": tokens})
+            await call.close(status)
 
     async def _meter(self, record: UsageRecord) -> None:
         try:
@@ -336,11 +339,8 @@ class Gateway:
                 "list text-generation models with GET /v1/models",
                 param="model",
             )
-        idem = await self._check_idempotency(principal, ctx)
-        started = time.perf_counter()
-        resident = admission = pending = None
+        resident = await self.pool.acquire(mv)
         try:
-            resident = await self.pool.acquire(mv)
             runtime = resident.instances[0].runtime
             assert isinstance(runtime, CausalLMRuntime)
             stop = tuple(sampling.pop("stop", ()))
@@ -366,69 +366,26 @@ class Gateway:
                 else min(self.pool.options.generation_max_tokens, window - len(ids))
             )
             params = SamplingParams(max_tokens=budget, stop=stop, **sampling)
-            admission = await self.limiter.admit(
-                principal.key_id, principal.limits, ctx.request_id, tokens=len(ids) + budget, items=1
+            call = await self._admit(
+                principal,
+                mv,
+                ctx,
+                protocol,
+                tokens=len(ids) + budget,
+                items=1,
+                quota={"requests": 1, "input_tokens": len(ids)},
+                worst={"requests": 1, "input_tokens": len(ids), "output_tokens": budget},
             )
-            ctx.response_headers.update(admission.headers)
-            if not ctx.replayed:
-                await self.quotas.check(principal.org_id, {"requests": 1, "input_tokens": len(ids)})
-                pending = await self._entitle_units(
-                    principal, mv, ctx, {"requests": 1, "input_tokens": len(ids), "output_tokens": budget}
-                )
+        except BaseException:
+            await self.pool.release(resident)
+            raise
+        try:
             request = runtime.generate(ids, params, asyncio.get_running_loop())
         except BaseException as e:
-            if isinstance(e, OpenMaaSError) and e.code in (ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED):
-                self.metrics.rate_limited.labels(e.code.value).inc()
-            if pending is not None:
-                await asyncio.to_thread(self.billing.release, pending)
-            if admission is not None:
-                await admission.release()
-            if resident is not None:
-                await self.pool.release(resident)
-            if idem is not None:
-                self._idempotency_in_flight.discard(idem)
+            await call.close(_status_of(e, self.metrics))
+            await self.pool.release(resident)
             raise
-        self.metrics.in_flight.labels(mv.model).inc()
-        return GenerationCall(
-            self, principal, mv, protocol, ctx, request, len(ids), started, resident, admission, pending, idem
-        )
-
-    async def _settle_generation(self, call: GenerationCall, outcome: str) -> None:
-        """Meter what the client was given (once), then give back the hold, the limits' slot and the model."""
-        metered = False
-        try:
-            # A runtime failure before anything was delivered is a failed call: nothing is charged.
-            if self.metering.enabled and not call.ctx.replayed and not (outcome == "error" and call.delivered == 0):
-                await self._meter(
-                    UsageRecord(
-                        request_id=call.ctx.request_id,
-                        org_id=call.principal.org_id,
-                        key_id=call.principal.key_id,
-                        model=call.mv.model,
-                        version=call.mv.version,
-                        protocol=call.protocol,
-                        latency_ms=(time.perf_counter() - call.started) * 1000,
-                        input_tokens=call.prompt_tokens,
-                        output_tokens=call.delivered,
-                        outcome=outcome,
-                        idempotency_key=call.ctx.idempotency_key,
-                        fingerprint=call.ctx.fingerprint,
-                        charge=call.pending,
-                    )
-                )
-                metered = True
-        finally:
-            if call.pending is not None and not metered:
-                await asyncio.to_thread(self.billing.release, call.pending)
-            await call.admission.release()
-            await self.pool.release(call.resident)
-            if call.idem is not None:
-                self._idempotency_in_flight.discard(call.idem)
-            self.metrics.in_flight.labels(call.mv.model).dec()
-            status = "ok" if outcome in ("stop", "length") else outcome
-            labels = (call.mv.model, str(call.mv.version), call.protocol, status)
-            self.metrics.requests.labels(*labels).inc()
-            self.metrics.latency.labels(*labels).observe(time.perf_counter() - call.started)
+        return GenerationCall(call, request, len(ids), resident)
 
     async def transcribe(
         self,
@@ -461,18 +418,16 @@ class Gateway:
                 param="file",
             )
         audio_s = math.ceil(seconds)
-        idem = await self._check_idempotency(principal, ctx)
-        started = time.perf_counter()
-        status, metered = "error", False
-        admission: Admission | None = None
-        pending: PendingCharge | None = None
-        self.metrics.in_flight.labels(mv.model).inc()
-        try:
-            admission = await self.limiter.admit(principal.key_id, principal.limits, ctx.request_id, tokens=0, items=1)
-            ctx.response_headers.update(admission.headers)
-            if not ctx.replayed:
-                await self.quotas.check(principal.org_id, {"requests": 1, "audio_seconds": audio_s})
-                pending = await self._entitle_units(principal, mv, ctx, {"requests": 1, "audio_seconds": audio_s})
+        async with self._admitted(
+            principal,
+            mv,
+            ctx,
+            protocol,
+            tokens=0,
+            items=1,
+            quota={"requests": 1, "audio_seconds": audio_s},
+            worst={"requests": 1, "audio_seconds": audio_s},
+        ) as call:
             resident = await self.pool.acquire(mv)
             try:
                 runtime = resident.instances[0].runtime
@@ -486,42 +441,8 @@ class Gateway:
                 )
             finally:
                 await self.pool.release(resident)
-            if self.metering.enabled and not ctx.replayed:
-                await self._meter(
-                    UsageRecord(
-                        request_id=ctx.request_id,
-                        org_id=principal.org_id,
-                        key_id=principal.key_id,
-                        model=mv.model,
-                        version=mv.version,
-                        protocol=protocol,
-                        latency_ms=(time.perf_counter() - started) * 1000,
-                        items=1,
-                        audio_ms=round(seconds * 1000),
-                        idempotency_key=ctx.idempotency_key,
-                        fingerprint=ctx.fingerprint,
-                        charge=pending,
-                    )
-                )
-                metered = True
-            status = "ok"
+            await call.meter(items=1, audio_ms=round(seconds * 1000))
             return transcript
-        except OpenMaaSError as e:
-            status = str(e.status)
-            if e.code in (ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED):
-                self.metrics.rate_limited.labels(e.code.value).inc()
-            raise
-        finally:
-            if pending is not None and not metered:
-                await asyncio.to_thread(self.billing.release, pending)
-            if admission is not None:
-                await admission.release()
-            if idem is not None:
-                self._idempotency_in_flight.discard(idem)
-            self.metrics.in_flight.labels(mv.model).dec()
-            labels = (mv.model, str(mv.version), protocol, status)
-            self.metrics.requests.labels(*labels).inc()
-            self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
 
     async def _entitle_units(
         self, principal: Principal, mv: ModelVersion, ctx: CallContext, units: dict[str, int]
@@ -556,25 +477,107 @@ class Gateway:
         await asyncio.to_thread(self.metering.writer.close)
 
 
+def _status_of(error: BaseException, metrics: Metrics) -> str:
+    """The status label of a call that ended with ``error`` (counting refusals by limits and quotas)."""
+    if isinstance(error, OpenMaaSError):
+        if error.code in (ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED):
+            metrics.rate_limited.labels(error.code.value).inc()
+        return str(error.status)
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled"  # the client went away
+    return "error"
+
+
+@dataclass(eq=False)
+class AdmittedCall:
+    """A call past idempotency, limits, quota and billing admission: ``meter`` it once when it has delivered,
+    then ``close`` it (which gives back what admission took, and a hold that was never settled)."""
+
+    gateway: Gateway
+    principal: Principal
+    mv: ModelVersion
+    ctx: CallContext
+    protocol: str
+    started: float
+    idem: tuple[str, str] | None
+    admission: Admission | None = None
+    pending: PendingCharge | None = None
+    metered: bool = False
+    closed: bool = False
+
+    async def meter(
+        self,
+        outcome: str = "completed",
+        *,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        items: int = 0,
+        audio_ms: int = 0,
+    ) -> None:
+        """Record the usage (``input_tokens``, ``output_tokens``, ``items``, ``audio_ms``) with the hold's
+        settlement, unless metering is off or this is a replay; a failure to record withholds the result (503)."""
+        if not self.gateway.metering.enabled or self.ctx.replayed:
+            return
+        await self.gateway._meter(
+            UsageRecord(
+                request_id=self.ctx.request_id,
+                org_id=self.principal.org_id,
+                key_id=self.principal.key_id,
+                model=self.mv.model,
+                version=self.mv.version,
+                protocol=self.protocol,
+                latency_ms=(time.perf_counter() - self.started) * 1000,
+                outcome=outcome,
+                idempotency_key=self.ctx.idempotency_key,
+                fingerprint=self.ctx.fingerprint,
+                charge=self.pending,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                items=items,
+                audio_ms=audio_ms,
+            )
+        )
+        self.metered = True
+
+    async def close(self, status: str) -> None:
+        """Give back the hold (unless settled), the limits' slot and the idempotency key; count the call."""
+        if self.closed:
+            return
+        self.closed = True
+        gw = self.gateway
+        try:
+            if self.pending is not None and not self.metered:
+                await asyncio.to_thread(gw.billing.release, self.pending)
+            if self.admission is not None:
+                await self.admission.release()
+        finally:
+            if self.idem is not None:
+                gw._idempotency_in_flight.discard(self.idem)
+            gw.metrics.in_flight.labels(self.mv.model).dec()
+            labels = (self.mv.model, str(self.mv.version), self.protocol, status)
+            gw.metrics.requests.labels(*labels).inc()
+            gw.metrics.latency.labels(*labels).observe(time.perf_counter() - self.started)
+
+
 @dataclass(eq=False)
 class GenerationCall:
     """An admitted generation request: iterate ``events()``, add what reached the client to ``delivered``, and
     ``finish`` it once with how it ended (finishing twice does nothing)."""
 
-    gateway: Gateway
-    principal: Principal
-    mv: ModelVersion
-    protocol: str
-    ctx: CallContext
+    call: AdmittedCall
     request: Generation
     prompt_tokens: int
-    started: float
     resident: Resident
-    admission: Admission
-    pending: PendingCharge | None
-    idem: tuple[str, str] | None
     delivered: int = 0
     outcome: str | None = None
+
+    @property
+    def ctx(self) -> CallContext:
+        return self.call.ctx
+
+    @property
+    def mv(self) -> ModelVersion:
+        return self.call.mv
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         while True:
@@ -584,8 +587,14 @@ class GenerationCall:
                 return
 
     async def finish(self, outcome: str) -> None:
+        """Settle once: meter what was delivered (a failure before any text is not charged), release the rest."""
         if self.outcome is not None:
             return
         self.outcome = outcome
         self.request.cancel()  # a no-op once the engine has finished it
-        await self.gateway._settle_generation(self, outcome)
+        try:
+            if not (outcome == "error" and self.delivered == 0):
+                await self.call.meter(outcome, input_tokens=self.prompt_tokens, output_tokens=self.delivered)
+        finally:
+            await self.call.close("ok" if outcome in ("stop", "length") else outcome)
+            await self.call.gateway.pool.release(self.resident)
