@@ -124,7 +124,14 @@ def test_every_way_a_stream_ends_is_metered_once_with_what_was_delivered(
     cases = {
         "length": {**chat, "max_tokens": 12, "temperature": 0},
         "stop": {"model": MODEL, "prompt": "1, 2, 3, 4,", "stream": True, "temperature": 0, "stop": ["7"]},
-        "disconnected": {**chat, "max_tokens": 200, "temperature": 0},
+        # A completion has no stop sequence to hold text back for, so each chunk carries exactly one token.
+        "disconnected": {
+            "model": MODEL,
+            "prompt": "Once upon a time",
+            "stream": True,
+            "max_tokens": 200,
+            "temperature": 0,
+        },
     }
     received: dict[str, int] = {}
     ids: dict[str, str] = {}
@@ -145,7 +152,6 @@ def test_every_way_a_stream_ends_is_metered_once_with_what_was_delivered(
                             pieces.append(text)
                     if name == "disconnected" and len(pieces) == 3:
                         break  # leaving the block closes the connection mid-stream
-            # Each content chunk carries one token here (plain English, no stop sequence pending).
             received[name] = usage["completion_tokens"] if usage else len(pieces)
     records = _records(admin, org, set(ids.values()))
     assert received["length"] == 12

@@ -83,7 +83,6 @@ class Generation:
         self.events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._loop = loop
         self._cancelled = threading.Event()
-        self.queued_at = time.monotonic()
 
     def emit(self, event: TokenEvent) -> None:
         with contextlib.suppress(RuntimeError):  # the caller's loop has closed: nobody is listening
@@ -124,8 +123,6 @@ class Engine:
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="openmaas-generate", daemon=True)
-        self.steps = 0
-        self.batch_sizes: list[int] = []  # recent batch sizes (for tests and the benchmark)
 
     def start(self) -> None:
         self._thread.start()
@@ -178,8 +175,6 @@ class Engine:
                     self._finish(s, "error", error=f"{type(e).__name__}: {e}")
                 active, cache, mask = [], None, None
                 continue
-            self.steps += 1
-            self.batch_sizes = [*self.batch_sizes[-999:], len(active)]
             if len(keep) < len(active):
                 active = [active[i] for i in keep]
                 if active:
