@@ -88,6 +88,19 @@ class Metrics:
             ("model",),
             registry=self.registry,
         )
+        self.generated_tokens = Counter(
+            "openmaas_generated_tokens",
+            "Generated tokens delivered to clients (as metered).",
+            ("model",),
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "openmaas_time_to_first_token_seconds",
+            "From admission of a generation request to its first generated text.",
+            ("model",),
+            buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
         self.metering_group_size = Histogram(
             "openmaas_metering_group_size",
             "Usage records stored per transaction (group commit).",

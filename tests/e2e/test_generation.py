@@ -79,6 +79,10 @@ def test_streamed_chat_joins_to_the_non_streamed_answer(llm: openai.OpenAI) -> N
     assert usage is not None and whole.usage is not None
     assert usage.completion_tokens == whole.usage.completion_tokens
     assert usage.prompt_tokens == whole.usage.prompt_tokens
+    metrics = httpx.get(str(llm.base_url).removesuffix("/v1/") + "/metrics").text
+    generated = re.search(r'openmaas_generated_tokens_total\{model="gemma-3-270m"\} (\d+)', metrics)
+    assert generated is not None and int(float(generated.group(1))) >= 2 * usage.completion_tokens
+    assert 'openmaas_time_to_first_token_seconds_count{model="gemma-3-270m"}' in metrics
     # A stop sequence ends the answer before it; the stop text itself is not sent.
     r = llm.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=40, temperature=0, stop=["7"])
     assert r.choices[0].finish_reason == "stop"

@@ -580,8 +580,14 @@ class GenerationCall:
         return self.call.mv
 
     async def events(self) -> AsyncIterator[TokenEvent]:
+        first = True
         while True:
             event = await self.request.events.get()
+            if first and event.text:
+                first = False
+                self.call.gateway.metrics.time_to_first_token.labels(self.mv.model).observe(
+                    time.perf_counter() - self.call.started
+                )
             yield event
             if event.finish_reason is not None:
                 return
@@ -595,6 +601,7 @@ class GenerationCall:
         try:
             if not (outcome == "error" and self.delivered == 0):
                 await self.call.meter(outcome, input_tokens=self.prompt_tokens, output_tokens=self.delivered)
+                self.call.gateway.metrics.generated_tokens.labels(self.mv.model).inc(self.delivered)
         finally:
             await self.call.close("ok" if outcome in ("stop", "length") else outcome)
             await self.call.gateway.pool.release(self.resident)
