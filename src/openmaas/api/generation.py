@@ -23,7 +23,8 @@ from openmaas.api.deps import GatewayDep, PrincipalDep, call_context, principal
 from openmaas.api.openai import parse_body
 from openmaas.api.responses import JSONResponse, dumps
 from openmaas.errors import ErrorCode, InvalidRequest, OpenMaaSError
-from openmaas.gateway.service import GenerationCall
+from openmaas.gateway.auth import Principal
+from openmaas.gateway.service import Gateway, GenerationCall
 from openmaas.runtimes.whisper import Transcript
 
 MAX_STOP = 4
@@ -110,50 +111,18 @@ def router(audio_max_seconds: float) -> APIRouter:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise InvalidRequest("send one prompt per request (a list of prompts is not supported)", param="prompt")
-        max_tokens, sampling = body.checked()
-        ctx = call_context(request, await request.body())
-        call = await gw.generate(
-            who,
-            body.model,
-            prompt=prompts[0],
-            messages=None,
-            max_tokens=max_tokens,
-            sampling=sampling,
-            protocol="openai",
-            ctx=ctx,
-        )
         shape = _Shape("cmpl", "text_completion", body.model, chat=False)
-        if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _stream(call, shape, usage, ctx.response_headers)
-        return await _whole(call, shape, ctx.response_headers)
+        return await _answer(request, gw, who, body, shape, prompt=prompts[0])
 
     @r.post("/chat/completions", openapi_extra=_schema(ChatRequest))
     async def chat_completions(request: Request, gw: GatewayDep, who: PrincipalDep) -> Response:
         body = await parse_body(request, ChatRequest)
-        max_tokens, sampling = body.checked()
-        if body.max_completion_tokens is not None:
-            max_tokens = body.max_completion_tokens
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": _text_of(m, i)}
             for i, m in enumerate(body.messages)
         ]
-        ctx = call_context(request, await request.body())
-        call = await gw.generate(
-            who,
-            body.model,
-            prompt=None,
-            messages=messages,
-            max_tokens=max_tokens,
-            sampling=sampling,
-            protocol="openai",
-            ctx=ctx,
-        )
         shape = _Shape("chatcmpl", "chat.completion", body.model, chat=True)
-        if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _stream(call, shape, usage, ctx.response_headers)
-        return await _whole(call, shape, ctx.response_headers)
+        return await _answer(request, gw, who, body, shape, messages=messages, max_tokens=body.max_completion_tokens)
 
     @r.post("/audio/transcriptions")
     async def transcriptions(request: Request, gw: GatewayDep, who: PrincipalDep) -> Response:
@@ -193,6 +162,38 @@ def router(audio_max_seconds: float) -> APIRouter:
         return _transcript_response(transcript, response_format, ctx.response_headers)
 
     return r
+
+
+async def _answer(
+    request: Request,
+    gw: Gateway,
+    who: Principal,
+    body: _Generate,
+    shape: _Shape,
+    *,
+    prompt: str | None = None,
+    messages: list[dict[str, str]] | None = None,
+    max_tokens: int | None = None,
+) -> Response:
+    """Admit the generation, then stream it or wait for all of it (``max_tokens`` overrides the body's)."""
+    body_max_tokens, sampling = body.checked()
+    if max_tokens is None:
+        max_tokens = body_max_tokens
+    ctx = call_context(request, await request.body())
+    call = await gw.generate(
+        who,
+        body.model,
+        prompt=prompt,
+        messages=messages,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        protocol="openai",
+        ctx=ctx,
+    )
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(call, shape, usage, ctx.response_headers)
+    return await _whole(call, shape, ctx.response_headers)
 
 
 class _Shape:
