@@ -243,16 +243,29 @@ def _load_process(
     except ImportError:
         pass
 
+    cpu: list[float] = []
+
+    async def measure_cpu(start: float, stop: float) -> None:
+        """This process's CPU time over the measured window: the load generator's share of the machine."""
+        await asyncio.sleep(max(0.0, start - time.perf_counter()))
+        cpu.append(time.process_time())
+        await asyncio.sleep(max(0.0, stop - time.perf_counter()))
+        cpu.append(time.process_time())
+
     async def main() -> tuple[list[float], list[int], float]:
         latencies: list[float] = []
         errors: list[int] = []
         start = time.perf_counter() + warmup
         stop = start + duration
-        await asyncio.gather(*(_worker(port, requests, start, stop, latencies, errors) for _ in range(concurrency)))
+        await asyncio.gather(
+            measure_cpu(start, stop),
+            *(_worker(port, requests, start, stop, latencies, errors) for _ in range(concurrency)),
+        )
         return latencies, errors, duration
 
     latencies, errors, duration = asyncio.run(main())
-    queue.put({"latencies": latencies, "errors": errors, "duration": duration})
+    client_cores = (cpu[1] - cpu[0]) / duration if len(cpu) == 2 else float("nan")
+    queue.put({"latencies": latencies, "errors": errors, "duration": duration, "client_cores": client_cores})
 
 
 def run_load(port: int, requests: list[bytes], concurrency: int, warmup: float, duration: float) -> dict[str, float]:
@@ -270,6 +283,7 @@ def run_load(port: int, requests: list[bytes], concurrency: int, warmup: float, 
         "p50_ms": 1000 * percentile(lat, 50),
         "p99_ms": 1000 * percentile(lat, 99),
         "errors": len(result["errors"]),
+        "client_cores": result["client_cores"],
     }
 
 
@@ -311,6 +325,13 @@ def start_server(data_dir: Path, key: str, env_extra: dict[str, str]) -> tuple[s
             time.sleep(0.3)
     proc.kill()
     raise RuntimeError("server did not start")
+
+
+def _table_row(r: dict[str, float]) -> str:
+    return (
+        f"| {r['concurrency']} | {r['rps']:.0f} | {r['ratio']:.2f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+        f"| {r['errors']} | {r.get('client_cores', float('nan')):.2f} |"
+    )
 
 
 def machine() -> str:
@@ -510,13 +531,10 @@ def render(
         + ", ".join(f"{b}: {v:.0f}/s" for b, v in limit["by_config"].items())  # type: ignore[attr-defined]
         + ".",
         "",
-        "| concurrency | req/s | x limit | p50 ms | p99 ms | errors |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| concurrency | req/s | x limit | p50 ms | p99 ms | errors | load generator cores |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
-        lines.append(
-            f"| {r['concurrency']} | {r['rps']:.0f} | {r['ratio']:.2f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |"
-        )
+    lines += [_table_row(r) for r in results]
     if digits_limit is not None:
         lines += [
             "",
@@ -525,13 +543,10 @@ def render(
             f"In-process limit (ONNX Runtime, no HTTP): **{digits_limit['limit']:.0f} images/s** "
             f"({digits_limit['best']}); single-image latency p50 {digits_limit['single_p50_ms']:.3f} ms.",
             "",
-            "| concurrency | req/s | x limit | p50 ms | p99 ms | errors |",
-            "|---:|---:|---:|---:|---:|---:|",
+            "| concurrency | req/s | x limit | p50 ms | p99 ms | errors | load generator cores |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for r in v2_results:
-            lines.append(
-                f"| {r['concurrency']} | {r['rps']:.0f} | {r['ratio']:.2f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |"
-            )
+        lines += [_table_row(r) for r in v2_results]
     header = [
         "# Benchmarks",
         "",
