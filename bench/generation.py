@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import free_port, machine, start_server
+from serving import free_port, machine, start_server, wait_until_ready
 
 KEY = "om_bench-key-0123456789abcdefghijklmnopqrstuvwxyz"
 MODEL = "gemma-3-270m"
@@ -140,17 +140,12 @@ def start_llama_cpp(python: str, gguf: Path, threads: int) -> tuple[subprocess.P
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,  # llama.cpp logs a lot: a pipe nobody reads would fill and stall it
     )  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            print(f"llama.cpp server exited with {proc.returncode}", file=sys.stderr)
-            return None
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
+    if wait_until_ready(proc, f"http://127.0.0.1:{port}/v1/models", 120):
+        return proc, port
+    if proc.poll() is not None:
+        print(f"llama.cpp server exited with {proc.returncode}", file=sys.stderr)
+    else:
+        proc.kill()
     return None
 
 

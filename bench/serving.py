@@ -312,19 +312,28 @@ def start_server(data_dir: Path, key: str, env_extra: dict[str, str]) -> tuple[s
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    import httpx
-
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "server exited")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            time.sleep(0.3)
+    if wait_until_ready(proc, f"http://127.0.0.1:{port}/healthz", 180):
+        return proc, port
+    if proc.poll() is not None:
+        raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "server exited")
     proc.kill()
     raise RuntimeError("server did not start")
+
+
+def wait_until_ready(proc: subprocess.Popen[bytes], url: str, timeout: float) -> bool:
+    """True once GET ``url`` answers 200; False if the process exits first or ``timeout`` seconds pass."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    return False
 
 
 def _table_row(r: dict[str, float]) -> str:
