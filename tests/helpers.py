@@ -118,11 +118,16 @@ def new_key(client: httpx.Client, org: str, **body: object) -> dict:
     return dict(r.json())
 
 
-def register_onnx(client: httpx.Client, path: Path, name: str, card: dict | None = None) -> httpx.Response:
+def register_model(
+    client: httpx.Client, path: Path, name: str, card: dict | None = None, timeout: float | None = None
+) -> httpx.Response:
+    """Upload a model file (or a folder's .zip) through the management API."""
     import json
 
     data = {"name": name}
     if card is not None:
         data["card"] = json.dumps(card)
     with path.open("rb") as f:
-        return client.post("/api/models", data=data, files={"file": (path.name, f)})
+        if timeout is None:
+            return client.post("/api/models", data=data, files={"file": (path.name, f)})
+        return client.post("/api/models", data=data, files={"file": (path.name, f)}, timeout=timeout)

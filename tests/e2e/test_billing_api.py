@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import ServerProcess, bearer, matmul_chain_model, new_key, new_org, register_onnx, unique
+from tests.helpers import ServerProcess, bearer, matmul_chain_model, new_key, new_org, register_model, unique
 
 X = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
 
@@ -26,7 +26,7 @@ def market(server: ServerProcess, admin: httpx.Client, tmp_path_factory: pytest.
     payg, sub = unique("payg-model"), unique("sub-model")
     with httpx.Client(base_url=server.url, headers=bearer(pkey), timeout=60) as p:
         for name in (payg, sub):
-            assert register_onnx(p, path, name).status_code == 201
+            assert register_model(p, path, name).status_code == 201
             assert (
                 p.patch(
                     f"/api/models/{name}", json={"visibility": "shared", "shared_with": [consumer["name"]]}

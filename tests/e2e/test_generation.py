@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import ServerProcess, bearer, new_key, new_org, unique
+from tests.helpers import ServerProcess, bearer, new_key, new_org, register_model, unique
 
 MODEL = "gemma-3-270m"
 pytestmark = pytest.mark.timeout(900)
@@ -217,8 +217,7 @@ def test_a_tiny_llama_made_here_registers_and_generates(
 ) -> None:
     archive = _tiny_model(tmp_path / "tiny-llama", "llama")
     name = unique("tiny-llama")
-    with archive.open("rb") as f:
-        r = admin.post("/api/models", data={"name": name}, files={"file": ("tiny-llama.zip", f)})
+    r = register_model(admin, archive, name)
     assert r.status_code == 201, r.text
     assert r.json()["format"] == "transformers"
     assert name in {m.id for m in llm.models.list()}
@@ -255,8 +254,7 @@ def test_a_full_generation_queue_answers_429_at_once(tmp_path: Path, admin_key: 
     try:
         archive = _tiny_model(tmp_path / "tiny", "llama", window=4096)
         with httpx.Client(base_url=server.url, headers=bearer(admin_key), timeout=120) as c:
-            with archive.open("rb") as f:
-                assert c.post("/api/models", data={"name": "tiny"}, files={"file": ("t.zip", f)}).status_code == 201
+            assert register_model(c, archive, "tiny").status_code == 201
             body = {"model": "tiny", "prompt": "the cat", "max_tokens": 3000, "temperature": 1.0, "seed": 3}
             assert c.post("/v1/completions", json={**body, "max_tokens": 1}).status_code == 200  # loaded
             from concurrent.futures import ThreadPoolExecutor
@@ -285,8 +283,7 @@ def test_a_model_failing_mid_stream_settles_what_was_delivered(
     """A real runtime failure: the model's weights give NaN from position 6 on, so sampling fails there."""
     archive = _tiny_model(tmp_path / "broken-gpt2", "gpt2")
     name = unique("broken-gpt2")
-    with archive.open("rb") as f:
-        r = admin.post("/api/models", data={"name": name}, files={"file": ("broken.zip", f)})
+    r = register_model(admin, archive, name)
     assert r.status_code == 201, r.text
     org, key = org_setup
     admin.patch(f"/api/models/{name}", json={"visibility": "shared", "shared_with": [org]}).raise_for_status()
@@ -314,8 +311,7 @@ def test_a_gguf_file_registers_like_any_model(admin: httpx.Client, llm: openai.O
 
     path = gemma.assemble(tmp_path / "mine.gguf")
     name = unique("my-gemma")
-    with path.open("rb") as f:
-        r = admin.post("/api/models", data={"name": name}, files={"file": ("mine.gguf", f)}, timeout=300)
+    r = register_model(admin, path, name, timeout=300)
     assert r.status_code == 201, r.text
     assert r.json()["format"] == "gguf"
     assert r.json()["signature"]["outputs"] == [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]

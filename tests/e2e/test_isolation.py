@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import ServerProcess, bearer, matmul_chain_model, new_key, new_org, register_onnx, unique
+from tests.helpers import ServerProcess, bearer, matmul_chain_model, new_key, new_org, register_model, unique
 
 
 @dataclass
@@ -35,7 +35,7 @@ def _tenant(server: ServerProcess, admin: httpx.Client, onnx_file: Path, label: 
     created = new_key(admin, org["name"], scopes=["inference", "manage", "billing"])
     http = httpx.Client(base_url=server.url, headers=bearer(created["key"]), timeout=120)
     model = unique(f"{label}-private")
-    r = register_onnx(http, onnx_file, model)
+    r = register_model(http, onnx_file, model)
     assert r.status_code == 201, r.text
     # Each tenant uses its own model once, so there is usage (and audit) of its own to hide from the other.
     r = http.post(f"/v2/models/{model}/infer", json={"inputs": [_x()]})
@@ -139,7 +139,7 @@ def test_a_failed_attempt_meters_nothing_for_either_org(tenants: tuple[Tenant, T
 
 def test_registering_over_another_orgs_model_name_is_refused(tenants: tuple[Tenant, Tenant], onnx_file: Path) -> None:
     a, b = tenants
-    r = register_onnx(a.http, onnx_file, b.model)
+    r = register_model(a.http, onnx_file, b.model)
     assert r.status_code == 409, r.text
     assert b.http.get(f"/api/models/{b.model}").json()["latest_version"] == 1
 
@@ -188,7 +188,7 @@ def test_key_without_manage_scope_cannot_register_models(
     a, _ = tenants
     key = new_key(a.http, a.org["name"], scopes=["inference"])
     with httpx.Client(base_url=server.url, headers=bearer(key["key"]), timeout=60) as c:
-        r = register_onnx(c, onnx_file, unique("nope"))
+        r = register_model(c, onnx_file, unique("nope"))
         assert r.status_code == 403, r.text
         assert "'manage' scope" in r.json()["detail"]
         assert c.post(f"/v2/models/{a.model}/infer", json={"inputs": [_x()]}).status_code == 200

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from openai import OpenAI, RateLimitError
 
-from tests.helpers import ServerProcess, bearer, matmul_chain_model, new_key, new_org, register_onnx, unique
+from tests.helpers import ServerProcess, bearer, matmul_chain_model, new_key, new_org, register_model, unique
 
 X = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
 
@@ -34,7 +34,7 @@ def model(owner: httpx.Client, tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("lim") / "m.onnx"
     matmul_chain_model(path, 4)
     name = unique("limited")
-    assert register_onnx(owner, path, name).status_code == 201
+    assert register_model(owner, path, name).status_code == 201
     return name
 
 
@@ -168,7 +168,7 @@ def test_monthly_quota(server: ServerProcess, admin: httpx.Client, model: str, t
     matmul_chain_model(path, 4)
     name = unique("quota-model")
     with _client(server, key) as c:
-        assert register_onnx(c, path, name).status_code == 201
+        assert register_model(c, path, name).status_code == 201
         r = c.put(f"/api/orgs/{org['name']}/quotas/requests", json={"monthly_limit": 3})
         assert r.status_code == 403  # quotas are set by the platform admin
         r = admin.put(f"/api/orgs/{org['name']}/quotas/requests", json={"monthly_limit": 3})
@@ -201,7 +201,7 @@ def test_sharing_and_publication_review(server: ServerProcess, admin: httpx.Clie
         _client(server, keys[guest_org["name"]]) as guest,
         _client(server, keys[stranger_org["name"]]) as stranger,
     ):
-        assert register_onnx(own, path, name, card={"task": "tabular-regression"}).status_code == 201
+        assert register_model(own, path, name, card={"task": "tabular-regression"}).status_code == 201
         assert guest.get(f"/v2/models/{name}").status_code == 404
         r = own.patch(f"/api/models/{name}", json={"visibility": "shared", "shared_with": [guest_org["name"]]})
         assert r.status_code == 200, r.text
@@ -224,7 +224,7 @@ def test_sharing_and_publication_review(server: ServerProcess, admin: httpx.Clie
             "license": "MIT",
             "privacy": "no personal data",
         }
-        assert register_onnx(own, path, name, card=card).status_code == 201  # version 2 carries the full card
+        assert register_model(own, path, name, card=card).status_code == 201  # version 2 carries the full card
         r = own.patch(f"/api/models/{name}", json={"visibility": "public"})
         assert r.status_code == 200 and r.json()["review_state"] == "pending" and r.json()["visibility"] == "shared"
         assert stranger.get(f"/v2/models/{name}").status_code == 404

@@ -54,7 +54,7 @@ def _v2(http: httpx.Client, model: str, inputs: list[dict], version: int | None 
     return {o["name"]: o for o in r.json()["outputs"]}
 
 
-def test_register_onnx_over_the_api_and_serve_it(http: httpx.Client, iris_onnx: tuple) -> None:
+def test_register_model_over_the_api_and_serve_it(http: httpx.Client, iris_onnx: tuple) -> None:
     path, x, expected = iris_onnx
     card = {"task": "tabular-classification", "description": "iris tree", "license": "MIT", "metrics": {"acc": 1.0}}
     with path.open("rb") as f:

