@@ -9,7 +9,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -176,8 +176,12 @@ class Gateway:
         cost = _cost(mv, request, rows)
         tokens = cost if mv.format == SentenceTransformerRuntime.format else 0
         text = request.inputs.get("text")
-        # Each token takes at least one byte, and the model reads at most its window (well under 512).
-        worst_tokens = int(sum(min(len(t) + 2, 512) for t in text.reshape(-1))) if text is not None else 0
+
+        def worst() -> dict[str, int]:  # asked only for a sold model: off the hot path of free ones
+            # Each token takes at least one byte, and the model reads at most its window (well under 512).
+            tokens = int(sum(min(len(t) + 2, 512) for t in text.reshape(-1))) if text is not None else 0
+            return {"requests": 1, "items": rows, "input_tokens": tokens}
+
         async with self._admitted(
             principal,
             mv,
@@ -186,7 +190,7 @@ class Gateway:
             tokens=tokens,
             items=rows,
             quota={"requests": 1, "items": rows, "input_tokens": tokens},
-            worst={"requests": 1, "items": rows, "input_tokens": worst_tokens},
+            worst=worst,
         ) as call:
             result = await self.pool.infer(mv, request.inputs, rows, cost, request.deadline)
             wanted = request.outputs or [o.name for o in mv.signature.outputs]
@@ -207,10 +211,10 @@ class Gateway:
         tokens: int,
         items: int,
         quota: dict[str, int],
-        worst: dict[str, int],
+        worst: Callable[[], dict[str, int]],
     ) -> AdmittedCall:
         """Idempotency, rate limits (``tokens``, ``items``), the monthly ``quota`` and, for a sold model, a
-        subscription or a hold of the ``worst`` case; the caller then meters and closes the call."""
+        subscription or a hold of the ``worst()`` case; the caller then meters and closes the call."""
         idem = await self._check_idempotency(principal, ctx)
         call = AdmittedCall(self, principal, mv, ctx, protocol, time.perf_counter(), idem)
         self.metrics.in_flight.labels(mv.model).inc()
@@ -374,7 +378,7 @@ class Gateway:
                 tokens=len(ids) + budget,
                 items=1,
                 quota={"requests": 1, "input_tokens": len(ids)},
-                worst={"requests": 1, "input_tokens": len(ids), "output_tokens": budget},
+                worst=lambda: {"requests": 1, "input_tokens": len(ids), "output_tokens": budget},
             )
         except BaseException:
             await self.pool.release(resident)
@@ -426,7 +430,7 @@ class Gateway:
             tokens=0,
             items=1,
             quota={"requests": 1, "audio_seconds": audio_s},
-            worst={"requests": 1, "audio_seconds": audio_s},
+            worst=lambda: {"requests": 1, "audio_seconds": audio_s},
         ) as call:
             resident = await self.pool.acquire(mv)
             try:
@@ -445,15 +449,16 @@ class Gateway:
             return transcript
 
     async def _entitle_units(
-        self, principal: Principal, mv: ModelVersion, ctx: CallContext, units: dict[str, int]
+        self, principal: Principal, mv: ModelVersion, ctx: CallContext, units: Callable[[], dict[str, int]]
     ) -> PendingCharge | None:
-        """A subscription or a hold of ``units``' cost (the call's worst case) when the model is sold; 402 if not."""
+        """A subscription or a hold of ``units()``' cost (the call's worst case) when the model is sold; 402 if
+        not. ``units`` is called only for a sold model."""
         if principal.org_id is None or not await self.billing.priced(mv.model):
             return None
         owner = self.registry.cached_model(mv.model).owner_org_id
         if owner == principal.org_id:
             return None
-        worst = {"requests": 0, "items": 0, "input_tokens": 0, "output_tokens": 0, "audio_seconds": 0} | units
+        worst = {"requests": 0, "items": 0, "input_tokens": 0, "output_tokens": 0, "audio_seconds": 0} | units()
         return await asyncio.to_thread(self.billing.admit, principal.org_id, mv.model, owner, ctx.request_id, worst)
 
     def prepare_in_background(self, mv: ModelVersion) -> None:
