@@ -18,7 +18,7 @@ from openmaas.serving.pool import ResidencyPool
 from openmaas.telemetry import Metrics
 from tests.helpers import matmul_chain_model
 
-N = 1024  # each model holds an N x N float32 matrix: 4 MiB
+N = 2048  # each model holds an N x N float32 matrix: 16 MiB (well above the noise of measuring RSS growth)
 
 
 @pytest.fixture(scope="module")
