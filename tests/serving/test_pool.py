@@ -128,7 +128,13 @@ def test_never_unloaded_while_in_flight(versions: dict) -> None:
     asyncio.run(scenario())
 
 
-def test_pinned_models_are_not_evicted(versions: dict) -> None:
+def test_pinned_models_are_not_evicted(versions: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    # This test is about which model goes, not about measuring: with the process's RSS held still, each footprint
+    # is the runtime's own figure (the file size), so memory other tests left in this long-lived process cannot
+    # decide the outcome (a reload measured over twice its size in full runs). Real measurement is covered by the
+    # other pool tests and the end-to-end memory-budget test.
+    monkeypatch.setattr("openmaas.serving.pool.process_rss", lambda: 0)
+
     async def scenario() -> None:
         metrics = Metrics()
         pool = _pool(versions, metrics, pinned=lambda mv: mv.model == "alpha")
