@@ -85,6 +85,7 @@ def build_platform(settings: Settings) -> Platform:
     defaults = BatchConfig(
         max_batch_size=settings.max_batch_size,
         max_queue_delay_ms=settings.max_queue_delay_ms,
+        max_balance_wait_ms=settings.max_balance_wait_ms,
         max_queue_size=settings.max_queue_size,
         max_batch_tokens=settings.max_batch_tokens,
     )

@@ -108,6 +108,13 @@ class Settings(BaseSettings):
         description="Default time a request may wait for others to join its batch; 0 dispatches as soon as the model "
         "is free (requests arriving meanwhile are batched together).",
     )
+    max_balance_wait_ms: float = Field(
+        default=3.0,
+        ge=0,
+        description="With several model copies: most time a free copy waits for a batch as large as the busy "
+        "copies are running, so concurrent load does not fragment into batches of one; nothing waits when no "
+        "other copy is busy. 0 = never wait.",
+    )
     max_queue_size: int = Field(
         default=256, ge=1, description="Default most requests queued per model; beyond it 429 (OpenAI) / 503 (v2)."
     )

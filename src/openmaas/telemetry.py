@@ -82,6 +82,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=self.registry,
         )
+        self.compute = Counter(
+            "openmaas_model_compute_seconds",
+            "Time model copies spent running batches (divide its rate by the copies for their utilisation).",
+            ("model",),
+            registry=self.registry,
+        )
         self.rejected = Counter(
             "openmaas_rejected_requests",
             "Requests refused at once because a queue was full.",

@@ -9,7 +9,16 @@ import pytest
 
 from openmaas.errors import BatchMismatch
 from openmaas.runtimes.base import RuntimeResult
-from openmaas.serving.batcher import Pending, compat_key, concat_inputs, drop_expired, split_result, take_batch
+from openmaas.serving.batcher import (
+    Pending,
+    balance_wait,
+    compat_key,
+    concat_inputs,
+    drop_expired,
+    fair_share,
+    split_result,
+    take_batch,
+)
 
 
 def item(
@@ -102,3 +111,35 @@ def test_wrong_output_count_is_a_server_error(outputs: dict) -> None:
 def test_wrong_token_count_is_a_server_error() -> None:
     with pytest.raises(BatchMismatch):
         split_result(RuntimeResult(outputs={"y": np.zeros(3)}, tokens=np.zeros(2)), [1, 2])
+
+
+@pytest.mark.parametrize(
+    ("queued", "running", "copies", "max_rows", "share"),
+    [
+        (1, 0, 2, 64, 1),  # a single request: it goes at once, alone
+        (60, 0, 2, 64, 30),  # both copies free: the queue is split between them
+        (40, 24, 2, 64, 32),  # one copy busy with 24: the free one takes an equal part of all the work
+        (3, 61, 2, 64, 32),  # the share may exceed what is queued: then balance_wait says whether to wait
+        (500, 0, 2, 64, 64),  # never more than max_rows
+        (7, 0, 1, 64, 7),  # one copy takes everything it may
+        (0, 5, 4, 64, 2),
+    ],
+)
+def test_fair_share_splits_the_work_evenly(queued: int, running: int, copies: int, max_rows: int, share: int) -> None:
+    assert fair_share(queued, running, copies, max_rows) == share
+
+
+def test_balance_wait_waits_only_while_other_copies_are_busy_and_the_share_is_short() -> None:
+    # C=1 (nothing else running): never wait.
+    assert balance_wait(1, 0, 2, 64, 0.0, 0.003) == 0.0
+    # One copy runs 32 rows; 5 have come back so far: wait the rest of the 3 ms for the others.
+    assert balance_wait(5, 32, 2, 64, 0.001, 0.003) == pytest.approx(0.002)
+    # Once the head has waited the limit, go with what there is.
+    assert balance_wait(5, 32, 2, 64, 0.004, 0.003) == 0.0
+    # The share is there: go.
+    assert balance_wait(32, 32, 2, 64, 0.0, 0.003) == 0.0
+    assert balance_wait(64, 200, 2, 64, 0.0, 0.003) == 0.0  # a full batch never waits
+    # Waiting switched off, or a single copy (nobody to balance with): never wait.
+    assert balance_wait(5, 32, 2, 64, 0.0, 0.0) == 0.0
+    assert balance_wait(5, 32, 1, 64, 0.0, 0.003) == 0.0
+    assert balance_wait(0, 32, 2, 64, 0.0, 0.003) == 0.0

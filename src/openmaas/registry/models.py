@@ -40,6 +40,7 @@ class ServingConfig(BaseModel):
 
     max_batch_size: int | None = Field(default=None, ge=1, le=65536)
     max_queue_delay_ms: float | None = Field(default=None, ge=0, le=10_000)
+    max_balance_wait_ms: float | None = Field(default=None, ge=0, le=10_000)
     max_queue_size: int | None = Field(default=None, ge=1, le=1_000_000)
     max_batch_tokens: int | None = Field(default=None, ge=1)
     pinned: bool | None = Field(default=None, description="Never evict this model once loaded.")

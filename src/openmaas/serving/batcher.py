@@ -38,6 +38,9 @@ class BatchConfig:
     max_queue_size: int = 256
     #: For text models: most tokens (estimated) one batch may carry.
     max_batch_tokens: int = 16384
+    #: With several copies: how long a free copy may wait for its fair share of the work (a batch as large as
+    #: the other copies are running) before it takes what is queued. 0 = never wait. See ``balance_wait``.
+    max_balance_wait_ms: float = 3.0
 
 
 @dataclass(eq=False)
@@ -104,6 +107,36 @@ def take_batch(queue: deque[Pending], max_rows: int, max_cost: int) -> list[Pend
     return batch
 
 
+def fair_share(queued_rows: int, running_rows: int, copies: int, max_rows: int) -> int:
+    """Rows the next batch should carry when ``copies`` copies share the work: an equal part of everything queued
+    or running (``ceil((queued + running) / copies)``), at least one and at most ``max_rows``.
+
+    Taking more would leave the other copies idle when they finish (and a large batch runs slower per row than
+    a medium one: its activations leave the CPU cache); taking less fragments the work into small batches.
+    """
+    if copies <= 1:
+        return max(1, min(max_rows, queued_rows))
+    return max(1, min(max_rows, -(-(queued_rows + running_rows) // copies)))
+
+
+def balance_wait(
+    queued_rows: int, running_rows: int, copies: int, max_rows: int, head_waited_s: float, max_wait_s: float
+) -> float:
+    """Seconds a free model copy should still wait before taking a batch (0 = take it now).
+
+    Under concurrent load the requests a copy has just answered come back a moment later; a copy that took the
+    first of them alone would run a string of tiny batches (a batch of one costs about as much machine time as
+    several rows of a full one) while the other copies run large ones. So while other copies are busy, a free
+    copy waits until the queue holds its fair share (``fair_share``), or until the oldest queued request has
+    waited ``max_wait_s``. With no other copy busy (a single client, light load) nothing waits.
+    """
+    if queued_rows <= 0 or copies <= 1 or running_rows <= 0 or max_wait_s <= 0:
+        return 0.0
+    if queued_rows >= fair_share(queued_rows, running_rows, copies, max_rows):
+        return 0.0
+    return max(0.0, max_wait_s - head_waited_s)
+
+
 def concat_inputs(batch: list[Pending]) -> dict[str, np.ndarray]:
     if len(batch) == 1:
         return batch[0].inputs
@@ -151,6 +184,8 @@ class Batcher:
         self.config = config
         self._workers = workers
         self._free: list[int] = list(range(len(workers)))
+        #: Rows each busy copy is running now.
+        self._running_rows: dict[int, int] = {}
         self._metrics = metrics
         self._queue: deque[Pending] = deque()
         self._wakeup = asyncio.Event()
@@ -229,12 +264,31 @@ class Batcher:
                 continue
             await self._wait_for_batch()
             now = time.monotonic()
+            queued = sum(p.rows for p in self._queue)
+            running = sum(self._running_rows.values())
+            copies = len(self._workers)
+            if self._queue:
+                wait = balance_wait(
+                    queued,
+                    running,
+                    copies,
+                    self.config.max_batch_size,
+                    now - self._queue[0].enqueued,
+                    self.config.max_balance_wait_ms / 1000,
+                )
+                if wait > 0:
+                    # Woken early by a new request or by a copy finishing; then the rule is checked again.
+                    self._wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), wait)
+                    continue
             for item in drop_expired(self._queue, now):
                 if item.future is not None and not item.future.done():
                     item.future.set_exception(
                         DeadlineExceeded(f"the request's deadline passed while it waited for model '{self.label}'")
                     )
-            batch = take_batch(self._queue, self.config.max_batch_size, self.config.max_batch_tokens)
+            share = fair_share(queued, running, copies, self.config.max_batch_size)
+            batch = take_batch(self._queue, share, self.config.max_batch_tokens)
             batch = [p for p in batch if not p.cancelled]
             self._metrics.queue_depth.labels(self.label).set(len(self._queue))
             if not batch:
@@ -243,6 +297,7 @@ class Batcher:
                 self._metrics.queue_wait.labels(self.label).observe(now - p.enqueued)
             # Most recently used copy first: at low load one copy (one thread pool) does all the work.
             worker = self._free.pop()
+            self._running_rows[worker] = sum(p.rows for p in batch)
             task = asyncio.get_running_loop().create_task(self._run_batch(worker, batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -262,7 +317,10 @@ class Batcher:
                     p.future.set_exception(e)
             return
         finally:
-            self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * (time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self._metrics.compute.labels(self.label).inc(elapsed)
+            self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * elapsed
+            self._running_rows.pop(worker, None)
             self._free.append(worker)
             self._wakeup.set()
         for p, part in zip(batch, parts, strict=True):
