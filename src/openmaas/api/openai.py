@@ -15,6 +15,7 @@ from openmaas.api.deps import GatewayDep, PrincipalDep, call_context, principal
 from openmaas.api.requests import deadline_from, until_disconnect
 from openmaas.api.responses import JSONResponse
 from openmaas.errors import ErrorCode, InvalidRequest, OpenMaaSError
+from openmaas.gateway.service import Gateway
 from openmaas.registry.models import Model
 
 B = TypeVar("B", bound=BaseModel)
@@ -57,13 +58,16 @@ def _model_object(model: Model) -> dict[str, Any]:
 
 
 def router(max_inputs: int) -> APIRouter:
-    r = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(principal)])
+    # The hot path, /v1/embeddings, has no FastAPI dependencies: resolving them cost about a fifth of the event
+    # loop's time per request under load. It authenticates itself, first thing, as the ``principal``
+    # dependency of the other routes does.
+    r = APIRouter(prefix="/v1", tags=["openai"])
 
-    @r.get("/models")
+    @r.get("/models", dependencies=[Depends(principal)])
     async def list_models(gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [_model_object(m) for m in gw.list_models(who)]})
 
-    @r.get("/models/{model_id}")
+    @r.get("/models/{model_id}", dependencies=[Depends(principal)])
     async def get_model(model_id: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         return JSONResponse(_model_object(gw.get_model(who, model_id)))
 
@@ -76,7 +80,9 @@ def router(max_inputs: int) -> APIRouter:
             }
         },
     )
-    async def embeddings(request: Request, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+    async def embeddings(request: Request) -> JSONResponse:
+        who = await principal(request)
+        gw: Gateway = request.app.state.gateway
         body = await parse_body(request, EmbeddingsRequest)
         ctx = call_context(request, await request.body())
         texts = _texts(body.input, max_inputs)
