@@ -450,6 +450,7 @@ def main() -> None:
                 r = run_load(port, reqs, c, args.warmup, args.duration)
                 after = in_process.limit(args.duration / 4)
                 r["limit"] = (before + after) / 2
+                r["limit_before"], r["limit_after"] = before, after
                 r["ratio"] = r["rps"] / r["limit"]
                 if c == 1:
                     r["single_ms"] = (single_before + in_process.single_p50_ms()) / 2

@@ -18,6 +18,7 @@ from openmaas.api import billing as billing_api
 from openmaas.api import generation, health, manage, openai, tenancy, usage, v2
 from openmaas.api import jobs as jobs_api
 from openmaas.api.errors import install_error_handlers
+from openmaas.api.hot import HotPath, OpenMaaSApp
 from openmaas.api.middleware import RequestContextMiddleware
 from openmaas.artifacts import LocalArtifactStore
 from openmaas.audit import AuditLog
@@ -212,7 +213,7 @@ def create_app(settings: Settings) -> FastAPI:
             await platform.gateway.close()
             platform.engine.dispose()
 
-    app = FastAPI(
+    app = OpenMaaSApp(
         title="OpenMaaS",
         version=__version__,
         description="Model-as-a-service: OpenAI-compatible and Open Inference Protocol v2 endpoints, "
@@ -246,4 +247,12 @@ def create_app(settings: Settings) -> FastAPI:
         return settings.max_request_bytes
 
     app.add_middleware(RequestContextMiddleware, metrics=platform.metrics, body_limit=body_limit)
+    max_inputs = settings.max_embedding_inputs
+    app.hot = {
+        ("POST", "/v1/embeddings"): RequestContextMiddleware(
+            HotPath(app, lambda request: openai.embeddings_response(request, max_inputs)),
+            metrics=platform.metrics,
+            body_limit=body_limit,
+        )
+    }
     return app

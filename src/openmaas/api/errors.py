@@ -98,19 +98,34 @@ def _validation_message(exc: RequestValidationError) -> tuple[ErrorCode, str, st
     return ErrorCode.INVALID_REQUEST, f"invalid value for '{param}': {msg}" if param else msg, param
 
 
+def domain_error_response(path: str, exc: OpenMaaSError) -> Response:
+    if exc.status >= 500:
+        log.error("server error", extra={"code": exc.code.value, "error": exc.message})
+    return error_response(protocol_of(path), exc.code, exc.message, param=exc.param, headers=exc.headers)
+
+
+def validation_error_response(path: str, exc: RequestValidationError) -> Response:
+    code, message, param = _validation_message(exc)
+    return error_response(protocol_of(path), code, message, param=param)
+
+
+def unexpected_error_response(path: str) -> Response:
+    """500 for an exception nobody handled (the caller logs it with its traceback)."""
+    return error_response(
+        protocol_of(path),
+        ErrorCode.INTERNAL,
+        "internal server error; the request id in X-Request-Id identifies it in the server logs",
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def domain_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, OpenMaaSError)
-        if exc.status >= 500:
-            log.error("server error", extra={"code": exc.code.value, "error": exc.message})
-        return error_response(
-            protocol_of(request.url.path), exc.code, exc.message, param=exc.param, headers=exc.headers
-        )
+        return domain_error_response(request.url.path, exc)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        code, message, param = _validation_message(exc)
-        return error_response(protocol_of(request.url.path), code, message, param=param)
+        return validation_error_response(request.url.path, exc)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -126,11 +141,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error", extra={"path": request.url.path})
-        return error_response(
-            protocol_of(request.url.path),
-            ErrorCode.INTERNAL,
-            "internal server error; the request id in X-Request-Id identifies it in the server logs",
-        )
+        return unexpected_error_response(request.url.path)
 
     app.add_exception_handler(OpenMaaSError, domain_error)
     app.add_exception_handler(RequestValidationError, validation_error)

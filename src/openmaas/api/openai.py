@@ -81,45 +81,48 @@ def router(max_inputs: int) -> APIRouter:
         },
     )
     async def embeddings(request: Request) -> JSONResponse:
-        who = await principal(request)
-        gw: Gateway = request.app.state.gateway
-        body = await parse_body(request, EmbeddingsRequest)
-        ctx = call_context(request, await request.body())
-        texts = _texts(body.input, max_inputs)
-        mv = gw.model_version(who, body.model)
-        if body.dimensions is not None:
-            spec = mv.signature.output("embedding")
-            native = spec.shape[-1] if spec is not None else None
-            if body.dimensions != native:
-                raise InvalidRequest(
-                    f"model '{body.model}' produces {native}-dimensional embeddings and cannot shorten them; "
-                    f"omit 'dimensions' or set it to {native}",
-                    param="dimensions",
-                )
-        result = await until_disconnect(
-            request, gw.embed(who, body.model, texts, "openai", deadline_from(request), ctx)
-        )
-        vectors = result.outputs["embedding"]
-        data: list[dict[str, Any]] = []
-        for i, vec in enumerate(vectors):
-            value: Any = (
-                base64.b64encode(np.ascontiguousarray(vec, dtype="<f4").tobytes()).decode()
-                if body.encoding_format == "base64"
-                else vec
-            )
-            data.append({"object": "embedding", "index": i, "embedding": value})
-        tokens = int(result.tokens.sum()) if result.tokens is not None else 0
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": data,
-                "model": body.model,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            },
-            headers=ctx.response_headers,
-        )
+        return await embeddings_response(request, max_inputs)
 
     return r
+
+
+async def embeddings_response(request: Request, max_inputs: int) -> JSONResponse:
+    """POST /v1/embeddings. Called by the FastAPI route and by ``HotPath`` (which skips the framework)."""
+    who = await principal(request)
+    gw: Gateway = request.app.state.gateway
+    body = await parse_body(request, EmbeddingsRequest)
+    ctx = call_context(request, await request.body())
+    texts = _texts(body.input, max_inputs)
+    mv = gw.model_version(who, body.model)
+    if body.dimensions is not None:
+        spec = mv.signature.output("embedding")
+        native = spec.shape[-1] if spec is not None else None
+        if body.dimensions != native:
+            raise InvalidRequest(
+                f"model '{body.model}' produces {native}-dimensional embeddings and cannot shorten them; "
+                f"omit 'dimensions' or set it to {native}",
+                param="dimensions",
+            )
+    result = await until_disconnect(request, gw.embed(who, body.model, texts, "openai", deadline_from(request), ctx))
+    vectors = result.outputs["embedding"]
+    data: list[dict[str, Any]] = []
+    for i, vec in enumerate(vectors):
+        value: Any = (
+            base64.b64encode(np.ascontiguousarray(vec, dtype="<f4").tobytes()).decode()
+            if body.encoding_format == "base64"
+            else vec
+        )
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    tokens = int(result.tokens.sum()) if result.tokens is not None else 0
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "model": body.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        },
+        headers=ctx.response_headers,
+    )
 
 
 def _texts(value: str | list[str] | list[int] | list[list[int]], max_inputs: int) -> list[str]:
