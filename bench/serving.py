@@ -148,16 +148,16 @@ class InProcessEmbeddings:
     """The runtime's best throughput without HTTP, over batch sizes and two ways to use the cores: one copy with
     ``cores`` threads, or ``cores`` single-threaded copies side by side (what the server does by default).
 
-    ``sweep`` finds the best configuration once; ``limit`` and ``single_p50_ms`` measure it again on demand, so
-    each HTTP level can be bracketed by in-process measurements taken just before and after it (this machine's
-    speed drifts by 10-20% over minutes, more than the effects being measured)."""
+    ``sweep`` finds each layout's best batch size once; ``limit`` measures every layout again at its best batch
+    and returns the highest, so each HTTP level can be bracketed by in-process measurements taken just before
+    and after it (this machine's speed drifts by 10-20% over minutes, more than the effects being measured, and
+    a sweep in a noisy moment can rank the layouts wrongly)."""
 
     def __init__(self, texts: list[str], cores: int) -> None:
         self.texts = texts
         self.cores = cores
-        self.best_runners: list[object] = []
-        self.best_batch = 1
-        self.best_threads = 1
+        #: Per layout (copies x threads): its runners, best batch size and threads per copy.
+        self.layouts: dict[str, tuple[list[object], int, int]] = {}
         self.by_config: dict[str, float] = {}
         self.best = ""
         self._single = _in_new_thread(lambda: self._make(cores))
@@ -180,12 +180,15 @@ class InProcessEmbeddings:
         for copies, threads in configs:
             # Each configuration in a thread of its own making, so thread pools do not carry over between them.
             runners = _in_new_thread(lambda c=copies, t=threads: [self._make(t) for _ in range(c)])
+            layout_best = -1.0
             for batch in (8, 32, 64, 128):
                 name = f"{copies}x{threads}t@{batch}"
                 self.by_config[name] = _throughput(runners, self._call, batch, seconds / 8, len(self.texts), threads)
+                if self.by_config[name] > layout_best:
+                    layout_best = self.by_config[name]
+                    self.layouts[f"{copies}x{threads}t"] = (runners, batch, threads)
                 if self.by_config[name] > best_value:
                     best_value, self.best = self.by_config[name], name
-                    self.best_runners, self.best_batch, self.best_threads = runners, batch, threads
         return {
             "by_config": self.by_config,
             "best": self.best,
@@ -194,8 +197,11 @@ class InProcessEmbeddings:
         }
 
     def limit(self, seconds: float) -> float:
-        """The best configuration's throughput now."""
-        return _throughput(self.best_runners, self._call, self.best_batch, seconds, len(self.texts), self.best_threads)
+        """The highest throughput now of the layouts at their best batch sizes (``seconds`` each)."""
+        return max(
+            _throughput(runners, self._call, batch, seconds, len(self.texts), threads)
+            for runners, batch, threads in self.layouts.values()
+        )
 
     def single_p50_ms(self, calls: int = 200) -> float:
         """Median latency of one sentence on one copy using every core (what the server does at C=1)."""
@@ -476,10 +482,10 @@ def main() -> None:
             ]
             for c in levels:
                 # Bracketed: the in-process figures are measured again just before and after each level.
-                before = in_process.limit(args.duration / 4)
+                before = in_process.limit(args.duration / 8)
                 r = interleaved_single(in_process, port, reqs, args) if c == 1 else None
                 r = r or run_load(port, reqs, c, args.warmup, args.duration)
-                after = in_process.limit(args.duration / 4)
+                after = in_process.limit(args.duration / 8)
                 r["limit"] = (before + after) / 2
                 r["limit_before"], r["limit_after"] = before, after
                 r["ratio"] = r["rps"] / r["limit"]
@@ -620,8 +626,8 @@ def render(
         + ", ".join(f"{b}: {v:.0f}/s" for b, v in limit["by_config"].items())  # type: ignore[attr-defined]
         + ".",
         "",
-        "Each level is bracketed: the best configuration's in-process throughput is measured again just before "
-        "and after it, and its ratio is against the mean of the two (this machine's speed drifts by 10-20% over "
+        "Each level is bracketed: both layouts are measured again at their best batch sizes just before and after "
+        "it, and its ratio is against the mean of the higher figure before and the higher figure after (this machine's speed drifts by 10-20% over "
         "minutes).",
         "",
         "| concurrency | req/s | in-process limit around it | x limit | p50 ms | p99 ms | errors "

@@ -109,8 +109,11 @@ class SentenceTransformerRuntime(Runtime):
     def set_threads(self, threads: int) -> None:
         import torch
 
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        # Always set, even when get_num_threads() already says ``threads``: that reads this thread's OpenMP
+        # setting, but torch.set_num_threads also sets MKL's thread count, which is process-wide, so another
+        # copy's thread may have changed it since (a lone request then ran its matrix products on one thread,
+        # ~2 ms slower here).
+        torch.set_num_threads(threads)
 
     def memory_bytes(self) -> int:
         model = self._model
