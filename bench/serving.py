@@ -341,7 +341,7 @@ def interleaved_single(
 ) -> dict[str, float]:
     """C=1 over HTTP against single sentences in process, in alternating slices (in process, HTTP, ..., in
     process), so both sides see the same phases of the machine's drift; medians over the pooled latencies."""
-    local = in_process.single_times(100)
+    slices = [in_process.single_times(100)]
     http: list[float] = []
     seconds = 0.0
     r: dict[str, float] = {}
@@ -349,13 +349,15 @@ def interleaved_single(
         r = run_load(port, reqs, 1, args.warmup if k == 0 else 0.5, args.duration / rounds, keep=True)
         http += r.pop("latencies")  # type: ignore[arg-type]
         seconds += args.duration / rounds
-        local += in_process.single_times(100)
+        slices.append(in_process.single_times(100))
+    pooled = [t for s in slices for t in s]
     return {
         **r,
         "rps": len(http) / seconds,
         "p50_ms": 1000 * percentile(http, 50),
         "p99_ms": 1000 * percentile(http, 99),
-        "single_ms": 1000 * percentile(local, 50),
+        "single_pooled_ms": 1000 * percentile(pooled, 50),
+        "single_fastest_slice_ms": min(1000 * percentile(s, 50) for s in slices),
     }
 
 
@@ -485,6 +487,11 @@ def main() -> None:
                 before = in_process.limit(args.duration / 8)
                 r = interleaved_single(in_process, port, reqs, args) if c == 1 else None
                 r = r or run_load(port, reqs, c, args.warmup, args.duration)
+                if c == 1:
+                    # The reference is the fastest in-process figure of the run: the single-sentence latency of
+                    # one runtime object sometimes sits ~2.5 ms higher for minutes (seen at 8.8 and 11.4 ms in
+                    # the same minute in different processes), and the slow phase would flatter the server.
+                    r["single_ms"] = min(r["single_fastest_slice_ms"], float(limit["single_p50_ms"]))  # type: ignore[arg-type]
                 after = in_process.limit(args.duration / 8)
                 r["limit"] = (before + after) / 2
                 r["limit_before"], r["limit_after"] = before, after
@@ -639,8 +646,9 @@ def render(
         if "single_ms" in r:
             lines += [
                 "",
-                f"C=1: p50 {r['p50_ms']:.2f} ms over HTTP against {r['single_ms']:.2f} ms in process (single "
-                "sentences, measured in slices alternating with the HTTP ones): "
+                f"C=1: p50 {r['p50_ms']:.2f} ms over HTTP against {r['single_ms']:.2f} ms in process, the fastest "
+                "single-sentence p50 of the run (the sweep's, and five 100-call slices alternating with the HTTP "
+                f"ones: pooled p50 {r['single_pooled_ms']:.2f} ms): "
                 f"**{r['p50_ms'] - r['single_ms']:+.2f} ms** "
                 "(target <= +3 ms), authentication, rate limits and a durable usage record included.",
             ]
