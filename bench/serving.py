@@ -159,7 +159,6 @@ class InProcessEmbeddings:
         #: Per layout (copies x threads): its runners, best batch size and threads per copy.
         self.layouts: dict[str, tuple[list[object], int, int]] = {}
         self.by_config: dict[str, float] = {}
-        self.best = ""
         self._single = _in_new_thread(lambda: self._make(cores))
 
     def _make(self, threads: int) -> object:
@@ -176,7 +175,6 @@ class InProcessEmbeddings:
 
     def sweep(self, seconds: float) -> dict[str, object]:
         configs = [(1, self.cores), (self.cores, 1)] if self.cores > 1 else [(1, 1)]
-        best_value = -1.0
         for copies, threads in configs:
             # Each configuration in a thread of its own making, so thread pools do not carry over between them.
             runners = _in_new_thread(lambda c=copies, t=threads: [self._make(t) for _ in range(c)])
@@ -187,14 +185,7 @@ class InProcessEmbeddings:
                 if self.by_config[name] > layout_best:
                     layout_best = self.by_config[name]
                     self.layouts[f"{copies}x{threads}t"] = (runners, batch, threads)
-                if self.by_config[name] > best_value:
-                    best_value, self.best = self.by_config[name], name
-        return {
-            "by_config": self.by_config,
-            "best": self.best,
-            "limit": best_value,
-            "single_p50_ms": self.single_p50_ms(),
-        }
+        return _summary(self.by_config, self.single_times(200))
 
     def limit(self, seconds: float) -> float:
         """The highest throughput now of the layouts at their best batch sizes (``seconds`` each)."""
