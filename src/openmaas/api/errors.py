@@ -109,8 +109,9 @@ def validation_error_response(path: str, exc: RequestValidationError) -> Respons
     return error_response(protocol_of(path), code, message, param=param)
 
 
-def unexpected_error_response(path: str) -> Response:
-    """500 for an exception nobody handled (the caller logs it with its traceback)."""
+def unexpected_error_response(path: str, exc: BaseException) -> Response:
+    """500 for an exception nobody handled, logged with its traceback (the client sees only the request id)."""
+    log.error("unhandled error", exc_info=exc, extra={"path": path})
     return error_response(
         protocol_of(path),
         ErrorCode.INTERNAL,
@@ -140,8 +141,7 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", extra={"path": request.url.path})
-        return unexpected_error_response(request.url.path)
+        return unexpected_error_response(request.url.path, exc)
 
     app.add_exception_handler(OpenMaaSError, domain_error)
     app.add_exception_handler(RequestValidationError, validation_error)

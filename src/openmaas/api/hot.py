@@ -10,7 +10,6 @@ as before; the FastAPI route for /v1/embeddings stays too (OpenAPI, and the same
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,8 +21,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from openmaas.api.errors import domain_error_response, unexpected_error_response, validation_error_response
 from openmaas.errors import OpenMaaSError
-
-log = logging.getLogger("openmaas.api")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -45,9 +42,8 @@ class HotPath:
             response = domain_error_response(path, e)
         except RequestValidationError as e:
             response = validation_error_response(path, e)
-        except Exception:
-            log.exception("unhandled error", extra={"path": path})
-            response = unexpected_error_response(path)
+        except Exception as e:
+            response = unexpected_error_response(path, e)
         await response(scope, receive, send)
 
 
