@@ -297,13 +297,13 @@ class Batcher:
                 self._metrics.queue_wait.labels(self.label).observe(now - p.enqueued)
             # Most recently used copy first: at low load one copy (one thread pool) does all the work.
             worker = self._free.pop()
-            self._running_rows[worker] = sum(p.rows for p in batch)
-            task = asyncio.get_running_loop().create_task(self._run_batch(worker, batch))
+            rows = sum(p.rows for p in batch)
+            self._running_rows[worker] = rows
+            task = asyncio.get_running_loop().create_task(self._run_batch(worker, batch, rows))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _run_batch(self, worker: int, batch: list[Pending]) -> None:
-        rows = sum(p.rows for p in batch)
+    async def _run_batch(self, worker: int, batch: list[Pending], rows: int) -> None:
         self._metrics.batch_size.labels(self.label).observe(rows)
         started = time.perf_counter()
         try:
