@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import free_port, machine, start_server, wait_until_ready
+from harness import free_port, machine, start_server, wait_until_ready
 
 KEY = "om_bench-key-0123456789abcdefghijklmnopqrstuvwxyz"
 MODEL = "gemma-3-270m"
@@ -107,7 +107,7 @@ async def http_round(base: str, model: str, concurrency: int, tokens: int, key: 
 
 
 async def in_process_round(runtime: Any, concurrency: int, tokens: int) -> dict[str, float]:
-    from openmaas.runtimes.generative import SamplingParams
+    from openmaas.entities.generation import SamplingParams
 
     loop = asyncio.get_running_loop()
 
@@ -213,7 +213,7 @@ def main() -> None:
         gguf = converted.parent / "blob"
 
         from openmaas.runtimes import RuntimeOptions
-        from openmaas.runtimes.generative import CausalLMRuntime
+        from openmaas.runtimes.causal_lm import CausalLMRuntime
 
         runtime = CausalLMRuntime(converted, RuntimeOptions(torch_threads=threads))
         runtime.load()

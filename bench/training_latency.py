@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import http_request, machine, run_load, sentences, start_server
+from harness import http_request, machine, sentences, start_server
+from loadgen import run_load
 
 KEY = "om_bench-key-0123456789abcdefghijklmnopqrstuvwxyz"
 

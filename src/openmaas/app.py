@@ -17,26 +17,32 @@ from openmaas import __version__
 from openmaas.api import billing as billing_api
 from openmaas.api import generation, health, manage, openai, tenancy, usage, v2
 from openmaas.api import jobs as jobs_api
+from openmaas.api.deps import Services
 from openmaas.api.errors import install_error_handlers
 from openmaas.api.hot import HotPath, OpenMaaSApp
 from openmaas.api.middleware import RequestContextMiddleware
 from openmaas.artifacts import LocalArtifactStore
 from openmaas.audit import AuditLog
+from openmaas.billing.dedicated import DedicatedCapacity
 from openmaas.billing.service import BillingService
 from openmaas.config import Settings
 from openmaas.datasets.service import DatasetService
+from openmaas.entities.models import ModelVersion
+from openmaas.gateway.admission import AdmissionControl, Metering
 from openmaas.gateway.auth import KeyAuthenticator, load_or_create_secret, new_key
 from openmaas.gateway.limits import QuotaGuard, RateLimiter
-from openmaas.gateway.service import Gateway, Metering
+from openmaas.gateway.service import Gateway
 from openmaas.jobs.runner import JobRunner
 from openmaas.jobs.service import JobService
+from openmaas.jobs.submission import JobSubmission
 from openmaas.metering.usage import UsageQueries
 from openmaas.metering.writer import GroupCommitWriter
 from openmaas.registry.inspect import inspect_in_subprocess
-from openmaas.registry.models import ModelVersion
 from openmaas.registry.service import ModelRegistry
-from openmaas.runtimes import GENERATIVE_FORMATS, RuntimeOptions
+from openmaas.runtimes import RuntimeOptions, runtime_class
+from openmaas.serving.backend import ServingBackend
 from openmaas.serving.batcher import BatchConfig
+from openmaas.serving.local import LocalBackend
 from openmaas.serving.pool import ResidencyPool
 from openmaas.store import db
 from openmaas.store.registry import RegistryStore
@@ -53,12 +59,13 @@ class Platform:
     settings: Settings
     engine: Engine
     metrics: Metrics
-    registry: ModelRegistry
-    pool: ResidencyPool
-    gateway: Gateway
-    datasets: DatasetService
-    jobs: JobService
+    backend: ServingBackend
+    services: Services
     runner: JobRunner
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.services.gateway
 
 
 def build_platform(settings: Settings) -> Platform:
@@ -98,7 +105,7 @@ def build_platform(settings: Settings) -> Platform:
         return replace(defaults, **overrides)
 
     def instances(mv: ModelVersion) -> int:
-        if mv.format in GENERATIVE_FORMATS:
+        if runtime_class(mv.format).serves == "generation":
             return 1  # one engine per model batches every request itself
         configured = registry.get_model(mv.model).serving.instances
         return configured if configured is not None else settings.model_instances
@@ -116,30 +123,32 @@ def build_platform(settings: Settings) -> Platform:
         pinned=pinned,
         instances=instances,
     )
+    backend = LocalBackend(pool, metrics)
     secret = load_or_create_secret(
         settings.secret_key.get_secret_value() if settings.secret_key else None,
         settings.data_dir / "secret.key",
     )
     auth = KeyAuthenticator(sessions, secret)
-    tenancy_service = TenancyService(sessions, auth.digest, new_key)
     usage_queries = UsageQueries(sessions)
+    tenancy_service = TenancyService(sessions, auth.digest, new_key, on_key_changed=auth.forget)
+    quotas = QuotaGuard(tenancy_service.all_quotas, usage_queries.month_totals)
+    tenancy_service.on_quotas_changed(quotas.invalidate)
     billing = BillingService(engine, settings.currency, settings.commission_bps)
-    gateway = Gateway(
-        auth,
-        registry,
-        pool,
-        metrics,
+    admission = AdmissionControl(
+        RateLimiter(settings.redis_url),
+        quotas,
+        billing,
         Metering(
             GroupCommitWriter(engine, metrics, settle=billing.settle, release=billing.release_in),
             usage_queries,
             enabled=settings.metering,
         ),
-        RateLimiter(settings.redis_url),
-        QuotaGuard(tenancy_service.all_quotas, usage_queries.month_totals),
-        tenancy_service,
-        AuditLog(sessions, secret),
-        billing,
+        metrics,
+        owner_of=lambda model: registry.cached_model(model).owner_org_id,
     )
+    audit = AuditLog(sessions, secret)
+    gateway = Gateway(auth, registry, backend, admission, audit, metrics)
+    datasets = DatasetService(sessions, LocalArtifactStore(settings.artifacts_dir), settings.data_dir / "cache")
     jobs_dir = settings.data_dir / "jobs"
     worker_env = {
         **os.environ,
@@ -152,16 +161,21 @@ def build_platform(settings: Settings) -> Platform:
     }
     if settings.secret_key is not None:
         worker_env["OPENMAAS_SECRET_KEY"] = settings.secret_key.get_secret_value()
+    jobs = JobService(sessions, jobs_dir)
+    services = Services(
+        gateway=gateway,
+        registry=registry,
+        tenancy=tenancy_service,
+        billing=billing,
+        dedicated=DedicatedCapacity(engine, billing, backend, registry.resolve),
+        usage=usage_queries,
+        audit=audit,
+        datasets=datasets,
+        jobs=jobs,
+        submissions=JobSubmission(jobs, datasets, registry),
+    )
     return Platform(
-        settings,
-        engine,
-        metrics,
-        registry,
-        pool,
-        gateway,
-        DatasetService(sessions, LocalArtifactStore(settings.artifacts_dir), settings.data_dir / "cache"),
-        JobService(sessions, jobs_dir),
-        JobRunner(sessions, jobs_dir, worker_env, settings.max_jobs),
+        settings, engine, metrics, backend, services, JobRunner(sessions, jobs_dir, worker_env, settings.max_jobs)
     )
 
 
@@ -191,7 +205,7 @@ def _start(platform: Platform) -> None:
             "OPENMAAS_LOG_LEVEL": settings.log_level,
             "OPENMAAS_LOG_FORMAT": settings.log_format,
         }
-        ensure_catalogue_in_subprocess(platform.registry, env)
+        ensure_catalogue_in_subprocess(platform.services.registry, env)
     platform.runner.start()
 
 
@@ -209,7 +223,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             app.state.ready = False
             await run_in_threadpool(platform.runner.stop)
-            await platform.pool.close()
+            await platform.backend.close()
             await platform.gateway.close()
             platform.engine.dispose()
 
@@ -224,7 +238,7 @@ def create_app(settings: Settings) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.platform = platform
-    app.state.gateway = platform.gateway
+    app.state.services = platform.services
     app.state.metrics = platform.metrics
     app.state.ready = False
 

@@ -66,8 +66,8 @@ def test_pay_as_you_go_race_for_the_last_of_the_wallet(
         assert "add credit" in refused.json()["error"]
         openai = c.post("/v1/embeddings", json={"model": payg, "input": "x"})
         assert openai.status_code in (400, 402)
-        # Exactly enough for 100 holds (a call holds 1.000001: its price plus one micro for rounding).
-        credit = {"amount_micros": 100 * 1_000_001, "reference": unique("topup")}
+        # Exactly the price of 100 calls: a whole-micro price is held exactly, so exactly 100 calls are served.
+        credit = {"amount_micros": 100 * 1_000_000, "reference": unique("topup")}
         assert admin.post(f"/api/orgs/{consumer['name']}/wallet/credits", json=credit).status_code == 201
         assert admin.post(f"/api/orgs/{consumer['name']}/wallet/credits", json=credit).status_code == 200  # once
         assert (
@@ -83,12 +83,19 @@ def test_pay_as_you_go_race_for_the_last_of_the_wallet(
         assert set(statuses) <= {200, 402}
         assert statuses.count(200) == 100, statuses.count(200)
         wallet = c.get(f"/api/orgs/{consumer['name']}/wallet").json()
-        assert wallet["held_micros"] == 0 and wallet["available_micros"] == 100  # the rounding micros, returned
-        assert wallet["balance_micros"] == 100 and wallet["currency"] == "CNY"
+        assert wallet["held_micros"] == 0 and wallet["available_micros"] == 0
+        assert wallet["balance_micros"] == 0 and wallet["currency"] == "CNY"
+        # The boundary: a wallet holding exactly one call's price serves that call, and then no more.
+        one = {"amount_micros": 1_000_000, "reference": unique("topup")}
+        assert admin.post(f"/api/orgs/{consumer['name']}/wallet/credits", json=one).status_code == 201
+        assert c.get(f"/api/orgs/{consumer['name']}/wallet").json()["available_micros"] == 1_000_000
+        assert c.post(f"/v2/models/{payg}/infer", json={"inputs": [X]}).status_code == 200
+        assert c.post(f"/v2/models/{payg}/infer", json={"inputs": [X]}).status_code == 402
+        assert c.get(f"/api/orgs/{consumer['name']}/wallet").json()["balance_micros"] == 0
     verdict = admin.get("/api/billing/verify").json()
     assert verdict["ok"], verdict["problems"]
     usage = admin.get("/api/usage", params={"org": consumer["name"], "group_by": "model"}).json()["data"]
-    assert [(u["model"], u["requests"]) for u in usage if u["model"] == payg] == [(payg, 100)]
+    assert [(u["model"], u["requests"]) for u in usage if u["model"] == payg] == [(payg, 101)]
 
 
 def test_dedicated_capacity(server: ServerProcess, market: dict) -> None:

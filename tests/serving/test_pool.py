@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from openmaas.entities.models import ModelCard, ModelVersion
+from openmaas.entities.tensors import Signature, TensorSpec
 from openmaas.errors import Overloaded
-from openmaas.registry.models import ModelCard, ModelVersion
 from openmaas.runtimes import RuntimeOptions
-from openmaas.runtimes.types import Signature, TensorSpec
 from openmaas.serving.batcher import BatchConfig
 from openmaas.serving.pool import ResidencyPool
 from openmaas.telemetry import Metrics

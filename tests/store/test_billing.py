@@ -13,6 +13,7 @@ from sqlalchemy import Engine, insert
 from openmaas.billing.money import round_half_even
 from openmaas.billing.plans import PlanSpec, Tier, dedicated_cost, overage_cost, usage_cost
 from openmaas.billing.service import BillingService, PaymentRequired
+from openmaas.entities.models import ModelVersion
 from openmaas.metering.records import UsageRecord
 from openmaas.store.db import upgrade
 from openmaas.store.tables import ModelRow, OrgRow, SubscriptionRow, UsageRecordRow
@@ -126,9 +127,9 @@ def _pay_as_you_go(billing: BillingService, price: int = 1_000_000) -> None:
 
 def test_holds_never_overdraw_the_wallet_under_a_race(engine: Engine) -> None:
     billing, provider, consumer = _seed(engine)
-    _pay_as_you_go(billing)  # 1.00 per request; a hold is 1.000001 (one micro for rounding)
-    billing.credit(consumer, 100 * 1_000_001, "topup-1")
-    assert billing.credit(consumer, 100 * 1_000_001, "topup-1")[1] is False  # same reference: added once
+    _pay_as_you_go(billing)  # 1.00 per request, held exactly
+    billing.credit(consumer, 100 * 1_000_000, "topup-1")
+    assert billing.credit(consumer, 100 * 1_000_000, "topup-1")[1] is False  # same reference: added once
     outcomes: list[object] = []
     barrier = threading.Barrier(20)
 
@@ -150,7 +151,7 @@ def test_holds_never_overdraw_the_wallet_under_a_race(engine: Engine) -> None:
     assert len(held) == 100 and len(refused) == 100
     assert "ask the platform admin to add credit" in str(refused[0])
     wallet = billing.wallet(consumer)
-    assert wallet["available_micros"] == 0 and wallet["held_micros"] == 100 * 1_000_001
+    assert wallet["available_micros"] == 0 and wallet["held_micros"] == 100 * 1_000_000
     # Settle half through the metering path, release the rest.
     with engine.begin() as conn:
         for pending in held[:50]:
@@ -161,12 +162,66 @@ def test_holds_never_overdraw_the_wallet_under_a_race(engine: Engine) -> None:
         billing.release(pending)  # type: ignore[arg-type]
         billing.release(pending)  # type: ignore[arg-type]  # twice: given back once
     wallet = billing.wallet(consumer)
-    assert wallet == {"balance_micros": 50 * 1_000_001 + 50, "held_micros": 0, "available_micros": 50 * 1_000_001 + 50}
+    assert wallet == {"balance_micros": 50 * 1_000_000, "held_micros": 0, "available_micros": 50 * 1_000_000}
     assert billing.books.verify() == {
         "ok": True,
         "problems": [],
         "ledger_entries": billing.books.verify()["ledger_entries"],
     }
+
+
+def test_a_wallet_holding_the_price_of_n_calls_serves_exactly_n(engine: Engine) -> None:
+    """0.01 a call, 1.00 in the wallet: 200 racing calls give exactly 100 holds; settled, the wallet is empty, and
+    a wallet showing exactly one call's price serves that call (it was 99 calls and then a 402 at 0.01 left)."""
+    billing, provider, consumer = _seed(engine)
+    _pay_as_you_go(billing, price=10_000)
+    billing.credit(consumer, 1_000_000, "t")
+    outcomes: list[object] = []
+    barrier = threading.Barrier(8)
+
+    def caller(k: int) -> None:
+        barrier.wait()
+        for i in range(25):
+            try:
+                outcomes.append(billing.admit(consumer, "m", provider, f"r{k}-{i}", {"requests": 1}))
+            except PaymentRequired as e:
+                outcomes.append(e)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    held = [o for o in outcomes if not isinstance(o, PaymentRequired)]
+    assert len(held) == 100 and len(outcomes) == 200
+    with engine.begin() as conn:
+        for pending in held:
+            row = _usage_row(consumer, 1, datetime.now(UTC), request_id=pending.hold_id)  # type: ignore[attr-defined]
+            conn.execute(insert(UsageRecordRow).values(**row))
+            billing.settle(conn, row, pending)  # type: ignore[arg-type]
+    assert billing.wallet(consumer) == {"balance_micros": 0, "held_micros": 0, "available_micros": 0}
+    billing.credit(consumer, 10_000, "exactly-one-call")
+    assert billing.wallet(consumer)["available_micros"] == 10_000
+    assert billing.admit(consumer, "m", provider, "last", {"requests": 1}) is not None
+    with pytest.raises(PaymentRequired):
+        billing.admit(consumer, "m", provider, "one-too-many", {"requests": 1})
+
+
+def test_hold_amount_is_exact_for_whole_micro_prices_and_covers_rounding_otherwise() -> None:
+    from openmaas.billing.plans import hold_amount
+
+    per_call = PlanSpec(name="c", kind="usage", unit="requests", price_micros=10_000)
+    assert hold_amount(per_call, 1) == 10_000
+    per_1k = PlanSpec(name="k", kind="usage", unit="input_tokens", price_micros=2000, block=1000)
+    assert hold_amount(per_1k, 512) == 1024  # 2 micros a token: whole, held exactly
+    fractional = PlanSpec(name="f", kind="usage", unit="input_tokens", price_micros=1500, block=1000)
+    # 1.5 micros a token: a call's step of the rounded running total can be one micro over its exact share.
+    assert hold_amount(fractional, 3) == 6
+    steps = [
+        round_half_even(usage_cost(fractional, 3 * (n + 1))) - round_half_even(usage_cost(fractional, 3 * n))
+        for n in range(20)
+    ]
+    assert max(steps) <= hold_amount(fractional, 3)
 
 
 def test_a_record_arriving_after_its_period_closed_lands_on_the_next_invoice(engine: Engine) -> None:
@@ -321,16 +376,52 @@ def test_amounts_parse_exactly() -> None:
             parse_amount(bad)
 
 
+class _Pins:
+    """Serving as dedicated capacity sees it, for billing tests with no model to load (the HTTP tests in
+    tests/e2e/test_dedicated.py load real models)."""
+
+    def __init__(self) -> None:
+        self.holders: set[str] = set()
+
+    async def pin(self, mv: object, holder: str) -> None:
+        self.holders.add(holder)
+
+    def unpin(self, mv: object, holder: str) -> None:
+        self.holders.discard(holder)
+
+
+def _version(name: str) -> ModelVersion:
+    return ModelVersion.model_validate(
+        {
+            "model": name,
+            "version": 1,
+            "format": "onnx",
+            "sha256": "0" * 64,
+            "size_bytes": 1,
+            "signature": {"inputs": [], "outputs": []},
+            "card": {},
+            "created_at": datetime.now(UTC),
+        }
+    )
+
+
 def test_dedicated_capacity_billed_per_started_minute(engine: Engine) -> None:
+    import asyncio
+
+    from openmaas.billing.dedicated import DedicatedCapacity
     from openmaas.store.tables import ReservationRow
 
     billing, provider, consumer = _seed(engine)
+    pins = _Pins()
+    dedicated = DedicatedCapacity(engine, billing, pins, _version)
     plan = billing.create_plan("m", PlanSpec(name="gpu", kind="dedicated", hourly_price_micros=1_000_000))
     with pytest.raises(PaymentRequired, match="subscribe"):
         billing.admit(consumer, "m", provider, "r0", {"requests": 1})
-    running = billing.start_dedicated(consumer, "m", "gpu")
+    running = asyncio.run(dedicated.start(consumer, "m", "gpu"))
+    assert pins.holders == {f"dedicated:{running['id']}"}
     assert billing.admit(consumer, "m", provider, "r1", {"requests": 1}) is None  # calls ride on the reservation
-    billing.stop_dedicated(consumer, running["id"])
+    asyncio.run(dedicated.stop(consumer, running["id"]))
+    assert pins.holders == set()
     start = datetime(2026, 8, 31, 23, 0, tzinfo=UTC)
     with engine.begin() as conn:  # 90 minutes across a month boundary: 60 in August, 30 in September
         conn.execute(

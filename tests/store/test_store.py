@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, inspect, select
 
+from openmaas.entities.models import ModelCard
+from openmaas.entities.tensors import Signature, TensorSpec
 from openmaas.errors import AlreadyExists, ModelNotFound, Unauthenticated
 from openmaas.gateway.auth import KeyAuthenticator
-from openmaas.registry.models import ModelCard
-from openmaas.runtimes.types import Signature, TensorSpec
 from openmaas.store.db import current_revision, session_factory, upgrade
 from openmaas.store.registry import RegistryStore
 from openmaas.store.tables import ApiKeyRow

@@ -8,21 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from openmaas.runtimes.generative import SamplingParams, _find_stop, _held_back, describe_gguf, sample
+from openmaas.entities.generation import SamplingParams
+from openmaas.runtimes.gguf import describe_gguf
+from openmaas.runtimes.sampling import find_stop, held_back, sample
 
 
 def test_stop_sequences_are_found_only_in_unsent_text() -> None:
-    assert _find_stop("Paris.\nUser: hi", ("\nUser:",), 0) == 6
-    assert _find_stop("one two", ("three",), 0) is None
-    assert _find_stop("a7b7", ("7",), 2) == 3  # the first 7 was already sent: it cannot be a new stop
-    assert _find_stop("abc END x STOP", ("STOP", "END"), 0) == 4  # the earliest wins
+    assert find_stop("Paris.\nUser: hi", ("\nUser:",), 0) == 6
+    assert find_stop("one two", ("three",), 0) is None
+    assert find_stop("a7b7", ("7",), 2) == 3  # the first 7 was already sent: it cannot be a new stop
+    assert find_stop("abc END x STOP", ("STOP", "END"), 0) == 4  # the earliest wins
 
 
 def test_text_that_may_start_a_stop_sequence_is_held_back() -> None:
-    assert _held_back("Paris\n", ("\nUser:",)) == 1
-    assert _held_back("Paris\nUs", ("\nUser:",)) == 3
-    assert _held_back("Paris", ("\nUser:",)) == 0
-    assert _held_back("abc", ()) == 0
+    assert held_back("Paris\n", ("\nUser:",)) == 1
+    assert held_back("Paris\nUs", ("\nUser:",)) == 3
+    assert held_back("Paris", ("\nUser:",)) == 0
+    assert held_back("abc", ()) == 0
 
 
 def test_sampling_greedy_seeded_and_nucleus() -> None:

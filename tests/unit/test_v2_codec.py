@@ -52,7 +52,7 @@ def test_json_tensor_flat_or_nested(data: list, shape: list[int]) -> None:
     ],
 )
 def test_every_numeric_datatype_json_and_binary(datatype: str, values: list) -> None:
-    from openmaas.runtimes.types import NUMPY_DTYPES
+    from openmaas.entities.tensors import NUMPY_DTYPES
 
     dtype = NUMPY_DTYPES[datatype]
     expected = np.array(values, dtype=dtype)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from openmaas.entities.tensors import Signature, TensorSpec
 from openmaas.errors import InvalidInput
-from openmaas.runtimes.types import Signature, TensorSpec
 from openmaas.serving.types import InferenceRequest
 from openmaas.serving.validation import validate_request
 

@@ -12,14 +12,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from openmaas.api.deps import GatewayDep, PrincipalDep, actor, principal
+from openmaas.api.deps import (
+    BillingDep,
+    DedicatedDep,
+    GatewayDep,
+    PrincipalDep,
+    TenancyDep,
+    actor,
+    principal,
+)
 from openmaas.api.responses import JSONResponse
 from openmaas.api.tenancy import resolve_org
 from openmaas.billing.money import format_micros
 from openmaas.billing.plans import PlanSpec, month_bounds
+from openmaas.billing.service import BillingService
 from openmaas.errors import Forbidden, InvalidRequest, NotFound
 from openmaas.gateway.auth import Principal
-from openmaas.gateway.service import Gateway
 
 
 class SubscriptionCreate(BaseModel):
@@ -39,9 +47,9 @@ def _admin_only(who: Principal, what: str) -> None:
         raise Forbidden(f"{what} is for the platform admin")
 
 
-async def _invoice_for(gw: Gateway, who: Principal, invoice_id: str) -> dict[str, Any]:
+async def _invoice_for(billing: BillingService, who: Principal, invoice_id: str) -> dict[str, Any]:
     try:
-        invoice = await run_in_threadpool(gw.billing.books.invoice, invoice_id)
+        invoice = await run_in_threadpool(billing.books.invoice, invoice_id)
         who.require("usage.read", invoice["org_id"])
     except NotFound:
         raise NotFound(
@@ -118,7 +126,9 @@ def router() -> APIRouter:
     # -- plans ----------------------------------------------------------------------------------------------------
 
     @r.post("/models/{name}/plans", status_code=201)
-    async def create_plan(name: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+    async def create_plan(
+        name: str, request: Request, gw: GatewayDep, billing: BillingDep, who: PrincipalDep
+    ) -> JSONResponse:
         """Publish a service package for a model your organisation owns."""
         model = gw.get_model(who, name)
         if not who.is_platform_admin and model.owner_org_id != who.org_id:
@@ -130,42 +140,56 @@ def router() -> APIRouter:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
             raise InvalidRequest(f"invalid plan field '{where}': {first['msg']}", param=where) from None
-        plan = await run_in_threadpool(gw.billing.create_plan, name, spec)
+        plan = await run_in_threadpool(billing.create_plan, name, spec)
         await gw.audit_async(
             actor(request, who), "plan.create", f"model:{name}", org_id=model.owner_org_id, after=plan.to_json()
         )
         return JSONResponse(plan.to_json(), status_code=201)
 
     @r.get("/models/{name}/plans")
-    async def list_plans(name: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+    async def list_plans(name: str, gw: GatewayDep, billing: BillingDep, who: PrincipalDep) -> JSONResponse:
         gw.get_model(who, name)
-        plans = await run_in_threadpool(lambda: gw.billing.plans(name, fresh=True))
-        return JSONResponse({"plans": [p.to_json() for p in plans], "currency": gw.billing.currency})
+        plans = await run_in_threadpool(lambda: billing.plans(name, fresh=True))
+        return JSONResponse({"plans": [p.to_json() for p in plans], "currency": billing.currency})
 
     # -- subscriptions --------------------------------------------------------------------------------------------
 
     @r.post("/orgs/{org}/subscriptions", status_code=201)
     async def subscribe(
-        org: str, body: SubscriptionCreate, request: Request, gw: GatewayDep, who: PrincipalDep
+        org: str,
+        body: SubscriptionCreate,
+        request: Request,
+        gw: GatewayDep,
+        billing: BillingDep,
+        who: PrincipalDep,
+        tenancy: TenancyDep,
     ) -> JSONResponse:
-        found = await resolve_org(gw, who, org, "billing")
+        found = await resolve_org(tenancy, who, org, "billing")
         gw.get_model(who, body.model)
-        sub = await run_in_threadpool(gw.billing.subscribe, found.id, body.model, body.plan)
+        sub = await run_in_threadpool(billing.subscribe, found.id, body.model, body.plan)
         await gw.audit_async(
             actor(request, who), "subscription.create", f"subscription:{sub['id']}", org_id=found.id, after=sub
         )
         return JSONResponse(sub, status_code=201)
 
     @r.get("/orgs/{org}/subscriptions")
-    async def subscriptions(org: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        found = await resolve_org(gw, who, org, "usage.read")
-        return JSONResponse({"subscriptions": await run_in_threadpool(gw.billing.subscriptions, found.id)})
+    async def subscriptions(org: str, billing: BillingDep, who: PrincipalDep, tenancy: TenancyDep) -> JSONResponse:
+        found = await resolve_org(tenancy, who, org, "usage.read")
+        return JSONResponse({"subscriptions": await run_in_threadpool(billing.subscriptions, found.id)})
 
     @r.delete("/orgs/{org}/subscriptions/{sub_id}")
-    async def cancel(org: str, sub_id: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+    async def cancel(
+        org: str,
+        sub_id: str,
+        request: Request,
+        gw: GatewayDep,
+        billing: BillingDep,
+        who: PrincipalDep,
+        tenancy: TenancyDep,
+    ) -> JSONResponse:
         """Cancel at the end of the current period."""
-        found = await resolve_org(gw, who, org, "billing")
-        result = await run_in_threadpool(gw.billing.cancel, found.id, sub_id)
+        found = await resolve_org(tenancy, who, org, "billing")
+        result = await run_in_threadpool(billing.cancel, found.id, sub_id)
         await gw.audit_async(
             actor(request, who), "subscription.cancel", f"subscription:{sub_id}", org_id=found.id, after=result
         )
@@ -175,13 +199,19 @@ def router() -> APIRouter:
 
     @r.post("/orgs/{org}/dedicated", status_code=201)
     async def start_dedicated(
-        org: str, body: SubscriptionCreate, request: Request, gw: GatewayDep, who: PrincipalDep
+        org: str,
+        body: SubscriptionCreate,
+        request: Request,
+        gw: GatewayDep,
+        billing: BillingDep,
+        who: PrincipalDep,
+        tenancy: TenancyDep,
+        dedicated: DedicatedDep,
     ) -> JSONResponse:
         """Reserve a model under a dedicated plan: it is loaded and kept resident, billed per started minute."""
-        found = await resolve_org(gw, who, org, "billing")
+        found = await resolve_org(tenancy, who, org, "billing")
         gw.get_model(who, body.model)
-        result = await run_in_threadpool(gw.billing.start_dedicated, found.id, body.model, body.plan)
-        await gw.pool.load(gw.model_version(who, body.model), pin=True)
+        result = await dedicated.start(found.id, body.model, body.plan)
         await gw.audit_async(
             actor(request, who), "dedicated.start", f"model:{body.model}", org_id=found.id, after=result
         )
@@ -189,14 +219,18 @@ def router() -> APIRouter:
 
     @r.delete("/orgs/{org}/dedicated/{reservation_id}")
     async def stop_dedicated(
-        org: str, reservation_id: str, request: Request, gw: GatewayDep, who: PrincipalDep
+        org: str,
+        reservation_id: str,
+        request: Request,
+        gw: GatewayDep,
+        billing: BillingDep,
+        who: PrincipalDep,
+        tenancy: TenancyDep,
+        dedicated: DedicatedDep,
     ) -> JSONResponse:
-        """Stop dedicated capacity: billing stops; the model may be evicted again."""
-        found = await resolve_org(gw, who, org, "billing")
-        result = await run_in_threadpool(gw.billing.stop_dedicated, found.id, reservation_id)
-        resident = gw.pool.get(result["model"], gw.registry.resolve(result["model"]).version)
-        if resident is not None:
-            resident.pinned = False
+        """Stop dedicated capacity: billing stops; the model may be evicted again once nobody else needs it."""
+        found = await resolve_org(tenancy, who, org, "billing")
+        result = await dedicated.stop(found.id, reservation_id)
         await gw.audit_async(
             actor(request, who), "dedicated.stop", f"model:{result['model']}", org_id=found.id, after=result
         )
@@ -205,16 +239,24 @@ def router() -> APIRouter:
     # -- wallet ---------------------------------------------------------------------------------------------------
 
     @r.get("/orgs/{org}/wallet")
-    async def wallet(org: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        found = await resolve_org(gw, who, org, "usage.read")
-        return JSONResponse({**await run_in_threadpool(gw.billing.wallet, found.id), "currency": gw.billing.currency})
+    async def wallet(org: str, billing: BillingDep, who: PrincipalDep, tenancy: TenancyDep) -> JSONResponse:
+        found = await resolve_org(tenancy, who, org, "usage.read")
+        return JSONResponse({**await run_in_threadpool(billing.wallet, found.id), "currency": billing.currency})
 
     @r.post("/orgs/{org}/wallet/credits")
-    async def credit(org: str, body: CreditCreate, request: Request, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+    async def credit(
+        org: str,
+        body: CreditCreate,
+        request: Request,
+        gw: GatewayDep,
+        billing: BillingDep,
+        who: PrincipalDep,
+        tenancy: TenancyDep,
+    ) -> JSONResponse:
         """Add prepaid credit (platform admin); 201 when added, 200 when this reference was already added."""
         _admin_only(who, "adding credit")
-        found = await resolve_org(gw, who, org, "org.read")
-        result, added = await run_in_threadpool(gw.billing.credit, found.id, body.amount_micros, body.reference)
+        found = await resolve_org(tenancy, who, org, "org.read")
+        result, added = await run_in_threadpool(billing.credit, found.id, body.amount_micros, body.reference)
         if added:
             await gw.audit_async(
                 actor(request, who),
@@ -223,42 +265,43 @@ def router() -> APIRouter:
                 org_id=found.id,
                 after={"amount_micros": body.amount_micros, "reference": body.reference},
             )
-        return JSONResponse(
-            {**result, "currency": gw.billing.currency, "added": added}, status_code=201 if added else 200
-        )
+        return JSONResponse({**result, "currency": billing.currency, "added": added}, status_code=201 if added else 200)
 
     # -- invoices and statements ----------------------------------------------------------------------------------
 
     @r.post("/billing/periods/{period}/close")
-    async def close(period: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+    async def close(
+        period: str, request: Request, gw: GatewayDep, billing: BillingDep, who: PrincipalDep
+    ) -> JSONResponse:
         """Close a month: one invoice per organisation (closing again returns the same invoices)."""
         _admin_only(who, "closing a billing period")
         month_bounds(period)
-        invoices = await run_in_threadpool(gw.billing.books.close_period, period)
+        invoices = await run_in_threadpool(billing.books.close_period, period)
         await gw.audit_async(
             actor(request, who), "billing.close", f"period:{period}", org_id=None, after={"invoices": len(invoices)}
         )
         return JSONResponse({"period": period, "invoices": invoices})
 
     @r.get("/billing/verify")
-    async def verify(gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+    async def verify(billing: BillingDep, who: PrincipalDep) -> JSONResponse:
         _admin_only(who, "checking the books")
-        return JSONResponse(await run_in_threadpool(gw.billing.books.verify))
+        return JSONResponse(await run_in_threadpool(billing.books.verify))
 
     @r.get("/orgs/{org}/invoices")
-    async def invoices(org: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        found = await resolve_org(gw, who, org, "usage.read")
-        return JSONResponse({"invoices": await run_in_threadpool(lambda: gw.billing.books.invoices(org_id=found.id))})
+    async def invoices(org: str, billing: BillingDep, who: PrincipalDep, tenancy: TenancyDep) -> JSONResponse:
+        found = await resolve_org(tenancy, who, org, "usage.read")
+        return JSONResponse({"invoices": await run_in_threadpool(lambda: billing.books.invoices(org_id=found.id))})
 
     @r.get("/invoices/{invoice_id}")
     async def invoice(
         invoice_id: str,
         request: Request,
-        gw: GatewayDep,
+        tenancy: TenancyDep,
         who: PrincipalDep,
+        billing: BillingDep,
         format: str | None = Query(default=None, description="json (default), csv or html"),
     ) -> Response:
-        inv = await _invoice_for(gw, who, invoice_id)
+        inv = await _invoice_for(billing, who, invoice_id)
         accept = request.headers.get("accept", "")
         kind = format or ("csv" if "text/csv" in accept else "html" if "text/html" in accept else "json")
         if kind == "csv":
@@ -268,29 +311,31 @@ def router() -> APIRouter:
                 headers={"Content-Disposition": f'attachment; filename="invoice-{inv["period"]}-{inv["id"][:8]}.csv"'},
             )
         if kind == "html":
-            org = await run_in_threadpool(gw.tenancy.get_org, inv["org_id"])
+            org = await run_in_threadpool(tenancy.get_org, inv["org_id"])
             return Response(invoice_html(inv, org.name), media_type="text/html")
         if kind != "json":
             raise InvalidRequest("format must be json, csv or html", param="format")
         return JSONResponse(inv)
 
     @r.get("/invoices/{invoice_id}/lines/{n}/records")
-    async def line_records(invoice_id: str, n: int, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+    async def line_records(invoice_id: str, n: int, billing: BillingDep, who: PrincipalDep) -> JSONResponse:
         """The usage records behind an invoice line, with their original timestamps."""
-        inv = await _invoice_for(gw, who, invoice_id)
+        inv = await _invoice_for(billing, who, invoice_id)
         return JSONResponse(
             {
                 "invoice": invoice_id,
                 "line": n,
-                "records": await run_in_threadpool(gw.billing.books.line_records, inv, n),
+                "records": await run_in_threadpool(billing.books.line_records, inv, n),
             }
         )
 
     @r.get("/orgs/{org}/statements/{period}")
-    async def statement(org: str, period: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+    async def statement(
+        org: str, period: str, billing: BillingDep, who: PrincipalDep, tenancy: TenancyDep
+    ) -> JSONResponse:
         """A provider's revenue in a closed period: gross per model and plan, commission, net payout."""
-        found = await resolve_org(gw, who, org, "billing")
+        found = await resolve_org(tenancy, who, org, "billing")
         month_bounds(period)
-        return JSONResponse(await run_in_threadpool(gw.billing.books.statement, found.id, period))
+        return JSONResponse(await run_in_threadpool(billing.books.statement, found.id, period))
 
     return r

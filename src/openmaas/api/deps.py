@@ -1,19 +1,89 @@
-"""Dependencies shared by the routers: the composed services and the calling principal."""
+"""Dependencies shared by the routers: one per domain service, the gateway, and the calling principal.
+
+The composition root (``app.py``) puts a ``Services`` on ``app.state.services``; a route names the service it
+needs (``RegistryDep``, ``BillingDep``, …) and nothing else, so a route cannot reach past its domain.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from openmaas.audit import Actor
+from openmaas.audit import Actor, AuditLog
+from openmaas.billing.dedicated import DedicatedCapacity
+from openmaas.billing.service import BillingService
+from openmaas.datasets.service import DatasetService
+from openmaas.gateway.admission import CallContext
 from openmaas.gateway.auth import Principal
-from openmaas.gateway.service import CallContext, Gateway
+from openmaas.gateway.service import Gateway
+from openmaas.jobs.service import JobService
+from openmaas.jobs.submission import JobSubmission
+from openmaas.metering.usage import UsageQueries
+from openmaas.registry.service import ModelRegistry
+from openmaas.tenancy.service import TenancyService
+
+
+@dataclass(frozen=True)
+class Services:
+    """The domain services the surfaces call (built once by the composition root)."""
+
+    gateway: Gateway
+    registry: ModelRegistry
+    tenancy: TenancyService
+    billing: BillingService
+    dedicated: DedicatedCapacity
+    usage: UsageQueries
+    audit: AuditLog
+    datasets: DatasetService
+    jobs: JobService
+    submissions: JobSubmission
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found
 
 
 async def gateway(request: Request) -> Gateway:
-    gw: Gateway = request.app.state.gateway
-    return gw
+    return services(request).gateway
+
+
+async def registry(request: Request) -> ModelRegistry:
+    return services(request).registry
+
+
+async def tenancy(request: Request) -> TenancyService:
+    return services(request).tenancy
+
+
+async def billing(request: Request) -> BillingService:
+    return services(request).billing
+
+
+async def dedicated(request: Request) -> DedicatedCapacity:
+    return services(request).dedicated
+
+
+async def usage(request: Request) -> UsageQueries:
+    return services(request).usage
+
+
+async def audit_log(request: Request) -> AuditLog:
+    return services(request).audit
+
+
+async def datasets(request: Request) -> DatasetService:
+    return services(request).datasets
+
+
+async def jobs(request: Request) -> JobService:
+    return services(request).jobs
+
+
+async def submissions(request: Request) -> JobSubmission:
+    return services(request).submissions
 
 
 def _bearer(request: Request) -> str | None:
@@ -28,7 +98,7 @@ def _bearer(request: Request) -> str | None:
 
 async def principal(request: Request) -> Principal:
     """The authenticated caller; 401 in the protocol's format when the key is missing or wrong."""
-    gw: Gateway = request.app.state.gateway
+    gw = services(request).gateway
     token = _bearer(request)
     cached = gw.auth.cached(token)
     if cached is not None:
@@ -37,6 +107,15 @@ async def principal(request: Request) -> Principal:
 
 
 GatewayDep = Annotated[Gateway, Depends(gateway)]
+RegistryDep = Annotated[ModelRegistry, Depends(registry)]
+TenancyDep = Annotated[TenancyService, Depends(tenancy)]
+BillingDep = Annotated[BillingService, Depends(billing)]
+DedicatedDep = Annotated[DedicatedCapacity, Depends(dedicated)]
+UsageDep = Annotated[UsageQueries, Depends(usage)]
+AuditDep = Annotated[AuditLog, Depends(audit_log)]
+DatasetsDep = Annotated[DatasetService, Depends(datasets)]
+JobsDep = Annotated[JobService, Depends(jobs)]
+SubmissionsDep = Annotated[JobSubmission, Depends(submissions)]
 PrincipalDep = Annotated[Principal, Depends(principal)]
 
 

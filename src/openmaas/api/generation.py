@@ -22,10 +22,11 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from openmaas.api.deps import GatewayDep, PrincipalDep, call_context, principal
 from openmaas.api.openai import parse_body
 from openmaas.api.responses import JSONResponse, dumps
+from openmaas.entities.speech import Transcript
 from openmaas.errors import ErrorCode, InvalidRequest, OpenMaaSError
 from openmaas.gateway.auth import Principal
 from openmaas.gateway.service import Gateway, GenerationCall
-from openmaas.runtimes.whisper import Transcript
+from openmaas.serving.backend import GenerationSpec
 
 MAX_STOP = 4
 
@@ -150,7 +151,7 @@ def router(audio_max_seconds: float) -> APIRouter:
         ctx = call_context(request, audio, model.encode(), response_format.encode(), str(language).encode())
         transcript = await gw.transcribe(
             who,
-            model,
+            gw.model_version(who, model),
             audio,
             language=language,
             prompt=prompt,
@@ -180,16 +181,8 @@ async def _answer(
     if max_tokens is None:
         max_tokens = body_max_tokens
     ctx = call_context(request, await request.body())
-    call = await gw.generate(
-        who,
-        body.model,
-        prompt=prompt,
-        messages=messages,
-        max_tokens=max_tokens,
-        sampling=sampling,
-        protocol="openai",
-        ctx=ctx,
-    )
+    spec = GenerationSpec(prompt=prompt, messages=messages, max_tokens=max_tokens, sampling=sampling)
+    call = await gw.generate(who, gw.model_version(who, body.model), spec, "openai", ctx)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return _stream(call, shape, usage, ctx.response_headers)

@@ -14,18 +14,12 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
-from openmaas.api.deps import GatewayDep, PrincipalDep, actor, principal
+from openmaas.api.deps import DatasetsDep, GatewayDep, JobsDep, PrincipalDep, SubmissionsDep, actor, principal
 from openmaas.api.responses import JSONResponse
-from openmaas.datasets.service import DatasetService, format_of
+from openmaas.datasets.service import format_of
 from openmaas.errors import InvalidRequest, NotFound
 from openmaas.gateway.auth import Principal
-from openmaas.jobs.service import TERMINAL, JobService
-from openmaas.jobs.specs import TrainSpec, parse_spec
-
-
-def _services(request: Request) -> tuple[DatasetService, JobService]:
-    platform = request.app.state.platform
-    return platform.datasets, platform.jobs
+from openmaas.jobs.service import TERMINAL
 
 
 def _scope(who: Principal) -> dict[str, Any]:
@@ -42,13 +36,13 @@ def router(scratch: Path) -> APIRouter:
         request: Request,
         gw: GatewayDep,
         who: PrincipalDep,
+        datasets: DatasetsDep,
         file: UploadFile = File(description="CSV (with a header row) or JSONL (one object per line)"),
         name: str | None = Form(default=None),
         format: str | None = Form(default=None, description="csv or jsonl (default: from the file name)"),
     ) -> JSONResponse:
         """Upload training data; it is checked now, and a problem names its row and column."""
         who.require("models.manage")
-        datasets, _ = _services(request)
         filename = PurePath(file.filename or "data").name or "data"
         fmt = format_of(filename, format)
         scratch.mkdir(parents=True, exist_ok=True)
@@ -67,19 +61,18 @@ def router(scratch: Path) -> APIRouter:
         return JSONResponse(ds, status_code=201, headers={"Location": f"/api/datasets/{ds['id']}"})
 
     @r.get("/datasets")
-    async def list_datasets(request: Request, who: PrincipalDep) -> JSONResponse:
-        datasets, _ = _services(request)
+    async def list_datasets(who: PrincipalDep, datasets: DatasetsDep) -> JSONResponse:
         return JSONResponse({"datasets": await run_in_threadpool(lambda: datasets.list(who.org_id, **_scope(who)))})
 
     @r.get("/datasets/{dataset_id}")
-    async def get_dataset(dataset_id: str, request: Request, who: PrincipalDep) -> JSONResponse:
-        datasets, _ = _services(request)
+    async def get_dataset(dataset_id: str, who: PrincipalDep, datasets: DatasetsDep) -> JSONResponse:
         return JSONResponse(await run_in_threadpool(lambda: datasets.get(who.org_id, dataset_id, **_scope(who))))
 
     @r.delete("/datasets/{dataset_id}")
-    async def delete_dataset(dataset_id: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+    async def delete_dataset(
+        dataset_id: str, request: Request, gw: GatewayDep, who: PrincipalDep, datasets: DatasetsDep
+    ) -> JSONResponse:
         """Delete a dataset, its stored data and derived caches."""
-        datasets, _ = _services(request)
         ds = await run_in_threadpool(lambda: datasets.get(who.org_id, dataset_id, **_scope(who)))
         who.require("models.manage")
         await run_in_threadpool(lambda: datasets.delete(who.org_id, dataset_id, **_scope(who)))
@@ -89,21 +82,25 @@ def router(scratch: Path) -> APIRouter:
     # -- jobs -----------------------------------------------------------------------------------------------------
 
     @r.post("/jobs", status_code=202)
-    async def create_job(request: Request, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+    async def create_job(
+        request: Request, gw: GatewayDep, submissions: SubmissionsDep, who: PrincipalDep
+    ) -> JSONResponse:
         """Submit a job, e.g. ``{"type": "train", "task": "tabular-classification", "dataset": ID,
         "target": "label", "params": {...}, "output_model": "my-model"}``; it is checked now and queued."""
         who.require("models.manage")
-        datasets, jobs = _services(request)
         try:
             body = orjson.loads(await request.body())
         except orjson.JSONDecodeError:
             raise InvalidRequest("the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise InvalidRequest("the request body must be a JSON object")
-        spec = parse_spec(body)
-        if isinstance(spec, TrainSpec):
-            await _check_train(datasets, gw, who, spec)
-        job = await run_in_threadpool(jobs.create, who.org_id, who.key_id, spec.model_dump(mode="json"))
+        job = await submissions.submit(
+            body,
+            org_id=who.org_id,
+            key_id=who.key_id,
+            by_admin=who.is_platform_admin,
+            model_version=lambda name: gw.model_version(who, name),
+        )
         await gw.audit_async(
             actor(request, who), "job.create", f"job:{job['id']}", org_id=who.org_id, after=job["spec"]
         )
@@ -112,33 +109,30 @@ def router(scratch: Path) -> APIRouter:
         )
 
     @r.get("/jobs")
-    async def list_jobs(request: Request, who: PrincipalDep) -> JSONResponse:
-        _, jobs = _services(request)
+    async def list_jobs(who: PrincipalDep, jobs: JobsDep) -> JSONResponse:
         return JSONResponse({"jobs": await run_in_threadpool(lambda: jobs.list(who.org_id, **_scope(who)))})
 
     @r.get("/jobs/{job_id}")
-    async def get_job(job_id: str, request: Request, who: PrincipalDep) -> JSONResponse:
-        _, jobs = _services(request)
+    async def get_job(job_id: str, who: PrincipalDep, jobs: JobsDep) -> JSONResponse:
         return JSONResponse(await run_in_threadpool(lambda: jobs.get(who.org_id, job_id, **_scope(who))))
 
     @r.post("/jobs/{job_id}/cancel")
-    async def cancel_job(job_id: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        _, jobs = _services(request)
+    async def cancel_job(
+        job_id: str, request: Request, gw: GatewayDep, who: PrincipalDep, jobs: JobsDep
+    ) -> JSONResponse:
         who.require("models.manage")
         job = await run_in_threadpool(lambda: jobs.cancel(who.org_id, job_id, **_scope(who)))
         await gw.audit_async(actor(request, who), "job.cancel", f"job:{job_id}", org_id=job["org_id"])
         return JSONResponse(job)
 
     @r.get("/jobs/{job_id}/logs")
-    async def job_logs(job_id: str, request: Request, who: PrincipalDep) -> PlainTextResponse:
-        _, jobs = _services(request)
+    async def job_logs(job_id: str, who: PrincipalDep, jobs: JobsDep) -> PlainTextResponse:
         await run_in_threadpool(lambda: jobs.get(who.org_id, job_id, **_scope(who)))
         return PlainTextResponse(await run_in_threadpool(jobs.logs, job_id))
 
     @r.get("/jobs/{job_id}/curves.png")
-    async def job_curves(job_id: str, request: Request, who: PrincipalDep) -> Response:
+    async def job_curves(job_id: str, who: PrincipalDep, jobs: JobsDep) -> Response:
         """Training curves (loss, validation loss and metric per epoch) of a finished training job."""
-        _, jobs = _services(request)
         await run_in_threadpool(lambda: jobs.get(who.org_id, job_id, **_scope(who)))
         path = jobs.jobs_dir / job_id / "curves.png"
         if not path.is_file():
@@ -146,9 +140,8 @@ def router(scratch: Path) -> APIRouter:
         return Response(await run_in_threadpool(path.read_bytes), media_type="image/png")
 
     @r.get("/jobs/{job_id}/events")
-    async def job_events(job_id: str, request: Request, who: PrincipalDep) -> StreamingResponse:
+    async def job_events(job_id: str, request: Request, who: PrincipalDep, jobs: JobsDep) -> StreamingResponse:
         """Server-Sent Events: the job's state whenever it changes, until it ends."""
-        _, jobs = _services(request)
         await run_in_threadpool(lambda: jobs.get(who.org_id, job_id, **_scope(who)))
 
         async def stream() -> AsyncIterator[bytes]:
@@ -168,33 +161,3 @@ def router(scratch: Path) -> APIRouter:
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return r
-
-
-async def _check_train(datasets: DatasetService, gw: Any, who: Principal, spec: TrainSpec) -> None:
-    """Refuse at submission what would fail the job: unknown dataset, target or model name, bad classes."""
-    from openmaas.registry.service import NAME_RE
-    from openmaas.training.tabular import prepare
-
-    if not NAME_RE.match(spec.output_model):
-        raise InvalidRequest(f"invalid model name '{spec.output_model}'", param="output_model")
-    ds = await run_in_threadpool(lambda: datasets.get(who.org_id, spec.dataset, any_org=who.is_platform_admin))
-    if spec.task == "text-classification":
-        from openmaas.runtimes.sentence_transformers import SentenceTransformerRuntime
-        from openmaas.training.text import prepare_text
-
-        encoder = gw.model_version(who, spec.encoder)  # 404 when the caller cannot see it
-        if encoder.format != SentenceTransformerRuntime.format:
-            raise InvalidRequest(f"encoder '{spec.encoder}' is not a text-embedding model", param="encoder")
-        table = await run_in_threadpool(datasets.table, ds)
-        await run_in_threadpool(prepare_text, table, spec.text_column, spec.target)
-    elif spec.task == "image-classification":
-        from openmaas.training.images import prepare as prepare_images
-
-        await run_in_threadpool(lambda: prepare_images(datasets.images(ds)))
-    else:
-        table = await run_in_threadpool(datasets.table, ds)
-        await run_in_threadpool(prepare, table, spec.target, spec.kind)
-    if await run_in_threadpool(gw.registry.exists, spec.output_model):
-        owner = gw.registry.get_model(spec.output_model).owner_org_id
-        if owner != who.org_id:
-            raise InvalidRequest(f"model name '{spec.output_model}' is taken; choose another", param="output_model")

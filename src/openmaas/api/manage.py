@@ -12,14 +12,13 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from openmaas.api.deps import GatewayDep, PrincipalDep, actor, principal
+from openmaas.api.deps import GatewayDep, PrincipalDep, RegistryDep, TenancyDep, actor, principal
 from openmaas.api.responses import JSONResponse
-from openmaas.errors import AlreadyExists, Forbidden, InvalidRequest, ModelNotFound, NotFound
+from openmaas.entities.models import Model, ModelCard, ModelVersion, ServingConfig, Visibility
+from openmaas.errors import Forbidden, InvalidRequest, ModelNotFound, NotFound
 from openmaas.gateway.auth import Principal
 from openmaas.gateway.service import Gateway
-from openmaas.registry.models import Model, ModelCard, ModelVersion, ServingConfig, Visibility
 from openmaas.registry.uploads import is_archive, unpack
-from openmaas.runtimes.generative import GGUFRuntime
 
 
 class ModelUpdate(BaseModel):
@@ -61,7 +60,7 @@ def _version_json(mv: ModelVersion) -> dict[str, Any]:
 def _model_json(gw: Gateway, model: Model, *, with_versions: bool) -> dict[str, Any]:
     out = model.model_dump(mode="json")
     if with_versions:
-        out["versions"] = [_version_json(v) for v in gw.registry.list_versions(model.name)]
+        out["versions"] = [_version_json(v) for v in gw.versions(model.name)]
     return out
 
 
@@ -95,7 +94,13 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
 
     @r.patch("/models/{name}")
     async def update_model(
-        name: str, body: ModelUpdate, request: Request, gw: GatewayDep, who: PrincipalDep
+        name: str,
+        body: ModelUpdate,
+        request: Request,
+        gw: GatewayDep,
+        tenancy: TenancyDep,
+        registry: RegistryDep,
+        who: PrincipalDep,
     ) -> JSONResponse:
         """Change serving settings (applied at the next load), visibility and sharing.
 
@@ -105,37 +110,21 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
         _require_owner(who, model)
         before = {**_access_json(model), "serving": model.serving.model_dump(exclude_none=True)}
         if body.serving is not None:
-            model = await run_in_threadpool(gw.registry.set_serving, name, body.serving)
-        changes: dict[str, Any] = {}
+            model = await run_in_threadpool(registry.set_serving, name, body.serving)
+        orgs: list[str] | None = None
         if body.shared_with is not None:
             orgs = []
             for ref in body.shared_with:
                 try:
-                    orgs.append((await run_in_threadpool(gw.tenancy.get_org, ref)).id)
+                    orgs.append((await run_in_threadpool(tenancy.get_org, ref)).id)
                 except NotFound:
                     raise InvalidRequest(f"no organisation '{ref}' to share with", param="shared_with") from None
-            changes["shared_with"] = orgs
-        if body.visibility == "public" and not who.is_platform_admin:
-            if model.visibility != "public":
-                card = (await run_in_threadpool(gw.registry.resolve, name, None)).card
-                missing = card.missing_for_publication()
-                if missing:
-                    raise InvalidRequest(
-                        "the model card must be complete before the model can be reviewed for publication; "
-                        f"missing: {', '.join(missing)}",
-                        param="visibility",
-                    )
-                changes["review_state"] = "pending"
-        elif body.visibility is not None:
-            if body.visibility == "shared" and not (changes.get("shared_with") or model.shared_with):
-                raise InvalidRequest(
-                    "visibility 'shared' needs 'shared_with' (organisation names)", param="shared_with"
+        if orgs is not None or body.visibility is not None:
+            model = await run_in_threadpool(
+                lambda: registry.change_access(
+                    name, visibility=body.visibility, shared_with=orgs, by_admin=who.is_platform_admin
                 )
-            changes["visibility"] = body.visibility
-            if body.visibility == "public":
-                changes["review_state"] = "approved"
-        if changes:
-            model = await run_in_threadpool(lambda: gw.registry.update_access(name, **changes))
+            )
         after = {**_access_json(model), "serving": model.serving.model_dump(exclude_none=True)}
         await gw.audit_async(
             actor(request, who), "model.update", f"model:{name}", org_id=model.owner_org_id, before=before, after=after
@@ -144,31 +133,14 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
 
     @r.post("/models/{name}/review")
     async def review_model(
-        name: str, body: Review, request: Request, gw: GatewayDep, who: PrincipalDep
+        name: str, body: Review, request: Request, gw: GatewayDep, registry: RegistryDep, who: PrincipalDep
     ) -> JSONResponse:
         """Approve or reject a model's request to be public (platform admin)."""
         if not who.is_platform_admin:
             gw.get_model(who, name)  # 404 for models the caller cannot see
             raise Forbidden("reviewing models for publication is for the platform admin")
-        model = gw.get_model(who, name)
-        if model.review_state != "pending":
-            raise InvalidRequest(
-                f"model '{name}' has no pending review (state: {model.review_state}); its owner asks for one by "
-                "setting visibility to 'public'",
-                param="name",
-            )
-        if body.decision == "approve":
-            model = await run_in_threadpool(
-                lambda: gw.registry.update_access(
-                    name, visibility="public", review_state="approved", review_reason=body.reason or None
-                )
-            )
-        else:
-            if not body.reason:
-                raise InvalidRequest("a rejection needs a 'reason' the owner can act on", param="reason")
-            model = await run_in_threadpool(
-                lambda: gw.registry.update_access(name, review_state="rejected", review_reason=body.reason)
-            )
+        gw.get_model(who, name)
+        model = await run_in_threadpool(registry.review, name, body.decision, body.reason)
         await gw.audit_async(
             actor(request, who),
             f"model.review.{body.decision}",
@@ -182,6 +154,8 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
     async def register_model(
         request: Request,
         gw: GatewayDep,
+        tenancy: TenancyDep,
+        registry: RegistryDep,
         who: PrincipalDep,
         file: UploadFile = File(description="ONNX or skops file, or a .zip/.tar.gz of a model folder"),
         name: str = Form(),
@@ -195,16 +169,14 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
         if org is not None:
             if not who.is_platform_admin:
                 raise Forbidden("only the platform admin registers models on behalf of an organisation")
-            owner = (await run_in_threadpool(gw.tenancy.get_org, org)).id
+            owner = (await run_in_threadpool(tenancy.get_org, org)).id
         try:
-            existing: Model | None = gw.get_model(who, name)
+            visible = gw.get_model(who, name) is not None
         except ModelNotFound:
-            existing = None
-            # A name taken by a model the caller cannot see is reported as taken, without saying by whom.
-            if await run_in_threadpool(gw.registry.exists, name):
-                raise AlreadyExists(f"the model name '{name}' is taken; choose another", param="name") from None
-        if existing is not None and not who.is_platform_admin and existing.owner_org_id != who.org_id:
-            raise Forbidden(f"model '{name}' belongs to another organisation; register yours under another name")
+            visible = False
+        await run_in_threadpool(
+            lambda: registry.check_new_name(name, who.org_id, visible=visible, by_admin=who.is_platform_admin)
+        )
         model_card = _parse_card(card)
         filename = PurePath(file.filename or "upload").name or "upload"
         scratch.mkdir(parents=True, exist_ok=True)
@@ -218,7 +190,7 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
                 dest.mkdir()
                 source = await run_in_threadpool(unpack, upload, dest, max_bytes=max_upload_bytes)
             mv = await run_in_threadpool(
-                gw.registry.register,
+                registry.register,
                 source,
                 name,
                 format=format or None,
@@ -226,8 +198,7 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
                 owner_org_id=owner,
                 visibility="private" if owner else "public",
             )
-        if mv.format == GGUFRuntime.format:
-            gw.prepare_in_background(mv)  # convert now, so the first call finds it ready
+        gw.prepare(mv)  # e.g. convert a GGUF file now, so the first call finds it ready
         await gw.audit_async(
             actor(request, who),
             "model.register",

@@ -11,12 +11,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from openmaas.api.deps import GatewayDep, PrincipalDep, call_context, principal
+from openmaas.api.deps import GatewayDep, PrincipalDep, call_context, principal, services
 from openmaas.api.requests import deadline_from, until_disconnect
 from openmaas.api.responses import JSONResponse
+from openmaas.entities.models import Model
 from openmaas.errors import ErrorCode, InvalidRequest, OpenMaaSError
-from openmaas.gateway.service import Gateway
-from openmaas.registry.models import Model
 
 B = TypeVar("B", bound=BaseModel)
 
@@ -88,7 +87,7 @@ def router(max_inputs: int) -> APIRouter:
 async def embeddings_response(request: Request, max_inputs: int) -> JSONResponse:
     """POST /v1/embeddings. Called by the FastAPI route and by ``HotPath`` (which skips the framework)."""
     who = await principal(request)
-    gw: Gateway = request.app.state.gateway
+    gw = services(request).gateway
     body = await parse_body(request, EmbeddingsRequest)
     ctx = call_context(request, await request.body())
     texts = _texts(body.input, max_inputs)
@@ -102,7 +101,7 @@ async def embeddings_response(request: Request, max_inputs: int) -> JSONResponse
                 f"omit 'dimensions' or set it to {native}",
                 param="dimensions",
             )
-    result = await until_disconnect(request, gw.embed(who, body.model, texts, "openai", deadline_from(request), ctx))
+    result = await until_disconnect(request, gw.embed(who, mv, texts, "openai", deadline_from(request), ctx))
     vectors = result.outputs["embedding"]
     data: list[dict[str, Any]] = []
     for i, vec in enumerate(vectors):

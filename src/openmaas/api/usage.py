@@ -7,14 +7,14 @@ from datetime import UTC, date, datetime
 from fastapi import APIRouter, Depends, Query
 from starlette.concurrency import run_in_threadpool
 
-from openmaas.api.deps import GatewayDep, PrincipalDep, principal
+from openmaas.api.deps import AuditDep, PrincipalDep, TenancyDep, UsageDep, principal
 from openmaas.api.responses import JSONResponse
 from openmaas.api.tenancy import resolve_org
 from openmaas.errors import Forbidden, InvalidRequest
 from openmaas.gateway.auth import Principal
-from openmaas.gateway.service import Gateway
 from openmaas.metering.usage import parse_group_by
 from openmaas.tenancy.roles import Action
+from openmaas.tenancy.service import TenancyService
 
 
 def _day(value: str | None, default: date, param: str) -> str:
@@ -26,10 +26,10 @@ def _day(value: str | None, default: date, param: str) -> str:
         raise InvalidRequest(f"'{param}' must be a date like 2026-11-23, got '{value}'", param=param) from None
 
 
-async def _scope(gw: Gateway, who: Principal, org: str | None, action: Action) -> tuple[str | None, bool]:
+async def _scope(tenancy: TenancyService, who: Principal, org: str | None, action: Action) -> tuple[str | None, bool]:
     """(org id to filter on, whether to include every org) for this principal."""
     if org is not None:
-        return (await resolve_org(gw, who, org, action)).id, False
+        return (await resolve_org(tenancy, who, org, action)).id, False
     if who.is_platform_admin:
         return None, True
     who.require(action)
@@ -41,8 +41,9 @@ def router() -> APIRouter:
 
     @r.get("/usage")
     async def usage(
-        gw: GatewayDep,
+        usage: UsageDep,
         who: PrincipalDep,
+        tenancy: TenancyDep,
         start: str | None = Query(default=None, alias="from", description="First day (default: start of month)."),
         end: str | None = Query(default=None, alias="to", description="Last day, inclusive (default: today)."),
         group_by: str | None = Query(default=None, description="Comma-separated: model, key, day, org, protocol, unit"),
@@ -54,9 +55,9 @@ def router() -> APIRouter:
         if first > last:
             raise InvalidRequest("'from' is after 'to'", param="from")
         groups = parse_group_by(group_by)
-        org_id, all_orgs = await _scope(gw, who, org, "usage.read")
-        rows = await run_in_threadpool(gw.metering.usage.summary, org_id, first, last, groups, all_orgs=all_orgs)
-        totals = await run_in_threadpool(gw.metering.usage.summary, org_id, first, last, [], all_orgs=all_orgs)
+        org_id, all_orgs = await _scope(tenancy, who, org, "usage.read")
+        rows = await run_in_threadpool(usage.summary, org_id, first, last, groups, all_orgs=all_orgs)
+        totals = await run_in_threadpool(usage.summary, org_id, first, last, [], all_orgs=all_orgs)
         empty = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "items": 0, "audio_seconds": 0}
         return JSONResponse(
             {"from": first, "to": last, "group_by": groups, "data": rows, "totals": totals[0] if totals else empty}
@@ -64,33 +65,35 @@ def router() -> APIRouter:
 
     @r.get("/usage/records")
     async def usage_records(
-        gw: GatewayDep,
+        usage: UsageDep,
         who: PrincipalDep,
+        tenancy: TenancyDep,
         limit: int = Query(default=100, ge=1, le=1000),
         org: str | None = Query(default=None),
     ) -> JSONResponse:
-        org_id, _ = await _scope(gw, who, org, "usage.read")
-        records = await run_in_threadpool(gw.metering.usage.records, org_id, limit)
+        org_id, _ = await _scope(tenancy, who, org, "usage.read")
+        records = await run_in_threadpool(usage.records, org_id, limit)
         return JSONResponse({"records": records})
 
     @r.get("/audit")
     async def audit(
-        gw: GatewayDep,
+        audit_log: AuditDep,
         who: PrincipalDep,
+        tenancy: TenancyDep,
         after: int = Query(default=0, ge=0, description="Return events after this sequence number."),
         limit: int = Query(default=100, ge=1, le=1000),
         org: str | None = Query(default=None),
     ) -> JSONResponse:
-        org_id, _ = await _scope(gw, who, org, "audit.read")
-        events = await run_in_threadpool(gw.audit.list, org_id, after_seq=after, limit=limit)
+        org_id, _ = await _scope(tenancy, who, org, "audit.read")
+        events = await run_in_threadpool(audit_log.list, org_id, after_seq=after, limit=limit)
         return JSONResponse({"events": [e.to_json() for e in events]})
 
     @r.get("/audit/verify")
-    async def audit_verify(gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+    async def audit_verify(audit_log: AuditDep, who: PrincipalDep) -> JSONResponse:
         """Check the whole hash chain; says which event first fails, if any."""
         if not who.is_platform_admin:
             raise Forbidden("verifying the audit chain is for the platform admin")
-        result = await run_in_threadpool(gw.audit.verify)
+        result = await run_in_threadpool(audit_log.verify)
         return JSONResponse(result.to_json())
 
     return r

@@ -13,10 +13,10 @@ from openmaas.api.deps import GatewayDep, PrincipalDep, actor, call_context, pri
 from openmaas.api.requests import deadline_from, until_disconnect
 from openmaas.api.responses import JSONResponse
 from openmaas.api.v2_codec import HEADER_LENGTH, decode_request, encode_response
+from openmaas.entities.models import ModelVersion
 from openmaas.errors import Forbidden, InvalidRequest
 from openmaas.gateway.auth import Principal
 from openmaas.gateway.service import Gateway
-from openmaas.registry.models import ModelVersion
 
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
@@ -60,13 +60,11 @@ def _timeout_parameter(parameters: dict[str, Any]) -> float | None:
 
 
 def _metadata(gw: Gateway, mv: ModelVersion) -> dict[str, Any]:
-    from openmaas.runtimes import RUNTIMES
-
-    versions = [str(v.version) for v in gw.registry.list_versions(mv.model)]
+    versions = [str(v.version) for v in gw.versions(mv.model)]
     return {
         "name": mv.model,
         "versions": versions,
-        "platform": RUNTIMES[mv.format].platform,
+        "platform": gw.platform(mv),
         "inputs": [t.model_dump() for t in mv.signature.inputs],
         "outputs": [t.model_dump() for t in mv.signature.outputs],
     }
@@ -114,7 +112,8 @@ def router() -> APIRouter:
         decoded = decode_request(body, header_length)
         decoded.request.deadline = deadline_from(request, _timeout_parameter(decoded.request.parameters))
         ctx = call_context(request, (raw_length or "").encode(), body)
-        result = await until_disconnect(request, gw.infer(who, model, version, decoded.request, "v2", ctx))
+        mv = gw.model_version(who, model, version)
+        result = await until_disconnect(request, gw.infer(who, mv, decoded.request, "v2", ctx))
         content, json_length = encode_response(result, decoded.binary_outputs, decoded.default_binary)
         if json_length is None:
             return Response(content, media_type="application/json", headers=ctx.response_headers)
@@ -145,13 +144,9 @@ def router() -> APIRouter:
     async def repository_index(gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         entries = []
         for model in gw.list_models(who):
-            for mv in gw.registry.list_versions(model.name):
-                if gw.pool.get(mv.model, mv.version) is not None:
-                    state, reason = "READY", ""
-                elif gw.pool.is_loading(mv.model, mv.version):
-                    state, reason = "LOADING", ""
-                else:
-                    state, reason = "UNAVAILABLE", "unloaded (loads on first request)"
+            for mv in gw.versions(model.name):
+                state = gw.state(mv)
+                reason = "unloaded (loads on first request)" if state == "UNAVAILABLE" else ""
                 entries.append({"name": mv.model, "version": str(mv.version), "state": state, "reason": reason})
         return JSONResponse(entries)
 
@@ -169,14 +164,14 @@ def router() -> APIRouter:
             params = body.get("parameters") if isinstance(body, dict) else None
             if isinstance(params, dict) and "pin" in params:
                 pin = bool(params["pin"])
-        await gw.pool.load(gw.model_version(who, model), pin=pin)
+        await gw.load(gw.model_version(who, model), pin=pin)
         await gw.audit_async(actor(request, who), "model.load", model, org_id=who.org_id, after={"pin": pin})
         return JSONResponse({})
 
     @r.post("/repository/models/{model}/unload")
     async def repository_unload(model: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         _require_manage(gw, who, model)
-        await gw.pool.unload(model)
+        await gw.unload(model)
         await gw.audit_async(actor(request, who), "model.unload", model, org_id=who.org_id)
         return JSONResponse({})
 

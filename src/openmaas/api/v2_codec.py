@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from openmaas.entities.tensors import NUMPY_DTYPES, datatype_of
 from openmaas.errors import InvalidInput, InvalidRequest
-from openmaas.runtimes.types import NUMPY_DTYPES, datatype_of
 from openmaas.serving.types import InferenceRequest, InferenceResponse
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -122,7 +122,7 @@ def _integers_from_json(
         )
     if not all(type(v) is int for v in flat):
         raise InvalidInput(f"input '{name}': {datatype} data must be integers", param=name)
-    info = np.iinfo(dtype.type)  # type: ignore[type-var]
+    info = np.iinfo(dtype.type)
     if flat and (min(flat) < info.min or max(flat) > info.max):
         raise InvalidInput(f"input '{name}': a value is out of range for {datatype}", param=name)
     return np.array(flat, dtype=dtype).reshape(shape)

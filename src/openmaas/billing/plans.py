@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -70,6 +71,18 @@ class PlanSpec(BaseModel):
         prices = [self.price_micros, self.monthly_fee_micros, self.overage_price_micros, self.hourly_price_micros]
         prices += [t.price_micros for t in self.tiers or []]
         return not any(prices)
+
+
+def hold_amount(plan: PlanSpec, quantity: int) -> int:
+    """What to hold on the wallet for a call of at most ``quantity`` units of a usage plan: the most it can cost.
+
+    Charges are the steps of the month's running total rounded to whole micros. When every price is a whole
+    number of micros per unit (a multiple of ``block``), every running total is whole and a call costs exactly its
+    price, so the hold is exactly that and a wallet holding the price of N calls serves N calls. Otherwise a
+    call's step of the rounded total can exceed its exact share by one micro, and the hold covers that micro."""
+    prices = [plan.price_micros] + [t.price_micros for t in plan.tiers or []]
+    whole = all(p % plan.block == 0 for p in prices)
+    return math.ceil(Fraction(max(prices) * quantity, plan.block)) + (0 if whole else 1)
 
 
 def usage_cost(plan: PlanSpec, quantity: int, already: int = 0) -> Fraction:

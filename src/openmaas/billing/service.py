@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
-from fractions import Fraction
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from openmaas.billing import ledger
+from openmaas.billing import ledger, settlement
 from openmaas.billing.books import Books
-from openmaas.billing.money import round_half_even
-from openmaas.billing.plans import PendingCharge, Plan, PlanSpec, month_bounds, usage_cost
-from openmaas.errors import AlreadyExists, ErrorCode, InvalidRequest, NotFound, OpenMaaSError, QuotaExceeded
-from openmaas.metering.usage import UNIT_COLUMNS
+from openmaas.billing.plans import PendingCharge, Plan, PlanSpec, hold_amount, month_bounds
+from openmaas.errors import AlreadyExists, ErrorCode, InvalidRequest, NotFound, OpenMaaSError
 from openmaas.store.tables import (
-    ChargeAccumulatorRow,
-    ChargeRow,
     CreditRow,
     HoldRow,
     ModelRow,
@@ -52,18 +46,6 @@ def _plan(r: Any) -> Plan:
         r.PlanRow.active,
         r.PlanRow.created_at,
     )
-
-
-def _spec_quantity(
-    spec: PlanSpec, *, requests: int, input_tokens: int, output_tokens: int, items: int, audio_ms: int
-) -> int:
-    return {
-        "requests": requests,
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "items": items,
-        "audio_seconds": math.ceil(audio_ms / 1000),
-    }[spec.unit]
 
 
 class BillingService:
@@ -211,6 +193,10 @@ class BillingService:
             )
         ).first()
 
+    def forget_entitlements(self) -> None:
+        """Subscriptions or reservations changed: the next admission reads them afresh."""
+        self._subs_cache.clear()
+
     def _subscribed_plan(self, org_id: str, model: str) -> Plan | None:
         now = time.monotonic()
         hit = self._subs_cache.get((org_id, model))
@@ -221,44 +207,6 @@ class BillingService:
         plan = self.plan(row.plan_id) if row is not None else None
         self._subs_cache[(org_id, model)] = (now, plan)
         return plan
-
-    # -- dedicated capacity ---------------------------------------------------------------------------------------
-
-    def start_dedicated(self, org_id: str, model: str, plan_ref: str) -> dict[str, Any]:
-        plan = next((p for p in self.plans(model, fresh=True) if plan_ref in (p.id, p.spec.name)), None)
-        if plan is None or plan.spec.kind != "dedicated":
-            raise NotFound(f"model '{model}' has no active dedicated plan '{plan_ref}'", param="plan")
-        now = datetime.now(UTC)
-        with self._engine.begin() as conn:
-            running = conn.execute(
-                select(ReservationRow.id).where(
-                    ReservationRow.org_id == org_id, ReservationRow.model == model, ReservationRow.stopped_at.is_(None)
-                )
-            ).first()
-            if running is not None:
-                raise AlreadyExists(f"the organisation already runs dedicated capacity for '{model}'", param="model")
-            rid = uuid.uuid4().hex
-            conn.execute(
-                insert(ReservationRow).values(id=rid, org_id=org_id, plan_id=plan.id, model=model, started_at=now)
-            )
-        self._subs_cache.clear()
-        return {"id": rid, "model": model, "plan": plan.spec.name, "started_at": now.isoformat(), "stopped_at": None}
-
-    def stop_dedicated(self, org_id: str, reservation_id: str) -> dict[str, Any]:
-        now = datetime.now(UTC)
-        with self._engine.begin() as conn:
-            row = conn.execute(select(ReservationRow).where(ReservationRow.id == reservation_id)).first()
-            if row is None or row.org_id != org_id:
-                raise NotFound(f"dedicated capacity '{reservation_id}' does not exist in this organisation", param="id")
-            stopped = row.stopped_at or now
-            conn.execute(update(ReservationRow).where(ReservationRow.id == reservation_id).values(stopped_at=stopped))
-        self._subs_cache.clear()
-        return {
-            "id": reservation_id,
-            "model": row.model,
-            "started_at": row.started_at.isoformat(),
-            "stopped_at": stopped.isoformat(),
-        }
 
     # -- wallet ---------------------------------------------------------------------------------------------------
 
@@ -319,7 +267,7 @@ class BillingService:
             return None
         subscribed = self._subscribed_plan(org_id, model)
         if subscribed is not None:
-            self._check_windows(org_id, model, subscribed.spec, worst_case)
+            settlement.check_windows(self._engine, org_id, model, subscribed.spec, worst_case)
             return None  # postpaid: fees and overage go on the invoice
         usage = next((p for p in plans if p.spec.kind == "usage"), None)
         if usage is None:
@@ -329,10 +277,7 @@ class BillingService:
                 f'POST /api/orgs/{{org}}/subscriptions {{"model": "{model}", "plan": "<name>"}}'
             )
         spec = usage.spec
-        quantity = worst_case.get(spec.unit, 0)
-        top_price = max([spec.price_micros] + [t.price_micros for t in spec.tiers or []])
-        # Rounding the running total can add one micro to a call's share of it.
-        amount = math.ceil(Fraction(top_price * quantity, spec.block)) + 1
+        amount = hold_amount(spec, worst_case.get(spec.unit, 0))
         with self._engine.begin() as conn:
             ledger.ensure_wallet(conn, org_id)
             if not ledger.move_to_hold(conn, org_id, amount):
@@ -351,36 +296,6 @@ class BillingService:
             )
         return PendingCharge(request_id, org_id, amount, usage.id, owner_org_id, spec.unit)
 
-    def _check_windows(self, org_id: str, model: str, spec: PlanSpec, worst_case: dict[str, int]) -> None:
-        """Refuse a call that would pass one of the subscription's caps (429 until the window resets)."""
-        if not spec.windows:
-            return
-        column = UNIT_COLUMNS[spec.unit]
-        now = datetime.now(UTC)
-        today = now.date()
-        for window in spec.windows:
-            first = today if window.period == "day" else today.replace(day=1)
-            with self._engine.connect() as conn:
-                used = conn.execute(
-                    select(func.coalesce(func.sum(column), 0)).where(
-                        UsageRecordRow.org_id == org_id,
-                        UsageRecordRow.model == model,
-                        UsageRecordRow.day >= first.isoformat(),
-                        UsageRecordRow.day <= today.isoformat(),
-                    )
-                ).scalar_one()
-            used = math.ceil(used / 1000) if spec.unit == "audio_seconds" else int(used)
-            if used + worst_case.get(spec.unit, 0) > window.limit:
-                if window.period == "day":
-                    resets = datetime(today.year, today.month, today.day, tzinfo=UTC) + timedelta(days=1)
-                else:
-                    resets = month_bounds(now.strftime("%Y-%m"))[1]
-                raise QuotaExceeded(
-                    f"plan '{spec.name}' allows {window.limit} {spec.unit} per {window.period} and "
-                    f"{used} are used; it resets at {resets.isoformat()}",
-                    retry_after=(resets - now).total_seconds(),
-                )
-
     def release(self, pending: PendingCharge) -> None:
         """Give a hold back (the call failed before it was metered)."""
         with self._engine.begin() as conn:
@@ -388,11 +303,7 @@ class BillingService:
 
     @staticmethod
     def release_in(conn: Connection, pending: PendingCharge) -> None:
-        updated = conn.execute(
-            update(HoldRow).where(HoldRow.id == pending.hold_id, HoldRow.state == "open").values(state="released")
-        )
-        if updated.rowcount == 1:
-            ledger.release_hold(conn, pending.org_id, pending.held_micros, pending.hold_id)
+        settlement.release_in(conn, pending)
 
     async def priced(self, model: str) -> bool:
         """Whether calls to ``model`` may cost anything (plans cached; refreshed off the event loop)."""
@@ -405,64 +316,4 @@ class BillingService:
 
     def settle(self, conn: Connection, record: UsageRecordRow | dict[str, Any], pending: PendingCharge) -> None:
         """Rate one stored usage record and settle its hold, in the metering transaction (exactly once)."""
-        r = record if isinstance(record, dict) else record.__dict__
-        plan = self.plan(pending.plan_id)
-        spec = plan.spec
-        quantity = _spec_quantity(
-            spec,
-            requests=r["requests"],
-            input_tokens=r["input_tokens"],
-            output_tokens=r["output_tokens"],
-            items=r["items"],
-            audio_ms=r["audio_ms"],
-        )
-        month = r["created_at"].astimezone(UTC).strftime("%Y-%m")
-        key = (
-            ChargeAccumulatorRow.org_id == pending.org_id,
-            ChargeAccumulatorRow.plan_id == pending.plan_id,
-            ChargeAccumulatorRow.month == month,
-        )
-        acc = conn.execute(
-            select(ChargeAccumulatorRow.quantity, ChargeAccumulatorRow.numerator).where(*key).with_for_update()
-        ).first()
-        already, numerator = (acc.quantity, acc.numerator) if acc is not None else (0, 0)
-        added = usage_cost(spec, quantity, already) * spec.block
-        assert added.denominator == 1
-        new_numerator = numerator + int(added)
-        if acc is None:
-            conn.execute(
-                insert(ChargeAccumulatorRow).values(
-                    org_id=pending.org_id,
-                    plan_id=pending.plan_id,
-                    month=month,
-                    quantity=quantity,
-                    numerator=new_numerator,
-                )
-            )
-        else:
-            conn.execute(
-                update(ChargeAccumulatorRow).where(*key).values(quantity=already + quantity, numerator=new_numerator)
-            )
-        cost = round_half_even(Fraction(new_numerator, spec.block)) - round_half_even(Fraction(numerator, spec.block))
-        if cost > pending.held_micros:
-            log.error(
-                "call cost more than its hold",
-                extra={"request": pending.hold_id, "cost": cost, "held": pending.held_micros},
-            )
-            cost = pending.held_micros
-        conn.execute(
-            insert(ChargeRow).values(
-                request_id=r["request_id"],
-                org_id=pending.org_id,
-                provider_org_id=pending.provider_org_id,
-                model=r["model"],
-                plan_id=pending.plan_id,
-                unit=spec.unit,
-                quantity=quantity,
-                amount_micros=cost,
-                created_at=r["created_at"],
-                invoice_id=None,
-            )
-        )
-        conn.execute(update(HoldRow).where(HoldRow.id == pending.hold_id).values(state="settled"))
-        ledger.settle_hold(conn, pending.org_id, pending.held_micros, cost, pending.provider_org_id, r["request_id"])
+        settlement.settle(conn, record, pending, self.plan(pending.plan_id))

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from openmaas.registry.models import ModelCard
+from openmaas.entities.models import ModelCard
 from openmaas.registry.service import ModelRegistry
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from openmaas.registry.models import ModelCard
+from openmaas.entities.models import ModelCard
 
 
 def model_dir() -> Path:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from openmaas.registry.models import ModelCard
-from openmaas.runtimes.generative import PLAIN_CHAT_STOP, PLAIN_CHAT_TEMPLATE
+from openmaas.entities.models import ModelCard
+from openmaas.runtimes.causal_lm import PLAIN_CHAT_STOP, PLAIN_CHAT_TEMPLATE
 
 
 def build_gemma(workdir: Path) -> tuple[Path, ModelCard]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openmaas.registry.models import ModelCard
+from openmaas.entities.models import ModelCard
 
 SEED = 0
 
@@ -19,7 +19,7 @@ def breast_cancer_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
     x = data.data.astype(np.float32)
     return train_test_split(  # type: ignore[no-any-return]
         x, data.target.astype(np.int64), test_size=0.25, random_state=SEED, stratify=data.target
-    )  # type: ignore[no-any-return]
+    )
 
 
 def diabetes_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

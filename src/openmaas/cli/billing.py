@@ -9,8 +9,7 @@ import typer
 from rich.table import Table
 
 from openmaas.billing.money import format_micros, parse_amount
-from openmaas.cli.common import DEFAULT_URL, DataDirOpt, KeyOpt, UrlOpt, console, err
-from openmaas.cli.tenancy import call
+from openmaas.cli.common import DEFAULT_URL, DataDirOpt, KeyOpt, UrlOpt, call, console, err
 
 billing_app = typer.Typer(
     help="Credits, wallets, invoices, closing periods and checking the books.", no_args_is_help=True

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 
 from openmaas.cli.client import ApiError, Client, resolve_key
 
+T = TypeVar("T")
 console = Console()
 err = Console(stderr=True)
 
@@ -31,3 +33,12 @@ def client(url: str, key: str | None, data_dir: Path) -> Client:
 def fail(e: ApiError) -> NoReturn:
     err.print(f"[red]error {e.status}:[/red] {e.message}")
     raise typer.Exit(1)
+
+
+def call(url: str, api_key: str | None, data_dir: Path, fn: Callable[[Client], T]) -> T:
+    """Run ``fn`` with a client of the server; an API error is printed and exits 1."""
+    with client(url, api_key, data_dir) as c:
+        try:
+            return fn(c)
+        except ApiError as e:
+            fail(e)

@@ -10,13 +10,19 @@ import typer
 from rich.table import Table
 
 from openmaas.cli import tenancy
+from openmaas.cli.billing import billing_app
 from openmaas.cli.client import ApiError
 from openmaas.cli.common import DEFAULT_URL, DataDirOpt, KeyOpt, UrlOpt, client, console, fail
+from openmaas.cli.jobs import datasets_app, jobs_app, train
 
 app = typer.Typer(help="OpenMaaS: models as a service.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="Register, list, show, load and unload models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 tenancy.install(app)
+app.add_typer(billing_app, name="billing")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(jobs_app, name="jobs")
+app.command("train")(train)
 
 
 @app.command()

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.table import Table
 
-from openmaas.cli.client import ApiError, Client
-from openmaas.cli.common import DEFAULT_URL, DataDirOpt, KeyOpt, UrlOpt, client, console, err, fail
+from openmaas.cli.common import DEFAULT_URL, DataDirOpt, KeyOpt, UrlOpt, call, console, err
 
 T = TypeVar("T")
 
@@ -26,23 +24,7 @@ def install(app: typer.Typer) -> None:
     app.add_typer(keys_app, name="keys")
     app.add_typer(audit_app, name="audit")
     app.command("usage")(usage)
-    from openmaas.cli.billing import billing_app
-
-    app.add_typer(billing_app, name="billing")
-    from openmaas.cli.jobs import datasets_app, jobs_app, train
-
-    app.add_typer(datasets_app, name="datasets")
-    app.add_typer(jobs_app, name="jobs")
-    app.command("train")(train)
     app.command("login")(login)
-
-
-def call(url: str, api_key: str | None, data_dir: Path, fn: Callable[[Client], T]) -> T:
-    with client(url, api_key, data_dir) as c:
-        try:
-            return fn(c)
-        except ApiError as e:
-            fail(e)
 
 
 def _table(columns: list[str], rows: list[dict[str, Any]]) -> Table:

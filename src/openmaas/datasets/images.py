@@ -4,37 +4,16 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import numpy as np
 
+from openmaas.entities.tables import Images
 from openmaas.errors import InvalidRequest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 MAX_IMAGES = 200_000
 MAX_SIDE = 512
-
-
-@dataclass
-class Images:
-    x: np.ndarray  # (N, C, H, W) float32 in [0, 1]
-    labels: list[str]  # class name of each image
-    classes: list[str]
-    mode: str  # "L" (grayscale) or "RGB"
-
-    def schema(self) -> dict[str, Any]:
-        _, c, h, w = self.x.shape
-        return {
-            "kind": "images",
-            "mode": self.mode,
-            "channels": c,
-            "height": h,
-            "width": w,
-            "classes": dict(sorted(Counter(self.labels).items())),
-        }
 
 
 def _fail(message: str) -> InvalidRequest:

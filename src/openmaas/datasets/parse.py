@@ -5,43 +5,17 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import orjson
 
+from openmaas.entities.tables import Table
 from openmaas.errors import InvalidRequest
 
 TABULAR_FORMATS = ("csv", "jsonl", "parquet")
 # A column this numeric is meant to be numeric: a few text cells in it are errors, not categories.
 _NUMERIC_SHARE = 0.9
 _MAX_CATEGORIES = 1000
-
-
-@dataclass
-class Table:
-    columns: list[str]
-    cells: dict[str, list[str]]  # column -> its cells as text ("" = missing)
-    kinds: dict[str, str]  # column -> "number" | "category"
-
-    @property
-    def rows(self) -> int:
-        return len(self.cells[self.columns[0]]) if self.columns else 0
-
-    def numbers(self, column: str) -> list[float]:
-        return [float(v) for v in self.cells[column]]
-
-    def schema(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"columns": []}
-        for c in self.columns:
-            entry: dict[str, Any] = {"name": c, "type": self.kinds[c]}
-            if self.kinds[c] == "category":
-                counts = Counter(self.cells[c])
-                entry["classes"] = dict(counts.most_common(50))
-            out["columns"].append(entry)
-        return out
 
 
 def _is_number(text: str) -> bool:

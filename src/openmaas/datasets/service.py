@@ -12,8 +12,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from openmaas.artifacts import LocalArtifactStore
-from openmaas.datasets.images import Images, read_images
-from openmaas.datasets.parse import TABULAR_FORMATS, Table, read_table
+from openmaas.datasets.images import read_images
+from openmaas.datasets.parse import TABULAR_FORMATS, read_table
+from openmaas.entities.tables import Images, Table
 from openmaas.errors import InvalidRequest, NotFound
 from openmaas.store.tables import DatasetRow
 

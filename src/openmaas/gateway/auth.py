@@ -54,9 +54,6 @@ class Principal:
     def is_platform_admin(self) -> bool:
         return self.kind == "platform_admin"
 
-    def has_scope(self, scope: str) -> bool:
-        return self.is_platform_admin or scope in self.scopes
-
     def require(self, action: Action, org_id: str | None = None) -> None:
         """Allow ``action`` (in ``org_id`` when given) or raise: 404 for another org, 403 for too little right."""
         if self.is_platform_admin:

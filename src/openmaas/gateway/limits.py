@@ -46,7 +46,7 @@ def duration(seconds: float) -> str:
 
 
 @dataclass
-class Admission:
+class LimitGrant:
     """An admitted call: headers to send back, and the concurrency slot to give back when done."""
 
     headers: dict[str, str] = field(default_factory=dict)
@@ -84,17 +84,17 @@ class RateLimiter:
                 self._acquire_script = self._redis.register_script(_ACQUIRE)
             else:
                 storage = storage_from_string("async+memory://")
-            self._limiter = MovingWindowRateLimiter(storage)  # type: ignore[arg-type]
-            self._volume = SlidingWindowCounterRateLimiter(storage)  # type: ignore[arg-type]
+            self._limiter = MovingWindowRateLimiter(storage)
+            self._volume = SlidingWindowCounterRateLimiter(storage)
         return self._limiter
 
-    async def admit(self, key_id: str, limits: KeyLimits, request_id: str, *, tokens: int, items: int) -> Admission:
+    async def admit(self, key_id: str, limits: KeyLimits, request_id: str, *, tokens: int, items: int) -> LimitGrant:
         """Take a concurrency slot and count this call against the key's windows, or raise RateLimited.
 
         A call refused by one limit is not counted against the others: the slot is taken first (and given back on
         refusal), and every window is tested before any is charged."""
         if limits.empty:
-            return Admission()
+            return LimitGrant()
         requests = self._strategy()
         assert self._volume is not None
         windows: list[tuple[str, int, int, RateLimitItem, Strategy]] = [
@@ -131,7 +131,7 @@ class RateLimiter:
         for name, limit, _, item, strategy in windows:
             stats = await strategy.get_window_stats(item, name, key_id)
             headers.update(_headers(name, limit, stats.remaining, stats.reset_time - time.time()))
-        return Admission(headers, release)
+        return LimitGrant(headers, release)
 
     @staticmethod
     async def _refusal(strategy: Strategy, item: RateLimitItem, name: str, limit: int, key_id: str) -> RateLimited:

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -80,13 +81,14 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
 
     from openmaas.artifacts import LocalArtifactStore
     from openmaas.datasets.service import DatasetService
+    from openmaas.entities.models import ModelCard
     from openmaas.jobs.specs import TrainSpec
     from openmaas.registry.inspect import inspect_in_process
-    from openmaas.registry.models import ModelCard
     from openmaas.registry.service import ModelRegistry
     from openmaas.runtimes import RuntimeOptions
     from openmaas.store.registry import RegistryStore
-    from openmaas.training import tabular
+    from openmaas.training import data as training_data
+    from openmaas.training import export, loop, tabular
 
     torch.set_num_threads(settings.job_threads)
     spec = TrainSpec.model_validate(job.spec)
@@ -96,14 +98,13 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
     print(f"dataset {dataset['name']} ({dataset['rows']} rows, sha256 {dataset['sha256'][:12]})", flush=True)
     from openmaas.training import images as image_training
 
-    network: tabular.Net | None = None
+    network: loop.Net | None = None
     example_shape: tuple[int, ...]
     encoder_dir: Path | None = None
     if spec.task == "text-classification":
         from openmaas.runtimes.sentence_transformers import SentenceTransformerRuntime
-        from openmaas.training.text import prepare_text
 
-        texts, labels, classes = prepare_text(datasets.table(dataset), spec.text_column, spec.target)
+        texts, labels, classes = training_data.prepare_text(datasets.table(dataset), spec.text_column, spec.target)
         encoder = RegistryStore(sessions).get_version(spec.encoder)
         if encoder.format != SentenceTransformerRuntime.format:
             raise OpenMaaSError(f"encoder '{spec.encoder}' is not a text-embedding model")
@@ -116,7 +117,7 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
             st = SentenceTransformer(str(encoder_dir), device="cpu", local_files_only=True)
             print(f"fine-tuning {spec.encoder} version {encoder.version} on {len(texts)} texts", flush=True)
             network = FineTuned(st, len(classes), int(st.tokenizer.pad_token_id or 0))
-            prepared = tabular.Prepared(token_ids(st, texts), labels, ["text"], classes)
+            prepared = training_data.Prepared(token_ids(st, texts), labels, ["text"], classes)
             example_shape, input_name = (network.head.in_features,), "x"
         else:
             runtime = SentenceTransformerRuntime(encoder_dir, RuntimeOptions(torch_threads=settings.job_threads))
@@ -124,17 +125,17 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
             print(f"embedding {len(texts)} texts with {spec.encoder} version {encoder.version}", flush=True)
             embeddings, _ = runtime.embed(texts)
             runtime.unload()
-            prepared = tabular.Prepared(embeddings, labels, ["embedding"], classes)
+            prepared = training_data.Prepared(embeddings, labels, ["embedding"], classes)
             example_shape, input_name = (embeddings.shape[1],), "x"
     elif spec.task == "image-classification":
-        prepared = image_training.prepare(datasets.images(dataset))
+        prepared = training_data.prepare_images(datasets.images(dataset))
         _, c, h, w = prepared.x.shape
         network = image_training.SmallCNN(c, h, w, len(prepared.classes or []))
         example_shape, input_name = (c, h, w), "image"
     else:
-        prepared = tabular.prepare(datasets.table(dataset), spec.target, spec.kind)
+        prepared = training_data.prepare(datasets.table(dataset), spec.target, spec.kind)
         example_shape, input_name = (len(prepared.features),), "x"
-    data = tabular.split(prepared, spec.params, spec.kind)
+    data = training_data.split(prepared, spec.params, spec.kind)
     print(
         f"train {len(data['train'][0])}, validation {len(data['val'][0])}, test {len(data['test'][0])} rows; "
         f"{len(prepared.features)} features",
@@ -148,7 +149,7 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
         print(f"resuming from the checkpoint after epoch {resumed_at}", flush=True)
         reporter.progress(resumed_at / spec.params.epochs, replace_from=resumed_at + 1)
 
-    def on_epoch(r: tabular.EpochReport) -> None:
+    def on_epoch(r: loop.EpochReport) -> None:
         print(
             f"epoch {r.epoch}/{r.epochs} loss {r.loss:.4f} val_loss {r.val_loss:.4f} val_metric {r.val_metric:.4f}"
             + (" (early stop)" if r.stopped_early else ""),
@@ -157,15 +158,18 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
         reporter.progress(r.epoch / r.epochs, r.to_json())
 
     n_classes = len(prepared.classes or [0])
+    build: loop.Net | Callable[[], loop.Net] = network or (
+        lambda: tabular.tabular_net(*data["train"], spec.kind, n_classes, spec.params)
+    )
     if spec.params.workers > 1:
         _train_data_parallel(
-            spec.params.workers, sessions, reporter, data, spec, n_classes, checkpoint, on_epoch, network
+            spec.params.workers, sessions, reporter, data, spec, n_classes, checkpoint, on_epoch, build
         )
     # Single process, or after the parallel workers: this resumes from (or just reads) the checkpoint.
-    model = tabular.train(data, spec.params, spec.kind, n_classes, checkpoint, on_epoch, reporter.cancelled, network)
+    model = loop.train(data, spec.params, spec.kind, n_classes, checkpoint, on_epoch, build, reporter.cancelled)
     if reporter.cancelled():
         raise _Cancelled()
-    metrics = tabular.evaluate(model, *data["test"], spec.kind)
+    metrics = loop.evaluate(model, *data["test"], spec.kind)
     print(f"held-out metrics: {metrics}", flush=True)
     from openmaas.training.curves import draw_curves
 
@@ -184,23 +188,23 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
 
                 assert isinstance(model, FineTuned)
                 model.encoder.save(str(folder), create_model_card=False)  # safetensors
-                head: tabular.Net = Head(model.head)
+                head: loop.Net = Head(model.head)
             else:
                 shutil.copytree(encoder_dir, folder)
                 folder.chmod(0o755)
                 head = model
             path, fmt = folder, "sentence-transformers"
-            tabular.export_onnx(head, example_shape, spec.kind, folder / HEAD_FILE, input_name)
+            export.export_onnx(head, example_shape, spec.kind, folder / HEAD_FILE, input_name)
         elif prepared.categorical:
             from openmaas.training.encoding import with_categorical_inputs
 
             encoded = sum(len(c) for c in prepared.categories.values())
             net_path = Path(tmp) / "net.onnx"
-            tabular.export_onnx(model, (len(prepared.features) + encoded,), spec.kind, net_path, "features")
+            export.export_onnx(model, (len(prepared.features) + encoded,), spec.kind, net_path, "features")
             names = with_categorical_inputs(net_path, len(prepared.features), prepared.categories, path)
             print(f"categorical inputs (text): {', '.join(names)}", flush=True)
         else:
-            tabular.export_onnx(model, example_shape, spec.kind, path, input_name)
+            export.export_onnx(model, example_shape, spec.kind, path, input_name)
         registry = ModelRegistry(RegistryStore(sessions), artifacts, RuntimeOptions(), inspect_in_process)
         if registry.exists(spec.output_model):
             owner = registry.get_model(spec.output_model).owner_org_id
@@ -268,7 +272,7 @@ def _train_data_parallel(
     import torch.distributed as dist
     from torch.multiprocessing.spawn import start_processes
 
-    from openmaas.training import tabular
+    from openmaas.training import loop
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -280,15 +284,15 @@ def _train_data_parallel(
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=workers)
         try:
-            tabular.train(
+            loop.train(
                 data,
                 spec.params,
                 spec.kind,
                 n_classes,
                 checkpoint,
                 on_epoch if rank == 0 else (lambda r: None),
-                reporter.cancelled,
                 network,
+                reporter.cancelled,
                 rank,
                 workers,
             )

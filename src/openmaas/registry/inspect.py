@@ -14,9 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from openmaas.entities.tensors import Signature
 from openmaas.errors import InvalidRequest
 from openmaas.runtimes import RuntimeOptions, create_runtime
-from openmaas.runtimes.types import Signature
 
 _TIMEOUT_S = 600
 

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from openmaas.artifacts import ArtifactStore
-from openmaas.errors import InvalidRequest, ModelLoadFailed, ModelNotFound
+from openmaas.entities.models import Model, ModelCard, ModelVersion, ServingConfig, Visibility
+from openmaas.entities.tensors import Signature
+from openmaas.errors import AlreadyExists, Forbidden, InvalidRequest, ModelLoadFailed, ModelNotFound
 from openmaas.registry.formats import detect_format
 from openmaas.registry.inspect import inspect_in_process
-from openmaas.registry.models import Model, ModelCard, ModelVersion, ServingConfig, Visibility
+from openmaas.registry.publication import Decision, access_changes, review_changes
 from openmaas.runtimes import RuntimeOptions
-from openmaas.runtimes.types import Signature
 from openmaas.store.registry import RegistryStore
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,32 @@ class ModelRegistry:
         model = self.store.update_access(name, **changes)
         self.invalidate(name)
         return model
+
+    def change_access(
+        self, name: str, *, visibility: Visibility | None, shared_with: list[str] | None, by_admin: bool
+    ) -> Model:
+        """Apply a visibility or sharing change (``shared_with``: organisation ids); see ``publication``."""
+        model = self.store.get_model(name)
+        card = self.store.get_version(name, None).card
+        changes = access_changes(model, card, visibility=visibility, shared_with=shared_with, by_admin=by_admin)
+        return self.update_access(name, **changes) if changes else model
+
+    def review(self, name: str, decision: Decision, reason: str) -> Model:
+        """The platform admin approves or rejects a model's pending request to be public."""
+        return self.update_access(name, **review_changes(self.store.get_model(name), decision, reason))
+
+    def check_new_name(self, name: str, owner_org_id: str | None, *, visible: bool, by_admin: bool) -> None:
+        """Refuse to register ``name`` for ``owner_org_id`` when another organisation owns it (409 when the caller
+        cannot see that model, so its existence is not revealed beyond the name being taken; else 403)."""
+        try:
+            existing = self.store.get_model(name)
+        except ModelNotFound:
+            return
+        if by_admin or existing.owner_org_id == owner_org_id:
+            return
+        if not visible:
+            raise AlreadyExists(f"the model name '{name}' is taken; choose another", param="name")
+        raise Forbidden(f"model '{name}' belongs to another organisation; register yours under another name")
 
     def set_serving(self, name: str, serving: ServingConfig) -> Model:
         model = self.store.set_serving(name, serving)

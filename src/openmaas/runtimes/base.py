@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openmaas.runtimes.types import Signature
+from openmaas.entities.tensors import Signature
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class Runtime(ABC):
     format: str = ""
     #: Platform string shown in Open Inference Protocol model metadata.
     platform: str = ""
+    #: What the model is served for: ``tensor`` (v2 inference only), ``embedding``, ``generation`` or ``speech``.
+    serves: str = "tensor"
 
     def __init__(self, path: Path, options: RuntimeOptions) -> None:
         self.path = path
@@ -49,6 +51,17 @@ class Runtime(ABC):
     def static_signature(cls, path: Path) -> Signature | None:
         """The signature without loading the model (cheap checks only), for formats whose signature is fixed and
         whose first load is slow; None: registration loads the model to read it."""
+        return None
+
+    @classmethod
+    def prepare(cls, path: Path) -> bool:
+        """Slow one-time work that makes an artifact ready to load (a conversion), run off the request path;
+        False when the format needs none."""
+        return False
+
+    @classmethod
+    def token_estimate(cls, batch: Mapping[str, np.ndarray]) -> tuple[int, int] | None:
+        """(expected, at most) tokens the batch's text will use, for costs and limits; None: not a text model."""
         return None
 
     @abstractmethod

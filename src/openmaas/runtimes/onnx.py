@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from openmaas.entities.tensors import Signature, TensorSpec
 from openmaas.runtimes.base import Runtime, RuntimeResult
-from openmaas.runtimes.types import Signature, TensorSpec
 
 _ORT_TYPES = {
     "tensor(bool)": "BOOL",

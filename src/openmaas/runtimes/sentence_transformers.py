@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from openmaas.entities.tensors import Signature, TensorSpec
 from openmaas.runtimes.base import Runtime, RuntimeResult
-from openmaas.runtimes.types import Signature, TensorSpec
 
 HEAD_FILE = "openmaas_head.onnx"
 
@@ -20,6 +20,7 @@ class SentenceTransformerRuntime(Runtime):
     text-classification job) adds its outputs: ``probabilities`` FP32 [-1, classes] and ``label`` INT64 [-1]."""
 
     format = "sentence-transformers"
+    serves = "embedding"
     platform = "sentence_transformers"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -27,6 +28,15 @@ class SentenceTransformerRuntime(Runtime):
         self._model: Any = None
         self._signature: Signature | None = None
         self._head: Any = None
+
+    @classmethod
+    def token_estimate(cls, batch: Mapping[str, np.ndarray]) -> tuple[int, int] | None:
+        """About 4 bytes a token; at most one token a byte, and the model reads at most its window (under 512)."""
+        text = batch.get("text")
+        if text is None:
+            return None
+        items = text.reshape(-1)
+        return int(sum(len(t) // 4 + 2 for t in items)), int(sum(min(len(t) + 2, 512) for t in items))
 
     def load(self) -> None:
         import torch

@@ -7,15 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from openmaas.entities.tensors import Signature, TensorSpec
 from openmaas.runtimes.base import Runtime, RuntimeResult
-from openmaas.runtimes.types import Signature, TensorSpec
-
-
-def untrusted_types(path: str) -> list[str]:
-    """Types in a .skops file that skops does not trust by default (loading them is refused)."""
-    import skops.io as sio
-
-    return list(sio.get_untrusted_types(file=path))
 
 
 class SkopsRuntime(Runtime):

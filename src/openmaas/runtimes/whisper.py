@@ -5,14 +5,14 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from openmaas.entities.speech import Segment, Transcript
+from openmaas.entities.tensors import Signature, TensorSpec
 from openmaas.runtimes.base import Runtime, RuntimeResult, directory_size
-from openmaas.runtimes.types import Signature, TensorSpec
 
 SAMPLE_RATE = 16_000
 
@@ -24,21 +24,6 @@ SIGNATURE = Signature(
 
 class AudioError(ValueError):
     """The upload is not audio this runtime can read (or holds no sound)."""
-
-
-@dataclass(frozen=True)
-class Segment:
-    start: float
-    end: float
-    text: str
-
-
-@dataclass(frozen=True)
-class Transcript:
-    text: str
-    language: str
-    duration: float
-    segments: list[Segment]
 
 
 def decode_audio(data: bytes) -> np.ndarray:
@@ -61,6 +46,7 @@ class WhisperRuntime(Runtime):
     BYTES (an encoded file per item) -> ``text``."""
 
     format = "whisper"
+    serves = "speech"
     platform = "ctranslate2"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

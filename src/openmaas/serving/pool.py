@@ -21,8 +21,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from openmaas.entities.models import ModelVersion
 from openmaas.errors import ModelLoadFailed, Overloaded
-from openmaas.registry.models import ModelVersion
 from openmaas.runtimes import Runtime, RuntimeOptions, RuntimeResult, create_runtime
 from openmaas.serving.batcher import BatchConfig, Batcher
 from openmaas.telemetry import Metrics
@@ -154,6 +154,8 @@ class ResidencyPool:
         self._load_lock = asyncio.Lock()
         self._released = asyncio.Condition()
         self._footprints: dict[Key, int] = {}
+        # Who needs each version kept loaded (dedicated capacity, the repository API): pinned while any does.
+        self._holders: dict[Key, set[str]] = {}
         metrics.memory_budget_bytes.set(budget_bytes or 0)
 
     # -- inspection --------------------------------------------------------------------------------------------
@@ -161,6 +163,9 @@ class ResidencyPool:
     @property
     def options(self) -> RuntimeOptions:
         return self._options
+
+    def artifact_path(self, mv: ModelVersion) -> Path:
+        return self._artifact_path(mv)
 
     def get(self, name: str, version: int) -> Resident | None:
         return self._resident.get((name, version))
@@ -170,6 +175,9 @@ class ResidencyPool:
 
     def is_loading(self, name: str, version: int) -> bool:
         return (name, version) in self._loading
+
+    def loading(self) -> list[Key]:
+        return list(self._loading)
 
     @property
     def used_bytes(self) -> int:
@@ -214,13 +222,44 @@ class ResidencyPool:
 
     # -- loading and eviction ----------------------------------------------------------------------------------
 
-    async def load(self, mv: ModelVersion, *, pin: bool | None = None) -> Resident:
+    def _is_pinned(self, mv: ModelVersion) -> bool:
+        return self._pinned(mv) or bool(self._holders.get((mv.model, mv.version)))
+
+    async def pin(self, mv: ModelVersion, holder: str) -> Resident:
+        """Load ``mv`` and keep it loaded while ``holder`` (or any other holder, or its settings) needs it."""
+        key = (mv.model, mv.version)
+        holders = self._holders.setdefault(key, set())
+        added = holder not in holders
+        holders.add(holder)
+        try:
+            resident = await self.load(mv)
+        except BaseException:
+            if added:
+                self.unpin(mv, holder)
+            raise
+        resident.pinned = True
+        return resident
+
+    def unpin(self, mv: ModelVersion, holder: str) -> None:
+        """``holder`` no longer needs ``mv`` loaded; it may be evicted once nobody else pins it."""
+        key = (mv.model, mv.version)
+        holders = self._holders.get(key)
+        if holders is not None:
+            holders.discard(holder)
+            if not holders:
+                del self._holders[key]
+        resident = self._resident.get(key)
+        if resident is not None:
+            resident.pinned = self._is_pinned(mv)
+
+    def holders(self, mv: ModelVersion) -> frozenset[str]:
+        return frozenset(self._holders.get((mv.model, mv.version), ()))
+
+    async def load(self, mv: ModelVersion) -> Resident:
         """The resident model for ``mv``, loading it if needed; concurrent callers share one load."""
         key = (mv.model, mv.version)
         resident = self._resident.get(key)
         if resident is not None:
-            if pin is not None:
-                resident.pinned = pin
             return resident
         pending = self._loading.get(key)
         if pending is not None:
@@ -241,7 +280,7 @@ class ResidencyPool:
                         f"{mv.model}:{mv.version}", [i.infer for i in instances], self._batch_config(mv), self._metrics
                     ),
                     memory_bytes=footprint,
-                    pinned=self._pinned(mv) if pin is None else pin,
+                    pinned=self._is_pinned(mv),
                 )
                 resident.batcher.start()
                 self._resident[key] = resident

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from openmaas.entities.tensors import Signature, datatype_of
 from openmaas.errors import InvalidInput
-from openmaas.runtimes.types import Signature, datatype_of
 from openmaas.serving.types import InferenceRequest
 
 

@@ -6,9 +6,9 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from openmaas.entities.models import Model, ModelCard, ModelVersion, ReviewState, ServingConfig, Visibility
+from openmaas.entities.tensors import Signature
 from openmaas.errors import AlreadyExists, ModelNotFound
-from openmaas.registry.models import Model, ModelCard, ModelVersion, ReviewState, ServingConfig, Visibility
-from openmaas.runtimes.types import Signature
 from openmaas.store.tables import ModelRow, ModelShareRow, ModelVersionRow, utcnow
 
 

@@ -46,7 +46,7 @@ class ModelRow(Base):
     # Publication review: none | pending | approved | rejected (making a model public needs approval).
     review_state: Mapped[str] = mapped_column(String(16), nullable=False, default="none")
     review_reason: Mapped[str | None] = mapped_column(String(1000), nullable=True)
-    # Overrides of the serving defaults (openmaas.registry.models.ServingConfig); None = defaults.
+    # Overrides of the serving defaults (openmaas.entities.models.ServingConfig); None = defaults.
     serving: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
 

@@ -51,11 +51,19 @@ class TenancyService:
     """Everything about who is who. ``new_secret`` makes key secrets; ``digest`` is the keyed hash stored."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], digest: Callable[[str], str], new_secret: Callable[[], str]
+        self,
+        sessions: sessionmaker[Session],
+        digest: Callable[[str], str],
+        new_secret: Callable[[], str],
+        *,
+        on_key_changed: Callable[[str], None] = lambda key_id: None,
     ) -> None:
         self._sessions = sessions
         self._digest = digest
         self._new_secret = new_secret
+        # Caches elsewhere (authenticated keys, quota totals) that a change here must reach at once.
+        self._on_key_changed = on_key_changed
+        self._quota_listeners: list[Callable[[], None]] = []
 
     # -- organisations ------------------------------------------------------------------------------------------
 
@@ -183,11 +191,6 @@ class TenancyService:
             kind="session",
         )
 
-    def role_of(self, org_id: str, user_id: str) -> Role | None:
-        with self._sessions() as s:
-            row = s.get(MembershipRow, (org_id, user_id))
-            return row.role if row is not None else None  # type: ignore[return-value]
-
     # -- API keys -----------------------------------------------------------------------------------------------
 
     def create_key(
@@ -250,7 +253,9 @@ class TenancyService:
                 raise NotFound(f"API key '{key_id}' does not exist in this organisation", param="key")
             row.revoked_at = row.revoked_at or utcnow()
             s.commit()
-            return api_key(row)
+            revoked = api_key(row)
+        self._on_key_changed(key_id)
+        return revoked
 
     def rotate_key(self, org_id: str, key_id: str, grace: timedelta) -> tuple[str, ApiKey, ApiKey]:
         """A new key with the same settings; the old one keeps working for ``grace``, then expires."""
@@ -276,9 +281,14 @@ class TenancyService:
             row.expires_at = min(row.expires_at, ends) if row.expires_at is not None else ends
             s.commit()
             old_after = api_key(row)
+        self._on_key_changed(key_id)
         return secret, new, old_after
 
     # -- quotas -------------------------------------------------------------------------------------------------
+
+    def on_quotas_changed(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every quota change (a cache of quotas must drop what it holds)."""
+        self._quota_listeners.append(listener)
 
     def set_quota(self, org_id: str, unit: str, monthly_limit: int | None) -> dict[str, int]:
         """Set (or with None remove) an org's monthly quota of ``unit``; returns all its quotas."""
@@ -294,6 +304,8 @@ class TenancyService:
             else:
                 row.monthly_limit = monthly_limit
             s.commit()
+        for listener in self._quota_listeners:
+            listener()
         return self.quotas(org_id)
 
     def quotas(self, org_id: str) -> dict[str, int]:

@@ -2,30 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
-from openmaas.datasets.images import Images
-from openmaas.errors import InvalidRequest
-from openmaas.training.tabular import Net, Prepared
-
-
-def prepare(images: Images) -> Prepared:
-    if len(images.classes) < 2:
-        raise InvalidRequest(
-            f"the zip has one class folder ('{images.classes[0]}'); classification needs two or more", param="dataset"
-        )
-    counts = {c: images.labels.count(c) for c in images.classes}
-    lonely = [c for c, n in counts.items() if n < 2]
-    if lonely:
-        raise InvalidRequest(
-            f"class folder '{lonely[0]}' has only {counts[lonely[0]]} image; every class needs at least 2",
-            param="dataset",
-        )
-    index = {c: i for i, c in enumerate(images.classes)}
-    y = np.array([index[label] for label in images.labels], dtype=np.int64)
-    return Prepared(images.x, y, ["image"], images.classes)
+from openmaas.training.loop import Net
 
 
 class SmallCNN(Net):

@@ -9,33 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from openmaas.datasets.parse import Table
-from openmaas.errors import InvalidRequest
+from openmaas.training.loop import Net
 from openmaas.training.optim import TrainParams
-from openmaas.training.tabular import Net
-
-
-def prepare_text(table: Table, text_column: str, target: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """Texts, class indices and class names; problems named like the tabular ones."""
-    for column, role in ((text_column, "text"), (target, "target")):
-        if column not in table.columns:
-            raise InvalidRequest(
-                f"{role} column '{column}' is not in the dataset; its columns are: {', '.join(table.columns)}",
-                param="text_column" if role == "text" else "target",
-            )
-    labels = table.cells[target]
-    classes = sorted(set(labels))
-    if len(classes) < 2:
-        raise InvalidRequest(f"target '{target}' has a single class; classification needs two or more", param="target")
-    counts = {c: labels.count(c) for c in classes}
-    lonely = [c for c, n in counts.items() if n < 2]
-    if lonely:
-        raise InvalidRequest(
-            f"class '{lonely[0]}' of '{target}' has only {counts[lonely[0]]} row; every class needs at least 2",
-            param="target",
-        )
-    index = {c: i for i, c in enumerate(classes)}
-    return table.cells[text_column], np.array([index[v] for v in labels], dtype=np.int64), classes
 
 
 def token_ids(encoder: Any, texts: list[str]) -> np.ndarray:
@@ -66,7 +41,7 @@ class FineTuned(Net):
 
     def scaled(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or len(x) <= 64:
-            return self.head(self.embed(x))  # type: ignore[no-any-return]
+            return self.head(self.embed(x))
         # Validation and evaluation see a whole split: in chunks, so memory stays bounded.
         return torch.cat([self.head(self.embed(x[i : i + 64])) for i in range(0, len(x), 64)])
 
@@ -90,7 +65,7 @@ class Head(Net):
         self.head = head
 
     def scaled(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x)  # type: ignore[no-any-return]
+        return self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scaled(x)

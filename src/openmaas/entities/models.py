@@ -1,4 +1,4 @@
-"""Domain objects of the model registry."""
+"""Domain objects of the model registry: models, versions, cards and serving settings."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from openmaas.runtimes.types import Signature
+from openmaas.entities.tensors import Signature
 
 Visibility = Literal["private", "shared", "public"]
 ReviewState = Literal["none", "pending", "approved", "rejected"]

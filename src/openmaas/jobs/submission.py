@@ -1,0 +1,67 @@
+"""Submitting a job: parse its spec, refuse at once what would fail it, and queue it.
+
+The checks read the dataset and run the same data preparation the job will (``training.data``: pure checks over
+arrays, no model is built or trained here), so a wrong target column or a one-row class is a 400 naming it now
+instead of a failed job minutes later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from openmaas.datasets.service import DatasetService
+from openmaas.entities.models import ModelVersion
+from openmaas.errors import InvalidRequest
+from openmaas.jobs.service import JobService
+from openmaas.jobs.specs import TrainSpec, parse_spec
+from openmaas.registry.service import NAME_RE, ModelRegistry
+from openmaas.runtimes import runtime_class
+from openmaas.training import data as training_data
+
+
+class JobSubmission:
+    """``submit`` for every job type; the checks of each type live here, beside the spec they check."""
+
+    def __init__(self, jobs: JobService, datasets: DatasetService, registry: ModelRegistry) -> None:
+        self._jobs = jobs
+        self._datasets = datasets
+        self._registry = registry
+
+    async def submit(
+        self,
+        body: dict[str, Any],
+        *,
+        org_id: str | None,
+        key_id: str | None,
+        by_admin: bool,
+        model_version: Callable[[str], ModelVersion],
+    ) -> dict[str, Any]:
+        """Check and queue the job ``body``; ``model_version`` resolves a model the submitter may see (404
+        otherwise)."""
+        spec = parse_spec(body)
+        if isinstance(spec, TrainSpec):
+            await asyncio.to_thread(self.check_train, spec, org_id, by_admin, model_version)
+        return await asyncio.to_thread(self._jobs.create, org_id, key_id, spec.model_dump(mode="json"))
+
+    def check_train(
+        self, spec: TrainSpec, org_id: str | None, by_admin: bool, model_version: Callable[[str], ModelVersion]
+    ) -> None:
+        """Refuse what would fail the job: unknown dataset, target or model name, bad classes, a wrong encoder."""
+        if not NAME_RE.match(spec.output_model):
+            raise InvalidRequest(f"invalid model name '{spec.output_model}'", param="output_model")
+        ds = self._datasets.get(org_id, spec.dataset, any_org=by_admin)
+        if spec.task == "text-classification":
+            encoder = model_version(spec.encoder)  # 404 when the submitter cannot see it
+            if runtime_class(encoder.format).serves != "embedding":
+                raise InvalidRequest(f"encoder '{spec.encoder}' is not a text-embedding model", param="encoder")
+            training_data.prepare_text(self._datasets.table(ds), spec.text_column, spec.target)
+        elif spec.task == "image-classification":
+            training_data.prepare_images(self._datasets.images(ds))
+        else:
+            training_data.prepare(self._datasets.table(ds), spec.target, spec.kind)
+        if self._registry.exists(spec.output_model):
+            owner = self._registry.get_model(spec.output_model).owner_org_id
+            if owner != org_id:
+                raise InvalidRequest(f"model name '{spec.output_model}' is taken; choose another", param="output_model")

@@ -1,0 +1,186 @@
+"""Text generation runtimes: Hugging Face causal LMs (a folder with safetensors) and GGUF files.
+
+A GGUF file is converted once (de-quantised into a safetensors folder, in a child process; see ``gguf.py``) the
+first time it is loaded; the folder is kept beside the artifact and every later load reads it directly. Decoding
+runs on the model's ``Engine`` (``engine.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from openmaas.entities.generation import SamplingParams
+from openmaas.entities.tensors import Signature, TensorSpec
+from openmaas.errors import Overloaded
+from openmaas.runtimes.base import Runtime, RuntimeOptions, RuntimeResult
+from openmaas.runtimes.engine import Engine, Generation
+from openmaas.runtimes.gguf import converted_folder, describe_gguf
+
+#: Conversation rendered as a plain transcript: what suits a base (not instruction-tuned) model. A model folder
+#: whose tokenizer has its own chat template uses that instead.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% else %}Assistant: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+#: With the plain template the model would go on to write the user's next turn: that ends the answer.
+PLAIN_CHAT_STOP = "\nUser:"
+
+SIGNATURE = Signature(
+    inputs=[TensorSpec(name="text_input", datatype="BYTES", shape=[-1])],
+    outputs=[TensorSpec(name="text_output", datatype="BYTES", shape=[-1])],
+)
+
+
+class CausalLMRuntime(Runtime):
+    """A Hugging Face causal language model folder (config.json, safetensors, tokenizer).
+
+    Over v2 it takes ``text_input`` BYTES [-1] and returns ``text_output`` (greedy, ``max_tokens`` from settings);
+    the OpenAI completion endpoints use ``generate`` for sampling and streaming."""
+
+    format = "transformers"
+    serves = "generation"
+    platform = "transformers"
+
+    def __init__(self, path: Path, options: RuntimeOptions) -> None:
+        super().__init__(path, options)
+        self.tokenizer: Any = None
+        self.engine: Engine | None = None
+        self.context_window = 0
+        self.chat_template = PLAIN_CHAT_TEMPLATE
+        self.chat_stop: tuple[str, ...] = (PLAIN_CHAT_STOP,)
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def static_signature(cls, path: Path) -> Signature | None:
+        return SIGNATURE
+
+    def model_folder(self) -> Path:
+        return self.path
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = self.model_folder()
+        torch.set_num_threads(self.options.torch_threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        model.eval()  # type: ignore[no-untyped-call]
+        config = model.config
+        window = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        self.context_window = min(window, self.options.generation_context)
+        if self.tokenizer.chat_template:
+            self.chat_template, self.chat_stop = self.tokenizer.chat_template, ()
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.add(int(self.tokenizer.eos_token_id))
+        end_of_turn = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
+            eos_ids.add(end_of_turn)
+        self._bytes = int(sum(p.numel() * p.element_size() for p in model.parameters()))
+        self.engine = Engine(
+            model, self.tokenizer, self._lock, eos_ids, self.options.generation_batch, self.options.torch_threads
+        )
+        self.engine.start()
+
+    @property
+    def signature(self) -> Signature:
+        return SIGNATURE
+
+    # -- generation --------------------------------------------------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of a prompt (with the tokenizer's start-of-text token, as the model was trained)."""
+        with self._lock:
+            return list(self.tokenizer(prompt)["input_ids"])
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        with self._lock:
+            rendered = self.tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+            )
+        return str(rendered)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop) -> Generation:
+        """Queue a request for the engine; Overloaded (429) when its queue is full."""
+        if self.engine is None:
+            raise RuntimeError("the language model is not loaded")
+        if self.engine.waiting >= self.options.generation_queue:
+            raise Overloaded(
+                f"{self.engine.waiting} generation requests are already waiting for this model; retry shortly",
+                retry_after=2,
+            )
+        request = Generation(prompt_ids, params, loop)
+        self.engine.submit(request)
+        return request
+
+    def infer(self, batch: Mapping[str, np.ndarray]) -> RuntimeResult:
+        """v2: greedy continuations of each ``text_input`` (runs on the model's thread, waits for the engine)."""
+        prompts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in batch["text_input"].reshape(-1)]
+        loop = asyncio.new_event_loop()
+        try:
+            texts, tokens = [], []
+            for prompt in prompts:
+                ids = self.encode(prompt)
+                budget = max(1, min(self.options.generation_max_tokens, self.context_window - len(ids)))
+                request = self.generate(ids, SamplingParams(max_tokens=budget, temperature=0.0), loop)
+                text, count = loop.run_until_complete(_collect(request))
+                texts.append(text.encode("utf-8"))
+                tokens.append(len(ids) + count)
+        finally:
+            loop.close()
+        return RuntimeResult(
+            outputs={"text_output": np.array(texts, dtype=object)}, tokens=np.array(tokens, dtype=np.int64)
+        )
+
+    def memory_bytes(self) -> int:
+        return self._bytes
+
+    def unload(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+        self.engine = None
+        self.tokenizer = None
+
+
+async def _collect(request: Generation) -> tuple[str, int]:
+    parts, count = [], 0
+    while True:
+        event = await request.events.get()
+        parts.append(event.text)
+        count += event.tokens
+        if event.finish_reason is not None:
+            if event.finish_reason == "error":
+                raise RuntimeError(event.error or "generation failed")
+            return "".join(parts), count
+
+
+class GGUFRuntime(CausalLMRuntime):
+    """A GGUF file (llama.cpp's format), served through transformers after a one-time conversion."""
+
+    format = "gguf"
+
+    @classmethod
+    def static_signature(cls, path: Path) -> Signature | None:
+        describe_gguf(path)  # refuses what is not a readable GGUF language model
+        return SIGNATURE
+
+    @classmethod
+    def prepare(cls, path: Path) -> bool:
+        converted_folder(path)
+        return True
+
+    def model_folder(self) -> Path:
+        return converted_folder(self.path)

@@ -1,0 +1,220 @@
+"""The local serving backend: models in this process (residency pool, batcher, one engine per language model).
+
+The only code above the runtimes that touches a runtime instance: it picks the runtime by format, holds a loaded
+model for a request through the pool, and turns runtime errors a client caused into ``InvalidRequest``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import cast
+
+from openmaas.entities.generation import SamplingParams, TokenEvent
+from openmaas.entities.models import ModelVersion
+from openmaas.entities.speech import Transcript
+from openmaas.errors import InvalidRequest
+from openmaas.runtimes import Runtime, runtime_class
+from openmaas.runtimes.causal_lm import CausalLMRuntime
+from openmaas.runtimes.engine import Generation
+from openmaas.runtimes.whisper import SAMPLE_RATE, AudioError, WhisperRuntime, decode_audio
+from openmaas.serving.backend import (
+    AudioClip,
+    GenerationSpec,
+    ModelState,
+    ModelStats,
+    ServedAs,
+    TensorResult,
+    TokenEstimate,
+)
+from openmaas.serving.pool import ResidencyPool, Resident
+from openmaas.serving.types import InferenceRequest
+from openmaas.telemetry import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class LocalGeneration:
+    """A generation request on a model held from the pool until ``close``."""
+
+    pool: ResidencyPool
+    resident: Resident
+    runtime: CausalLMRuntime
+    ids: list[int]
+    params: SamplingParams
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+    request: Generation | None = None
+    closed: bool = False
+
+    def start(self) -> None:
+        self.request = self.runtime.generate(self.ids, self.params, asyncio.get_running_loop())
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        assert self.request is not None, "start() first"
+        while True:
+            event = await self.request.events.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        if self.request is not None:
+            self.request.cancel()
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.pool.release(self.resident)
+
+
+class LocalBackend:
+    """``ServingBackend`` over a ``ResidencyPool`` in this process."""
+
+    def __init__(self, pool: ResidencyPool, metrics: Metrics) -> None:
+        self.pool = pool
+        self._metrics = metrics
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- what a model is -------------------------------------------------------------------------------------
+
+    def served_as(self, mv: ModelVersion) -> ServedAs:
+        return cast(ServedAs, runtime_class(mv.format).serves)
+
+    def platform(self, mv: ModelVersion) -> str:
+        return runtime_class(mv.format).platform
+
+    def estimate_tokens(self, mv: ModelVersion, request: InferenceRequest) -> TokenEstimate | None:
+        counted = runtime_class(mv.format).token_estimate(request.inputs)
+        return TokenEstimate(*counted) if counted is not None else None
+
+    # -- the request paths -----------------------------------------------------------------------------------
+
+    async def infer(self, mv: ModelVersion, request: InferenceRequest, rows: int, cost: int) -> TensorResult:
+        return await self.pool.infer(mv, request.inputs, rows, cost, request.deadline)
+
+    async def open_generation(self, mv: ModelVersion, spec: GenerationSpec) -> LocalGeneration:
+        resident = await self.pool.acquire(mv)
+        try:
+            runtime = resident.instances[0].runtime
+            if not isinstance(runtime, CausalLMRuntime):
+                raise InvalidRequest(f"model '{mv.model}' does not generate text", param="model")
+            sampling = dict(spec.sampling)
+            stop = tuple(sampling.pop("stop", ()))
+            prompt = spec.prompt
+            if spec.messages is not None:
+                prompt = runtime.render_chat(spec.messages)
+                stop = stop + tuple(s for s in runtime.chat_stop if s not in stop)
+            ids = runtime.encode(prompt or "")
+            param = "messages" if spec.messages is not None else "prompt"
+            window = runtime.context_window
+            if spec.max_tokens is not None and len(ids) + spec.max_tokens > window:
+                raise InvalidRequest(
+                    f"this model's context window is {window} tokens; the request asks for "
+                    f"{len(ids) + spec.max_tokens} ({len(ids)} in the prompt, {spec.max_tokens} to generate): "
+                    "shorten the prompt or lower max_tokens",
+                    param=param,
+                )
+            if len(ids) >= window:
+                raise InvalidRequest(
+                    f"the prompt is {len(ids)} tokens; this model's context window is {window} tokens", param=param
+                )
+            budget = (
+                spec.max_tokens
+                if spec.max_tokens is not None
+                else min(self.pool.options.generation_max_tokens, window - len(ids))
+            )
+            params = SamplingParams(max_tokens=budget, stop=stop, **sampling)
+        except BaseException:
+            await self.pool.release(resident)
+            raise
+        return LocalGeneration(self.pool, resident, runtime, ids, params, prompt_tokens=len(ids), max_tokens=budget)
+
+    def decode_audio(self, audio: bytes) -> AudioClip:
+        try:
+            samples = decode_audio(audio)
+        except AudioError as e:
+            raise InvalidRequest(str(e), param="file") from None
+        return AudioClip(samples, len(samples) / SAMPLE_RATE)
+
+    async def transcribe(
+        self, mv: ModelVersion, clip: AudioClip, *, language: str | None, prompt: str | None, temperature: float
+    ) -> Transcript:
+        resident = await self.pool.acquire(mv)
+        try:
+            instance = resident.instances[0]
+            runtime = instance.runtime
+            if not isinstance(runtime, WhisperRuntime):
+                raise InvalidRequest(f"model '{mv.model}' is not a speech-recognition model", param="model")
+            if language and runtime.english_only and language != "en":
+                raise InvalidRequest(
+                    f"model '{mv.model}' transcribes English only; omit 'language' or send 'en'", param="language"
+                )
+            return await instance.call(
+                functools.partial(runtime.transcribe, clip.samples, language, prompt, temperature)
+            )
+        finally:
+            await self.pool.release(resident)
+
+    # -- residency -------------------------------------------------------------------------------------------
+
+    async def load(self, mv: ModelVersion) -> None:
+        await self.pool.load(mv)
+
+    async def unload(self, name: str, version: int | None = None) -> None:
+        await self.pool.unload(name, version)
+
+    async def pin(self, mv: ModelVersion, holder: str) -> None:
+        await self.pool.pin(mv, holder)
+
+    def unpin(self, mv: ModelVersion, holder: str) -> None:
+        self.pool.unpin(mv, holder)
+
+    def state(self, mv: ModelVersion) -> ModelState:
+        if self.pool.get(mv.model, mv.version) is not None:
+            return "READY"
+        if self.pool.is_loading(mv.model, mv.version):
+            return "LOADING"
+        return "UNAVAILABLE"
+
+    def stats(self) -> list[ModelStats]:
+        out = [
+            ModelStats(
+                model=r.version.model,
+                version=r.version.version,
+                state="READY",
+                in_flight=r.in_flight,
+                queued=r.batcher.depth,
+                memory_bytes=r.memory_bytes,
+                pinned=r.pinned,
+                copies=len(r.instances),
+            )
+            for r in self.pool.residents()
+        ]
+        return out + [ModelStats(model=m, version=v, state="LOADING") for m, v in self.pool.loading()]
+
+    def prepare(self, mv: ModelVersion) -> None:
+        cls = runtime_class(mv.format)
+        if cls.prepare.__func__ is Runtime.prepare.__func__:  # type: ignore[attr-defined]
+            return  # the format needs no preparation: no thread for nothing
+        path = self.pool.artifact_path(mv)
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(cls.prepare, path)
+            except Exception:
+                # The first load tries again and reports the problem to its caller.
+                log.exception("preparing a model failed", extra={"model": mv.model, "version": mv.version})
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await self.pool.close()
