@@ -84,6 +84,13 @@ def test_each_call_leaves_one_usage_record(tmp_path: Path) -> None:
         await platform.gateway.infer(who, mv, _request(), "v2", retry)
         assert retry.replayed and retry.response_headers["Idempotent-Replayed"] == "true"
         assert _records(platform) == 6
+        # What serving reports of the model now: loaded, idle, its measured memory, one copy, not pinned.
+        [stats] = platform.backend.stats()
+        assert (stats.model, stats.version, stats.state, stats.in_flight) == ("m", 1, "READY", 0)
+        assert stats.memory_bytes > 0 and stats.copies == 1 and not stats.pinned
+        assert platform.gateway.state(mv) == "READY"
+        await platform.gateway.unload("m")
+        assert platform.gateway.state(mv) == "UNAVAILABLE" and platform.backend.stats() == []
 
     _run(tmp_path, body)
 

@@ -125,27 +125,34 @@ def _pay_as_you_go(billing: BillingService, price: int = 1_000_000) -> None:
     billing.create_plan("m", PlanSpec(name="payg", kind="usage", unit="requests", price_micros=price))
 
 
-def test_holds_never_overdraw_the_wallet_under_a_race(engine: Engine) -> None:
-    billing, provider, consumer = _seed(engine)
-    _pay_as_you_go(billing)  # 1.00 per request, held exactly
-    billing.credit(consumer, 100 * 1_000_000, "topup-1")
-    assert billing.credit(consumer, 100 * 1_000_000, "topup-1")[1] is False  # same reference: added once
+def _race(billing: BillingService, consumer: str, provider: str, *, threads: int, calls_each: int) -> list[object]:
+    """``threads`` threads released together, each admitting ``calls_each`` one-request calls: the holds and the
+    402 refusals, in the order they came."""
     outcomes: list[object] = []
-    barrier = threading.Barrier(20)
+    barrier = threading.Barrier(threads)
 
     def caller(k: int) -> None:
         barrier.wait()
-        for i in range(10):
+        for i in range(calls_each):
             try:
                 outcomes.append(billing.admit(consumer, "m", provider, f"r{k}-{i}", {"requests": 1}))
             except PaymentRequired as e:
                 outcomes.append(e)
 
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(20)]
-    for t in threads:
+    workers = [threading.Thread(target=caller, args=(k,)) for k in range(threads)]
+    for t in workers:
         t.start()
-    for t in threads:
+    for t in workers:
         t.join()
+    return outcomes
+
+
+def test_holds_never_overdraw_the_wallet_under_a_race(engine: Engine) -> None:
+    billing, provider, consumer = _seed(engine)
+    _pay_as_you_go(billing)  # 1.00 per request, held exactly
+    billing.credit(consumer, 100 * 1_000_000, "topup-1")
+    assert billing.credit(consumer, 100 * 1_000_000, "topup-1")[1] is False  # same reference: added once
+    outcomes = _race(billing, consumer, provider, threads=20, calls_each=10)
     held = [o for o in outcomes if not isinstance(o, PaymentRequired)]
     refused = [o for o in outcomes if isinstance(o, PaymentRequired)]
     assert len(held) == 100 and len(refused) == 100
@@ -176,22 +183,7 @@ def test_a_wallet_holding_the_price_of_n_calls_serves_exactly_n(engine: Engine) 
     billing, provider, consumer = _seed(engine)
     _pay_as_you_go(billing, price=10_000)
     billing.credit(consumer, 1_000_000, "t")
-    outcomes: list[object] = []
-    barrier = threading.Barrier(8)
-
-    def caller(k: int) -> None:
-        barrier.wait()
-        for i in range(25):
-            try:
-                outcomes.append(billing.admit(consumer, "m", provider, f"r{k}-{i}", {"requests": 1}))
-            except PaymentRequired as e:
-                outcomes.append(e)
-
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = _race(billing, consumer, provider, threads=8, calls_each=25)
     held = [o for o in outcomes if not isinstance(o, PaymentRequired)]
     assert len(held) == 100 and len(outcomes) == 200
     with engine.begin() as conn:
