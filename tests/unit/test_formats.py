@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from openmaas.errors import InvalidRequest, UnsafeFormat, UnsupportedFormat
-from openmaas.registry.formats import detect_format
 from openmaas.registry.uploads import unpack
+from openmaas.runtimes.formats import detect_format
 
 
 def test_onnx_and_skops_by_suffix(tmp_path: Path) -> None:
@@ -97,3 +97,10 @@ def test_archive_unpacks_single_top_folder(tmp_path: Path) -> None:
     folder = unpack(archive, dest, max_bytes=10_000)
     assert folder.name == "model"
     assert (folder / "config.json").read_text() == "{}"
+
+
+def test_every_recognised_format_has_a_runtime_and_every_runtime_a_format() -> None:
+    from openmaas.runtimes import RUNTIMES
+    from openmaas.runtimes.formats import FORMATS
+
+    assert set(FORMATS) == set(RUNTIMES)

@@ -6,8 +6,9 @@ needs (``RegistryDep``, ``BillingDep``, …) and nothing else, so a route cannot
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
@@ -23,6 +24,8 @@ from openmaas.jobs.submission import JobSubmission
 from openmaas.metering.usage import UsageQueries
 from openmaas.registry.service import ModelRegistry
 from openmaas.tenancy.service import TenancyService
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,44 +49,13 @@ def services(request: Request) -> Services:
     return found
 
 
-async def gateway(request: Request) -> Gateway:
-    return services(request).gateway
+def _service(pick: Callable[[Services], T]) -> Callable[[Request], Awaitable[T]]:
+    """A FastAPI dependency handing a route one service (async: no thread-pool hop per request)."""
 
+    async def dependency(request: Request) -> T:
+        return pick(services(request))
 
-async def registry(request: Request) -> ModelRegistry:
-    return services(request).registry
-
-
-async def tenancy(request: Request) -> TenancyService:
-    return services(request).tenancy
-
-
-async def billing(request: Request) -> BillingService:
-    return services(request).billing
-
-
-async def dedicated(request: Request) -> DedicatedCapacity:
-    return services(request).dedicated
-
-
-async def usage(request: Request) -> UsageQueries:
-    return services(request).usage
-
-
-async def audit_log(request: Request) -> AuditLog:
-    return services(request).audit
-
-
-async def datasets(request: Request) -> DatasetService:
-    return services(request).datasets
-
-
-async def jobs(request: Request) -> JobService:
-    return services(request).jobs
-
-
-async def submissions(request: Request) -> JobSubmission:
-    return services(request).submissions
+    return dependency
 
 
 def _bearer(request: Request) -> str | None:
@@ -106,16 +78,16 @@ async def principal(request: Request) -> Principal:
     return await gw.auth.authenticate_async(token)
 
 
-GatewayDep = Annotated[Gateway, Depends(gateway)]
-RegistryDep = Annotated[ModelRegistry, Depends(registry)]
-TenancyDep = Annotated[TenancyService, Depends(tenancy)]
-BillingDep = Annotated[BillingService, Depends(billing)]
-DedicatedDep = Annotated[DedicatedCapacity, Depends(dedicated)]
-UsageDep = Annotated[UsageQueries, Depends(usage)]
-AuditDep = Annotated[AuditLog, Depends(audit_log)]
-DatasetsDep = Annotated[DatasetService, Depends(datasets)]
-JobsDep = Annotated[JobService, Depends(jobs)]
-SubmissionsDep = Annotated[JobSubmission, Depends(submissions)]
+GatewayDep = Annotated[Gateway, Depends(_service(lambda s: s.gateway))]
+RegistryDep = Annotated[ModelRegistry, Depends(_service(lambda s: s.registry))]
+TenancyDep = Annotated[TenancyService, Depends(_service(lambda s: s.tenancy))]
+BillingDep = Annotated[BillingService, Depends(_service(lambda s: s.billing))]
+DedicatedDep = Annotated[DedicatedCapacity, Depends(_service(lambda s: s.dedicated))]
+UsageDep = Annotated[UsageQueries, Depends(_service(lambda s: s.usage))]
+AuditDep = Annotated[AuditLog, Depends(_service(lambda s: s.audit))]
+DatasetsDep = Annotated[DatasetService, Depends(_service(lambda s: s.datasets))]
+JobsDep = Annotated[JobService, Depends(_service(lambda s: s.jobs))]
+SubmissionsDep = Annotated[JobSubmission, Depends(_service(lambda s: s.submissions))]
 PrincipalDep = Annotated[Principal, Depends(principal)]
 
 

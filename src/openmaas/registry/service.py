@@ -14,10 +14,10 @@ from openmaas.artifacts import ArtifactStore
 from openmaas.entities.models import Model, ModelCard, ModelVersion, ServingConfig, Visibility
 from openmaas.entities.tensors import Signature
 from openmaas.errors import AlreadyExists, Forbidden, InvalidRequest, ModelLoadFailed, ModelNotFound
-from openmaas.registry.formats import detect_format
 from openmaas.registry.inspect import inspect_in_process
 from openmaas.registry.publication import Decision, access_changes, review_changes
 from openmaas.runtimes import RuntimeOptions
+from openmaas.runtimes.formats import detect_format
 from openmaas.store.registry import RegistryStore
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ SAFE_FORMATS_HELP = (
     "saved with skops (.skops)."
 )
 PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".joblib", ".pt", ".pth", ".ckpt", ".bin", ".npy", ".npz"})
+#: The formats a runtime serves (each runtime class names its own); anything else is refused at registration.
 FORMATS = ("onnx", "sentence-transformers", "skops", "transformers", "gguf", "whisper")
 
 
