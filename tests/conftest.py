@@ -14,13 +14,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ADMIN_KEY = "om_test-admin-key-0123456789abcdefghijklmnop"
+METRICS_TOKEN = "scrape-token-for-the-test-prometheus"
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server with the bundled catalogue, shared by the end-to-end tests."""
     data_dir = tmp_path_factory.mktemp("server") / "data"
-    proc = ServerProcess(data_dir, env={"OPENMAAS_ADMIN_KEY": ADMIN_KEY, "OPENMAAS_MAX_REQUEST_BYTES": "4194304"})
+    proc = ServerProcess(
+        data_dir,
+        env={
+            "OPENMAAS_ADMIN_KEY": ADMIN_KEY,
+            "OPENMAAS_MAX_REQUEST_BYTES": "4194304",
+            "OPENMAAS_METRICS_TOKEN": METRICS_TOKEN,
+        },
+    )
     proc.start()
     yield proc
     proc.stop()

@@ -243,7 +243,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.ready = False
 
     install_error_handlers(app)
-    app.include_router(health.router())
+    app.include_router(health.router(settings.metrics_token.get_secret_value() if settings.metrics_token else None))
     app.include_router(v2.health_router())
     app.include_router(v2.router())
     app.include_router(openai.router(settings.max_embedding_inputs))

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
         description="Server secret for keyed hashes of API keys. When unset, one is generated into "
         "<data_dir>/secret.key. Servers sharing a database must share it.",
     )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token a Prometheus scraper sends to read /metrics (its labels name every "
+        "organisation's models, so it is never open). The platform-admin key works too; unset: only that key.",
+    )
     redis_url: str | None = Field(
         default=None,
         description="Redis URL (redis://host:6379/0) for rate-limit and concurrency counters shared by every "

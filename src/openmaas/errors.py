@@ -10,6 +10,7 @@ class ErrorCode(StrEnum):
     """Stable machine-readable error codes. The HTTP status of each lives in ``STATUS``."""
 
     UNAUTHENTICATED = "invalid_api_key"
+    INVALID_CREDENTIALS = "invalid_credentials"
     FORBIDDEN = "permission_denied"
     NOT_FOUND = "not_found"
     MODEL_NOT_FOUND = "model_not_found"
@@ -26,6 +27,7 @@ class ErrorCode(StrEnum):
     MODEL_LOAD_FAILED = "model_load_failed"
     OVERLOADED = "overloaded"
     RATE_LIMITED = "rate_limit_exceeded"
+    EXCEEDS_LIMIT = "request_exceeds_limit"
     QUOTA_EXCEEDED = "insufficient_quota"
     PAYMENT_REQUIRED = "payment_required"
     IDEMPOTENCY_CONFLICT = "idempotency_key_reused"
@@ -37,6 +39,7 @@ class ErrorCode(StrEnum):
 
 STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.INVALID_CREDENTIALS: 401,
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.MODEL_NOT_FOUND: 404,
@@ -54,6 +57,8 @@ STATUS: dict[ErrorCode, int] = {
     # 503 by default; the OpenAI surface answers 429, as OpenAI clients retry that (api/errors.py).
     ErrorCode.OVERLOADED: 503,
     ErrorCode.RATE_LIMITED: 429,
+    # Larger than a limit allows at all (a key's per-minute limit, a monthly quota): retrying cannot help.
+    ErrorCode.EXCEEDS_LIMIT: 400,
     ErrorCode.QUOTA_EXCEEDED: 429,
     ErrorCode.PAYMENT_REQUIRED: 402,
     ErrorCode.IDEMPOTENCY_CONFLICT: 422,
@@ -162,6 +167,12 @@ class RateLimited(OpenMaaSError):
         seconds = max(1, math.ceil(retry_after))
         super().__init__(message, headers={**(headers or {}), "Retry-After": str(seconds)})
         self.retry_after = seconds
+
+
+class ExceedsLimit(OpenMaaSError):
+    """The request alone is larger than a limit allows, so no wait makes it pass (400, not a retryable 429)."""
+
+    code = ErrorCode.EXCEEDS_LIMIT
 
 
 class QuotaExceeded(OpenMaaSError):

@@ -170,3 +170,5 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         logging.getLogger(name).propagate = True
     # The middleware writes one access line per request with the request id; uvicorn's would repeat it.
     logging.getLogger("uvicorn.access").disabled = True
+    # Libraries' warnings become log records (one JSON object a line), not raw text on stderr.
+    logging.captureWarnings(True)

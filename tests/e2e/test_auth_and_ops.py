@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 
-from tests.helpers import ServerProcess
+from tests.conftest import METRICS_TOKEN
+from tests.helpers import ServerProcess, bearer, matmul_chain_model, new_key, new_org, register_model, unique
 
 PROTECTED = [
     ("GET", "/v1/models"),
@@ -18,6 +23,7 @@ PROTECTED = [
     ("GET", "/v2/models/digits-cnn"),
     ("POST", "/v2/models/digits-cnn/infer"),
     ("POST", "/v2/repository/index"),
+    ("GET", "/metrics"),
     ("GET", "/api/models"),
     ("POST", "/api/models"),
 ]
@@ -42,9 +48,62 @@ def test_every_endpoint_needs_a_valid_key(server: ServerProcess, method: str, pa
         assert body["status"] == 401
 
 
-@pytest.mark.parametrize("path", ["/v2/health/live", "/v2/health/ready", "/healthz", "/metrics"])
-def test_health_and_metrics_are_open(server: ServerProcess, path: str) -> None:
+@pytest.mark.parametrize("path", ["/v2/health/live", "/v2/health/ready", "/healthz"])
+def test_health_is_open(server: ServerProcess, path: str) -> None:
     assert httpx.get(server.url + path).status_code == 200
+
+
+def test_metrics_need_the_scrape_token_or_the_admin_key(
+    server: ServerProcess, admin: httpx.Client, auth_headers: dict[str, str]
+) -> None:
+    """Metrics labels name every organisation's models: an anonymous caller or an org's key learns nothing."""
+    org = new_org(admin, "metrics")
+    key = new_key(admin, org["name"], scopes=["inference", "manage"])["key"]
+    private = unique("private-model")
+    with httpx.Client(base_url=server.url, headers=bearer(key), timeout=60) as owner:
+        path = server.data_dir.parent / f"{private}.onnx"
+        matmul_chain_model(path, 4)
+        assert register_model(owner, path, private).status_code == 201
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+        assert owner.post(f"/v2/models/{private}/infer", json=body).status_code == 200
+    anonymous = httpx.get(server.url + "/metrics")
+    assert anonymous.status_code == 401 and private not in anonymous.text
+    assert anonymous.headers["www-authenticate"] == "Bearer"
+    wrong = httpx.get(server.url + "/metrics", headers=bearer("scrape-token-guessed"))
+    assert wrong.status_code == 401 and private not in wrong.text
+    member = httpx.get(server.url + "/metrics", headers=bearer(key))
+    assert member.status_code == 403 and private not in member.text
+    for headers in (bearer(METRICS_TOKEN), auth_headers):
+        scraped = httpx.get(server.url + "/metrics", headers=headers)
+        assert scraped.status_code == 200
+        assert f'openmaas_inference_requests_total{{model="{private}"' in scraped.text
+
+
+def test_the_server_log_is_one_json_object_a_line(server: ServerProcess, auth_headers: dict[str, str]) -> None:
+    """Loading a Hugging Face model drew a progress bar into the JSON log; warnings came as raw text."""
+    body = {"model": "all-minilm-l6-v2", "input": "a sentence that loads the model"}
+    assert httpx.post(server.url + "/v1/embeddings", json=body, headers=auth_headers).status_code == 200
+    lines = [line for line in server.log().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        assert isinstance(orjson.loads(line), dict), line
+
+
+def test_a_second_server_on_a_busy_port_fails_at_once_in_one_line(server: ServerProcess, tmp_path: Path) -> None:
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "openmaas", "serve", "--port", str(server.port), "--data-dir", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OPENMAAS_ADMIN_KEY": "om_second-server-key-0123456789abcdefgh"},
+    )
+    assert done.returncode == 1
+    assert time.monotonic() - started < 30  # before migrations, the catalogue or a "ready" line
+    assert "already in use" in done.stderr and "--port" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "openmaas ready" not in done.stderr + done.stdout
+    assert not (tmp_path / "d" / "openmaas.db").exists()
 
 
 def test_request_ids_are_echoed_and_logged(server: ServerProcess, auth_headers: dict[str, str]) -> None:
@@ -72,7 +131,7 @@ def test_metrics_count_requests_by_model_version_protocol_and_status(
     assert (
         httpx.post(server.url + "/v2/models/diabetes-linreg/infer", json=bad, headers=auth_headers).status_code == 400
     )
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", headers=auth_headers).text
     ok = 'openmaas_inference_requests_total{model="diabetes-linreg",protocol="v2",status="ok",version="1"}'
     assert ok in text
     assert 'openmaas_inference_latency_seconds_bucket{le="0.001",model="diabetes-linreg"' in text

@@ -190,7 +190,7 @@ def test_disconnected_clients_leave_the_queue(busy_server: ServerProcess) -> Non
     one = _batch_seconds(busy_server.url)
 
     def cancelled() -> float:
-        text = httpx.get(busy_server.url + "/metrics").text
+        text = httpx.get(busy_server.url + "/metrics", headers=AUTH).text
         total = 0.0
         for line in text.splitlines():
             if line.startswith("openmaas_inference_requests_total") and 'status="cancelled"' in line:

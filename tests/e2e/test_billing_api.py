@@ -64,6 +64,7 @@ def test_pay_as_you_go_race_for_the_last_of_the_wallet(
         refused = c.post(f"/v2/models/{payg}/infer", json={"inputs": [X]})
         assert refused.status_code == 402, refused.text
         assert "add credit" in refused.json()["error"]
+        assert f"/api/orgs/{consumer['name']}/wallet/credits" in refused.json()["error"]  # not a literal {org}
         openai = c.post("/v1/embeddings", json={"model": payg, "input": "x"})
         assert openai.status_code in (400, 402)
         # Exactly the price of 100 calls: a whole-micro price is held exactly, so exactly 100 calls are served.
@@ -124,6 +125,7 @@ def test_subscription_required_then_subscribed(server: ServerProcess, market: di
     with httpx.Client(base_url=server.url, headers=bearer(market["ckey"]), timeout=60) as c:
         refused = c.post(f"/v2/models/{sub}/infer", json={"inputs": [X]})
         assert refused.status_code == 402 and "subscribe" in refused.json()["error"]
+        assert f"/api/orgs/{consumer['name']}/subscriptions" in refused.json()["error"]
         plans = c.get(f"/api/models/{sub}/plans").json()["plans"]
         assert [p["name"] for p in plans] == ["pro"]
         r = c.post(f"/api/orgs/{consumer['name']}/subscriptions", json={"model": sub, "plan": "pro"})

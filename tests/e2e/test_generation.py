@@ -79,7 +79,9 @@ def test_streamed_chat_joins_to_the_non_streamed_answer(llm: openai.OpenAI) -> N
     assert usage is not None and whole.usage is not None
     assert usage.completion_tokens == whole.usage.completion_tokens
     assert usage.prompt_tokens == whole.usage.prompt_tokens
-    metrics = httpx.get(str(llm.base_url).removesuffix("/v1/") + "/metrics").text
+    metrics = httpx.get(
+        str(llm.base_url).removesuffix("/v1/") + "/metrics", headers={"Authorization": f"Bearer {llm.api_key}"}
+    ).text
     generated = re.search(r'openmaas_generated_tokens_total\{model="gemma-3-270m"\} (\d+)', metrics)
     assert generated is not None and int(float(generated.group(1))) >= 2 * usage.completion_tokens
     assert 'openmaas_time_to_first_token_seconds_count{model="gemma-3-270m"}' in metrics

@@ -180,6 +180,8 @@ def test_viewer_cannot_create_keys_and_member_cannot_grant_more_than_it_has(
         r = httpx.post(server.url + "/api/auth/login", json=body)
         assert r.status_code == 401, r.text
         assert r.json()["detail"] == "wrong email, password or organisation"
+        # A sign-in with a wrong password is not about an API key (it was titled "Invalid api key").
+        assert r.json()["title"] == "Invalid credentials" and r.json()["code"] == "invalid_credentials"
 
 
 def test_key_without_manage_scope_cannot_register_models(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from openai import OpenAI, RateLimitError
+from openai import BadRequestError, OpenAI, RateLimitError
 
 from tests.helpers import ServerProcess, bearer, matmul_chain_model, new_key, new_org, register_model, unique
 
@@ -78,6 +78,48 @@ def test_openai_sdk_sees_a_rate_limit_error_and_tokens_per_minute(
     assert info.value.status_code == 429
     assert info.value.response.headers["x-ratelimit-remaining-tokens"] is not None
     assert info.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
+
+
+def test_a_request_that_can_never_pass_is_a_400_not_a_retryable_429(
+    server: ServerProcess, admin: httpx.Client, owner: httpx.Client, org: dict
+) -> None:
+    """A 1 MB text was estimated at 270,002 tokens and refused with 429 and Retry-After: 60, so the SDK retried for
+    minutes. The model reads at most its window (256 tokens for MiniLM), so that is what the text costs; a request
+    larger than the key's tokens-per-minute or the org's monthly quota could ever allow is refused at once, as 400,
+    naming the limit."""
+    huge = "word " * 200_000  # 1 MB
+    roomy = new_key(owner, org["name"], limits={"tpm": 1000})
+    with _client(server, roomy) as c:
+        r = c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": huge})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == 256  # what the model read (and what is metered)
+        assert int(r.headers["x-ratelimit-remaining-tokens"]) >= 1000 - 256
+    tight = new_key(owner, org["name"], limits={"tpm": 100})
+    sdk = OpenAI(base_url=server.url + "/v1", api_key=tight["key"], max_retries=2)
+    started = time.monotonic()
+    with pytest.raises(BadRequestError) as info:
+        sdk.embeddings.create(model="all-minilm-l6-v2", input=huge)
+    assert time.monotonic() - started < 10  # not retried
+    assert info.value.body["code"] == "request_exceeds_limit"  # type: ignore[index]
+    assert "100 tokens per minute" in info.value.message and "never pass" in info.value.message
+    assert "retry-after" not in info.value.response.headers
+    # A request that fits the limit but not what is left of this minute is still the retryable 429.
+    with _client(server, tight) as c:
+        statuses = [
+            c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "word " * 60}).status_code
+            for _ in range(4)
+        ]
+        assert statuses[0] == 200 and 429 in statuses, statuses
+    # Larger than the organisation's whole monthly quota: 400 as well.
+    quota_org = new_org(admin, "small-quota")
+    assert admin.put(f"/api/orgs/{quota_org['name']}/quotas/items", json={"monthly_limit": 2}).status_code == 200
+    key = new_key(admin, quota_org["name"])
+    with _client(server, key) as c:
+        r = c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": ["a", "b", "c"]})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "request_exceeds_limit"
+        assert "whole monthly quota is 2 items" in r.json()["error"]["message"]
+        assert c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": ["a", "b"]}).status_code == 200
 
 
 def test_concurrency_limit(server: ServerProcess, owner: httpx.Client, org: dict) -> None:

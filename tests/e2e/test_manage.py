@@ -129,6 +129,21 @@ def test_corrupt_onnx_is_a_400(http: httpx.Client) -> None:
     assert "could not be loaded" in r.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    ("filename", "payload"),
+    [("junk.onnx", b"\x08\x01garbage"), ("junk.gguf", b"GGUF\x03\x00\x00\x00"), ("junk.skops", b"PK\x03\x04junk")],
+)
+def test_upload_errors_never_name_the_servers_folders(
+    http: httpx.Client, server: ServerProcess, filename: str, payload: bytes
+) -> None:
+    r = http.post("/api/models", data={"name": "junk"}, files={"file": (filename, payload)})
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"]
+    assert "could not be" in detail, detail
+    for leak in (str(server.data_dir), str(server.data_dir.resolve()), "/tmp", ".openmaas", "tmp/tmp"):
+        assert leak not in detail, detail
+
+
 def test_missing_form_fields(http: httpx.Client) -> None:
     r = http.post("/api/models", data={"name": "x"})
     assert r.status_code == 400

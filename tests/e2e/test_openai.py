@@ -40,6 +40,17 @@ def test_models_are_listed(client: OpenAI) -> None:
     assert client.models.retrieve("digits-cnn").id == "digits-cnn"
 
 
+def test_models_say_what_they_are_for(client: OpenAI) -> None:
+    """A client finds the text-generation models (or the embedding ones) from /v1/models alone."""
+    listed = {m.id: m.model_dump() for m in client.models.list()}
+    assert listed["gemma-3-270m"]["serves"] == "generation"
+    assert listed["gemma-3-270m"]["task"] == "text-generation"
+    assert listed["all-minilm-l6-v2"]["serves"] == "embedding"
+    assert listed["whisper-tiny-en"]["serves"] == "speech"
+    assert listed["digits-cnn"]["serves"] == "tensor" and listed["digits-cnn"]["task"] == "image-classification"
+    assert client.models.retrieve("gemma-3-270m").model_dump()["serves"] == "generation"
+
+
 @pytest.mark.parametrize("encoding_format", ["float", "base64", None])
 def test_embeddings_match_in_process_sentence_transformers(
     client: OpenAI, reference: np.ndarray, encoding_format: str | None

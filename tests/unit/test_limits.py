@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from openmaas.errors import QuotaExceeded, RateLimited
+from openmaas.errors import ExceedsLimit, QuotaExceeded, RateLimited
 from openmaas.gateway.limits import QuotaGuard, RateLimiter, current_month, duration
 from openmaas.tenancy.models import KeyLimits
 
@@ -40,8 +40,10 @@ def test_windows_and_concurrency() -> None:
         await a.release()  # releasing twice gives back one slot only
         with pytest.raises(RateLimited, match="5 items per minute"):
             await rl.admit("k", limits, "r4", tokens=0, items=2)
-        with pytest.raises(RateLimited, match="needs 6 items"):
+        # More than the limit allows at all: refused outright (400), never worth retrying.
+        with pytest.raises(ExceedsLimit, match=r"needs 6 items .* can never pass") as too_big:
             await rl.admit("other", limits, "r5", tokens=0, items=6)
+        assert too_big.value.status == 400 and "Retry-After" not in too_big.value.headers
         await b.release()
         c = await rl.admit("k2", KeyLimits(rpm=1), "r6", tokens=0, items=1)
         with pytest.raises(RateLimited, match="1 requests per minute") as info:
@@ -71,6 +73,8 @@ def test_quota_guard_reads_totals_and_refuses_when_used_up() -> None:
             await guard.check("o", {"requests": 2})
         with pytest.raises(QuotaExceeded, match="6 audio_seconds"):
             await guard.check("o", {"audio_seconds": 1})  # 5.5 s used of 6 (counted in ms)
+        with pytest.raises(ExceedsLimit, match="whole monthly quota is 10 requests"):
+            await guard.check("o", {"requests": 11})  # more than the month allows at all
 
     asyncio.run(main())
     assert calls == [current_month()]  # cached within its time to live

@@ -58,7 +58,8 @@ def _service(pick: Callable[[Services], T]) -> Callable[[Request], Awaitable[T]]
     return dependency
 
 
-def _bearer(request: Request) -> str | None:
+def bearer_token(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, if any."""
     header = request.headers.get("authorization")
     if not header:
         return None
@@ -71,7 +72,7 @@ def _bearer(request: Request) -> str | None:
 async def principal(request: Request) -> Principal:
     """The authenticated caller; 401 in the protocol's format when the key is missing or wrong."""
     gw = services(request).gateway
-    token = _bearer(request)
+    token = bearer_token(request)
     cached = gw.auth.cached(token)
     if cached is not None:
         return cached

@@ -16,6 +16,7 @@ from openmaas.api.requests import deadline_from, until_disconnect
 from openmaas.api.responses import JSONResponse
 from openmaas.entities.models import Model
 from openmaas.errors import ErrorCode, InvalidRequest, OpenMaaSError
+from openmaas.gateway.service import Gateway
 
 B = TypeVar("B", bound=BaseModel)
 
@@ -47,12 +48,17 @@ async def parse_body(request: Request, model: type[B]) -> B:
         raise RequestValidationError(e.errors()) from None
 
 
-def _model_object(model: Model) -> dict[str, Any]:
+def _model_object(gw: Gateway, model: Model) -> dict[str, Any]:
+    """OpenAI's model object, plus what the model is for (``task`` from its card, ``serves``: embeddings,
+    generation, speech or tensors) so a client can find, say, the text-generation models."""
+    mv = gw.latest(model)
     return {
         "id": model.name,
         "object": "model",
         "created": int(model.created_at.timestamp()),
         "owned_by": model.owner_org_id or "openmaas",
+        "task": mv.card.task,
+        "serves": gw.served_as(mv),
     }
 
 
@@ -63,11 +69,11 @@ def router(max_inputs: int) -> APIRouter:
 
     @r.get("/models", dependencies=[Depends(principal)])
     async def list_models(gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [_model_object(m) for m in gw.list_models(who)]})
+        return JSONResponse({"object": "list", "data": [_model_object(gw, m) for m in gw.list_models(who)]})
 
     @r.get("/models/{model_id}", dependencies=[Depends(principal)])
     async def get_model(model_id: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        return JSONResponse(_model_object(gw.get_model(who, model_id)))
+        return JSONResponse(_model_object(gw, gw.get_model(who, model_id)))
 
     @r.post(
         "/embeddings",

@@ -21,6 +21,7 @@ from openmaas.store.tables import (
     CreditRow,
     HoldRow,
     ModelRow,
+    OrgRow,
     PlanRow,
     ReservationRow,
     SubscriptionRow,
@@ -273,8 +274,8 @@ class BillingService:
         if usage is None:
             names = ", ".join(p.spec.name for p in plans)
             raise PaymentRequired(
-                f"model '{model}' is sold by subscription ({names}); subscribe with "
-                f'POST /api/orgs/{{org}}/subscriptions {{"model": "{model}", "plan": "<name>"}}'
+                f"model '{model}' is sold by subscription ({names}); subscribe with POST "
+                f'/api/orgs/{self._org_name(org_id)}/subscriptions {{"model": "{model}", "plan": "<name>"}}'
             )
         spec = usage.spec
         amount = hold_amount(spec, worst_case.get(spec.unit, 0))
@@ -284,10 +285,11 @@ class BillingService:
                 available = conn.execute(
                     select(WalletRow.available_micros).where(WalletRow.org_id == org_id)
                 ).scalar_one()
+                org = conn.execute(select(OrgRow.name).where(OrgRow.id == org_id)).scalar_one_or_none() or org_id
                 raise PaymentRequired(
-                    f"this call may cost up to {amount} micros ({self.currency}) and the organisation's wallet has "
-                    f"{available} available; ask the platform admin to add credit "
-                    "(POST /api/orgs/{org}/wallet/credits)"
+                    f"this call may cost up to {amount} micros ({self.currency}) and the wallet of organisation "
+                    f"'{org}' has {available} available; ask the platform admin to add credit "
+                    f"(POST /api/orgs/{org}/wallet/credits)"
                 )
             conn.execute(
                 insert(HoldRow).values(
@@ -295,6 +297,11 @@ class BillingService:
                 )
             )
         return PendingCharge(request_id, org_id, amount, usage.id, owner_org_id, spec.unit)
+
+    def _org_name(self, org_id: str) -> str:
+        with self._engine.connect() as conn:
+            name = conn.execute(select(OrgRow.name).where(OrgRow.id == org_id)).scalar_one_or_none()
+        return str(name or org_id)
 
     def release(self, pending: PendingCharge) -> None:
         """Give a hold back (the call failed before it was metered)."""

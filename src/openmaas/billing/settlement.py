@@ -15,7 +15,7 @@ from sqlalchemy import Connection, Engine, func, insert, select, update
 from openmaas.billing import ledger
 from openmaas.billing.money import round_half_even
 from openmaas.billing.plans import PendingCharge, Plan, PlanSpec, month_bounds, usage_cost
-from openmaas.errors import QuotaExceeded
+from openmaas.errors import ExceedsLimit, QuotaExceeded
 from openmaas.metering.usage import UNIT_COLUMNS
 from openmaas.store.tables import ChargeAccumulatorRow, ChargeRow, HoldRow, UsageRecordRow
 
@@ -126,6 +126,11 @@ def check_windows(engine: Engine, org_id: str, model: str, spec: PlanSpec, worst
                 )
             ).scalar_one()
         used = math.ceil(used / 1000) if spec.unit == "audio_seconds" else int(used)
+        if worst_case.get(spec.unit, 0) > window.limit:
+            raise ExceedsLimit(
+                f"this request may use {worst_case.get(spec.unit, 0)} {spec.unit} but plan '{spec.name}' allows "
+                f"{window.limit} per {window.period}, so it can never pass: send less at a time"
+            )
         if used + worst_case.get(spec.unit, 0) > window.limit:
             if window.period == "day":
                 resets = datetime(today.year, today.month, today.day, tzinfo=UTC) + timedelta(days=1)

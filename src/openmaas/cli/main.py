@@ -12,7 +12,7 @@ from rich.table import Table
 from openmaas.cli import tenancy
 from openmaas.cli.billing import billing_app
 from openmaas.cli.client import ApiError
-from openmaas.cli.common import DEFAULT_URL, DataDirOpt, KeyOpt, UrlOpt, client, console, fail
+from openmaas.cli.common import DEFAULT_URL, DataDirOpt, KeyOpt, UrlOpt, client, console, err, fail
 from openmaas.cli.jobs import datasets_app, jobs_app, train
 
 app = typer.Typer(help="OpenMaaS: models as a service.", no_args_is_help=True, add_completion=False)
@@ -32,6 +32,10 @@ def serve(
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Data folder (default ./.openmaas).")] = None,
 ) -> None:
     """Start the server (first start registers the bundled models)."""
+    import os
+
+    # Before any Hugging Face library is imported: their progress bars would break the one-JSON-object-a-line log.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import uvicorn
 
     from openmaas.app import create_app
@@ -46,6 +50,13 @@ def serve(
     if data_dir is not None:
         overrides["data_dir"] = data_dir
     settings = Settings(**overrides)
+    if settings.port != 0 and not _port_is_free(settings.host, settings.port):
+        err.print(
+            f"[red]error:[/red] {settings.host}:{settings.port} is already in use (another OpenMaaS server?); "
+            "choose another port with --port or OPENMAAS_PORT",
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
     configure_logging(settings.log_level, settings.log_format)
     application = create_app(settings)
     uvicorn.run(
@@ -58,6 +69,17 @@ def serve(
         http="auto",
         timeout_graceful_shutdown=10,
     )
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 @models_app.command("register")

@@ -67,12 +67,21 @@ def read_table(path: Path, fmt: str) -> Table:
     return Table(columns, cells, kinds)
 
 
+def _delimiter(text: str) -> str:
+    """The header row's separator: a comma, or a semicolon or tab where the header has no comma (spreadsheets in
+    locales with a decimal comma write semicolons)."""
+    header = text.split("\n", 1)[0]
+    if "," in header:
+        return ","
+    return max((";", "\t"), key=header.count) if (";" in header or "\t" in header) else ","
+
+
 def _read_csv(raw: bytes) -> tuple[list[str], list[list[str]]]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise _fail(f"the file is not UTF-8 text (byte {e.start})") from None
-    reader = csv.reader(io.StringIO(text))
+    reader = csv.reader(io.StringIO(text), delimiter=_delimiter(text))
     try:
         header = next(reader)
     except StopIteration:

@@ -22,7 +22,7 @@ from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterR
 from limits.aio.strategies import RateLimiter as Strategy
 from limits.storage import storage_from_string
 
-from openmaas.errors import QuotaExceeded, RateLimited
+from openmaas.errors import ExceedsLimit, QuotaExceeded, RateLimited
 from openmaas.tenancy.models import KeyLimits
 
 # A concurrency slot whose holder vanished (a killed process) is freed after this long.
@@ -108,10 +108,10 @@ class RateLimiter:
         ]
         for name, limit, cost, _, _ in windows:
             if cost > limit:
-                raise RateLimited(
-                    f"this request needs {cost} {name} but the key allows {limit} {name} per minute",
-                    headers=_headers(name, limit, 0, 60.0),
-                    retry_after=60.0,
+                raise ExceedsLimit(
+                    f"this request needs {cost} {name} but the key allows {limit} {name} per minute, so it can "
+                    f"never pass: send less at a time, or use a key with a higher {name}-per-minute limit",
+                    param="input" if name != "requests" else None,
                 )
         release = None
         if limits.concurrency is not None:
@@ -238,6 +238,12 @@ class QuotaGuard:
             used, want, cap = totals.get(unit, 0), wanted.get(unit, 0), limit
             if unit == "audio_seconds":  # counted in milliseconds
                 want, cap = want * 1000, limit * 1000
+            if want > cap:
+                raise ExceedsLimit(
+                    f"this request needs {wanted.get(unit, 0)} {unit} but the organisation's whole monthly quota "
+                    f"is {limit} {unit}, so it can never pass: send less at a time, or ask the platform admin to "
+                    "raise the quota"
+                )
             if used + want > cap and (want > 0 or used >= cap):
                 if unit == "audio_seconds":
                     used //= 1000

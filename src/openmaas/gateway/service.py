@@ -79,6 +79,10 @@ class Gateway:
             self.get_model(principal, name)  # visibility first: no existence leak through version errors
         return self.registry.resolve(name, version)
 
+    def latest(self, model: Model) -> ModelVersion:
+        """The latest version of a model already shown to the caller (``get_model``, ``list_models``)."""
+        return self.registry.resolve(model.name)
+
     def versions(self, name: str) -> list[ModelVersion]:
         return self.registry.list_versions(name)
 

@@ -21,20 +21,28 @@ from openmaas.runtimes import RuntimeOptions, create_runtime
 _TIMEOUT_S = 600
 
 
+def without_paths(message: str, path: Path) -> str:
+    """``message`` with the server's folders taken out of ``path`` (and of anything inside it): a client sees
+    the name it uploaded, never where the server keeps it."""
+    for p in sorted({path, path.resolve()}, key=lambda q: len(str(q)), reverse=True):
+        message = message.replace(str(p.parent) + os.sep, "").replace(str(p.parent), "")
+    return message
+
+
 def inspect_in_process(fmt: str, path: Path, options: RuntimeOptions) -> Signature:
     """Load the model, read its signature, unload it; InvalidRequest if it does not load."""
     runtime = create_runtime(fmt, path, options)
     try:
         static = type(runtime).static_signature(path)
     except Exception as e:
-        raise InvalidRequest(f"the {fmt} model could not be read: {e}", param="file") from None
+        raise InvalidRequest(without_paths(f"the {fmt} model could not be read: {e}", path), param="file") from None
     if static is not None:
         return static
     try:
         runtime.load()
         return runtime.signature
     except Exception as e:
-        raise InvalidRequest(f"the {fmt} model could not be loaded: {e}", param="file") from None
+        raise InvalidRequest(without_paths(f"the {fmt} model could not be loaded: {e}", path), param="file") from None
     finally:
         runtime.unload()
 
@@ -58,7 +66,7 @@ def inspect_in_subprocess(fmt: str, path: Path, options: RuntimeOptions) -> Sign
         reason = lines[-1] if lines else f"the loader exited with status {done.returncode}"
         if done.returncode < 0:
             reason = f"the loader crashed (signal {-done.returncode})"
-        raise InvalidRequest(reason.removeprefix("error: "), param="file")
+        raise InvalidRequest(without_paths(reason.removeprefix("error: "), path), param="file")
     return Signature.model_validate_json(done.stdout)
 
 

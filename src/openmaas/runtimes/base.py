@@ -60,8 +60,9 @@ class Runtime(ABC):
         return False
 
     @classmethod
-    def token_estimate(cls, batch: Mapping[str, np.ndarray]) -> tuple[int, int] | None:
-        """(expected, at most) tokens the batch's text will use, for costs and limits; None: not a text model."""
+    def token_estimate(cls, batch: Mapping[str, np.ndarray], path: Path) -> tuple[int, int] | None:
+        """(expected, at most) tokens the model at ``path`` will read of the batch's text, for costs and limits
+        (without loading it); None: not a text model."""
         return None
 
     @abstractmethod

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,6 +14,19 @@ from openmaas.entities.tensors import Signature, TensorSpec
 from openmaas.runtimes.base import Runtime, RuntimeResult
 
 HEAD_FILE = "openmaas_head.onnx"
+#: The window when a folder does not name one (BERT-style encoders read at most 512 tokens).
+DEFAULT_WINDOW = 512
+
+
+@functools.lru_cache(maxsize=256)
+def window_of(path: Path) -> int:
+    """The most tokens the model folder at ``path`` reads of one text (``max_seq_length`` of its
+    ``sentence_bert_config.json``; 512 when it names none)."""
+    try:
+        configured = json.loads((path / "sentence_bert_config.json").read_text()).get("max_seq_length")
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_WINDOW
+    return int(configured) if isinstance(configured, int) and configured > 0 else DEFAULT_WINDOW
 
 
 class SentenceTransformerRuntime(Runtime):
@@ -30,13 +46,18 @@ class SentenceTransformerRuntime(Runtime):
         self._head: Any = None
 
     @classmethod
-    def token_estimate(cls, batch: Mapping[str, np.ndarray]) -> tuple[int, int] | None:
-        """About 4 bytes a token; at most one token a byte, and the model reads at most its window (under 512)."""
+    def token_estimate(cls, batch: Mapping[str, np.ndarray], path: Path) -> tuple[int, int] | None:
+        """About 4 bytes a token, at most one token a byte; the model reads at most its window of each text
+        (longer ones are truncated), so no text counts for more than that."""
         text = batch.get("text")
         if text is None:
             return None
+        window = window_of(path)
         items = text.reshape(-1)
-        return int(sum(len(t) // 4 + 2 for t in items)), int(sum(min(len(t) + 2, 512) for t in items))
+        return (
+            int(sum(min(len(t) // 4 + 2, window) for t in items)),
+            int(sum(min(len(t) + 2, window) for t in items)),
+        )
 
     def load(self) -> None:
         import torch

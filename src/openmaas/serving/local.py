@@ -89,7 +89,7 @@ class LocalBackend:
         return runtime_class(mv.format).platform
 
     def estimate_tokens(self, mv: ModelVersion, request: InferenceRequest) -> TokenEstimate | None:
-        counted = runtime_class(mv.format).token_estimate(request.inputs)
+        counted = runtime_class(mv.format).token_estimate(request.inputs, self.pool.artifact_path(mv))
         return TokenEstimate(*counted) if counted is not None else None
 
     # -- the request paths -----------------------------------------------------------------------------------
