@@ -248,6 +248,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(v2.router())
     app.include_router(openai.router(settings.max_embedding_inputs))
     app.include_router(generation.router(settings.audio_max_seconds))
+    app.include_router(manage.schema_router())
     app.include_router(manage.router(settings.data_dir / "tmp", settings.max_upload_bytes))
     app.include_router(tenancy.public_router())
     app.include_router(tenancy.router())

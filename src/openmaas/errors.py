@@ -11,6 +11,7 @@ class ErrorCode(StrEnum):
 
     UNAUTHENTICATED = "invalid_api_key"
     INVALID_CREDENTIALS = "invalid_credentials"
+    CLIENT_CLOSED_REQUEST = "client_closed_request"
     FORBIDDEN = "permission_denied"
     NOT_FOUND = "not_found"
     MODEL_NOT_FOUND = "model_not_found"
@@ -40,6 +41,8 @@ class ErrorCode(StrEnum):
 STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNAUTHENTICATED: 401,
     ErrorCode.INVALID_CREDENTIALS: 401,
+    # nginx's code for a request the client abandoned: only the access log and metrics see it.
+    ErrorCode.CLIENT_CLOSED_REQUEST: 499,
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.MODEL_NOT_FOUND: 404,
@@ -97,6 +100,18 @@ class OpenMaaSError(Exception):
 
 class Unauthenticated(OpenMaaSError):
     code = ErrorCode.UNAUTHENTICATED
+
+
+class InvalidCredentials(Unauthenticated):
+    """A sign-in with a wrong email, password or organisation (401, not about an API key)."""
+
+    code = ErrorCode.INVALID_CREDENTIALS
+
+
+class ClientClosedRequest(OpenMaaSError):
+    """The client went away before its answer was ready (logged as 499; nobody reads the response)."""
+
+    code = ErrorCode.CLIENT_CLOSED_REQUEST
 
 
 class Forbidden(OpenMaaSError):

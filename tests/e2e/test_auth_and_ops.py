@@ -82,7 +82,7 @@ def test_metrics_need_the_scrape_token_or_the_admin_key(
 def test_the_server_log_is_one_json_object_a_line(server: ServerProcess, auth_headers: dict[str, str]) -> None:
     """Loading a Hugging Face model drew a progress bar into the JSON log; warnings came as raw text."""
     body = {"model": "all-minilm-l6-v2", "input": "a sentence that loads the model"}
-    assert httpx.post(server.url + "/v1/embeddings", json=body, headers=auth_headers).status_code == 200
+    assert httpx.post(server.url + "/v1/embeddings", json=body, headers=auth_headers, timeout=120).status_code == 200
     lines = [line for line in server.log().splitlines() if line.strip()]
     assert lines
     for line in lines:

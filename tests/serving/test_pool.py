@@ -180,3 +180,26 @@ def test_model_larger_than_the_budget_is_refused(versions: dict) -> None:
             await pool.infer(versions["alpha"][0], _x(), 1, 1, None)
 
     asyncio.run(scenario())
+
+
+def test_a_caller_that_goes_away_does_not_cancel_the_load_others_wait_for(versions: dict) -> None:
+    """The first request for a model starts its load; when that client disconnects (its task is cancelled), the
+    load carries on and the requests waiting beside it are served (the load used to be cancelled for all)."""
+
+    async def scenario() -> None:
+        pool = _pool(versions, Metrics())
+        mv = versions["alpha"][0]
+        first = asyncio.ensure_future(pool.infer(mv, _x(), 1, 1, None))
+        await asyncio.sleep(0)  # the load has started, in the first request's name
+        assert pool.is_loading(mv.model, mv.version)
+        second = asyncio.ensure_future(pool.infer(mv, _x(), 1, 1, None))
+        await asyncio.sleep(0)
+        first.cancel()
+        result = await second
+        assert result.outputs["y"].shape == (1, N)
+        assert first.cancelled()
+        resident = pool.get(mv.model, mv.version)
+        assert resident is not None and resident.in_flight == 0
+        await pool.close()
+
+    asyncio.run(scenario())

@@ -8,13 +8,21 @@ from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from openmaas.api.deps import GatewayDep, PrincipalDep, RegistryDep, TenancyDep, actor, principal
 from openmaas.api.responses import JSONResponse
-from openmaas.entities.models import Model, ModelCard, ModelVersion, ServingConfig, Visibility
+from openmaas.entities.models import (
+    REQUIRED_FOR_PUBLICATION,
+    Model,
+    ModelCard,
+    ModelVersion,
+    ReviewState,
+    ServingConfig,
+    Visibility,
+)
 from openmaas.errors import Forbidden, InvalidRequest, ModelNotFound, NotFound
 from openmaas.gateway.auth import Principal
 from openmaas.gateway.service import Gateway
@@ -77,12 +85,43 @@ def _parse_card(raw: str | None) -> ModelCard | None:
         raise InvalidRequest(f"invalid model card field '{where}': {first['msg']}", param="card") from None
 
 
+def schema_router() -> APIRouter:
+    """JSON Schemas of what clients send (open: they describe formats, not anyone's data)."""
+    r = APIRouter(prefix="/api/schemas", tags=["manage"])
+
+    @r.get("/model-card.json")
+    async def model_card_schema() -> JSONResponse:
+        """The model card's JSON Schema: every field, its type and what it should say."""
+        return JSONResponse(
+            {
+                "$schema": "https://json-schema.org/draft/2020-12/schema",
+                **ModelCard.model_json_schema(),
+                "x-required-for-publication": list(REQUIRED_FOR_PUBLICATION),
+            }
+        )
+
+    return r
+
+
 def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
     r = APIRouter(prefix="/api", tags=["manage"], dependencies=[Depends(principal)])
 
     @r.get("/models")
-    async def list_models(gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        return JSONResponse({"models": [_model_json(gw, m, with_versions=False) for m in gw.list_models(who)]})
+    async def list_models(
+        gw: GatewayDep,
+        who: PrincipalDep,
+        review_state: ReviewState | None = Query(
+            default=None, description="Only models in this review state (pending: what awaits the platform admin)."
+        ),
+        visibility: Visibility | None = Query(default=None, description="Only private, shared or public models."),
+    ) -> JSONResponse:
+        models = [
+            m
+            for m in gw.list_models(who)
+            if (review_state is None or m.review_state == review_state)
+            and (visibility is None or m.visibility == visibility)
+        ]
+        return JSONResponse({"models": [_model_json(gw, m, with_versions=False) for m in models]})
 
     @r.get("/models/{name}")
     async def get_model(name: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from openmaas.errors import InvalidRequest
+from openmaas.errors import ClientClosedRequest, InvalidRequest
 
 T = TypeVar("T")
 
@@ -45,16 +45,25 @@ def deadline_from(request: Request, timeout_s: float | None = None) -> float | N
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``, cancelling it if the client disconnects first (so it leaves any queue it waits in)."""
     task = asyncio.ensure_future(work)
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
+                gone = True
                 task.cancel()
                 return
 
     watcher = asyncio.ensure_future(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if gone and (current is None or not current.cancelling()):
+            # Our own task goes on (only the work was cancelled): answer as an error, not a traceback.
+            raise ClientClosedRequest("the client closed the connection before the answer was ready") from None
+        raise
     finally:
         watcher.cancel()

@@ -31,10 +31,32 @@ def resolve_key(explicit: str | None, data_dir: Path) -> str | None:
     return None
 
 
+class _Reporting(httpx.HTTPTransport):
+    """The default transport, with a server that cannot be reached reported as one ``ApiError``."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self._url = url
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return super().handle_request(request)
+        except httpx.TransportError as e:
+            raise ApiError(
+                0, f"cannot reach {self._url} ({type(e).__name__}): is the server running? set --url or OPENMAAS_URL"
+            ) from None
+
+
 class Client:
     def __init__(self, url: str, key: str | None, timeout: float = 600.0) -> None:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=timeout,
+            transport=_Reporting(self.url),
+        )
 
     def __enter__(self) -> Client:
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NoReturn, TypeVar
@@ -15,7 +16,15 @@ T = TypeVar("T")
 console = Console()
 err = Console(stderr=True)
 
-UrlOpt = Annotated[str, typer.Option("--url", envvar="OPENMAAS_URL", help="Server address.")]
+UrlOpt = Annotated[
+    str,
+    typer.Option(
+        "--url",
+        envvar="OPENMAAS_URL",
+        help="Server address (default: the local server, http://OPENMAAS_HOST:OPENMAAS_PORT, 127.0.0.1:8000).",
+        show_default=False,
+    ),
+]
 KeyOpt = Annotated[
     str | None,
     typer.Option("--api-key", envvar="OPENMAAS_API_KEY", help="API key (default: <data-dir>/admin.key)."),
@@ -23,15 +32,29 @@ KeyOpt = Annotated[
 DataDirOpt = Annotated[
     Path, typer.Option("--data-dir", envvar="OPENMAAS_DATA_DIR", help="Data folder of a local server.")
 ]
-DEFAULT_URL = "http://127.0.0.1:8000"
+#: "" means: the local server's address, from the same settings the server reads (OPENMAAS_HOST, OPENMAAS_PORT).
+DEFAULT_URL = ""
+
+
+def local_url() -> str:
+    """The address ``openmaas serve`` listens on with this environment's settings."""
+    host = os.environ.get("OPENMAAS_HOST") or "127.0.0.1"
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{host}:{os.environ.get('OPENMAAS_PORT') or 8000}"
 
 
 def client(url: str, key: str | None, data_dir: Path) -> Client:
-    return Client(url, resolve_key(key, data_dir))
+    return Client(url or local_url(), resolve_key(key, data_dir))
 
 
 def fail(e: ApiError) -> NoReturn:
-    err.print(f"[red]error {e.status}:[/red] {e.message}")
+    """One line on stderr, exit 1: the server's message, with a hint where one helps."""
+    if e.status == 0:
+        err.print(f"[red]error:[/red] {e.message}", soft_wrap=True, highlight=False)
+    else:
+        hint = " (send a valid key with --api-key or OPENMAAS_API_KEY)" if e.status == 401 else ""
+        err.print(f"[red]error {e.status}:[/red] {e.message}{hint}", soft_wrap=True, highlight=False)
     raise typer.Exit(1)
 
 

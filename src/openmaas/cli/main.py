@@ -75,6 +75,8 @@ def _port_is_free(host: str, port: int) -> bool:
     import socket
 
     with socket.socket() as s:
+        # As uvicorn binds: a port whose last server was killed (TIME_WAIT) is free, one with a listener is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -103,6 +105,14 @@ def models_register(
     console.print(
         f"Registered [bold]{mv['model']}[/bold] version {mv['version']} ({mv['format']}, sha256 {mv['sha256'][:12]})"
     )
+
+
+@models_app.command("card-template")
+def models_card_template() -> None:
+    """Print a model card with every field to fill in (JSON); docs/model-cards.md says what each should say."""
+    from openmaas.entities.models import card_template
+
+    typer.echo(json.dumps(card_template(), indent=2))
 
 
 @models_app.command("list")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,21 +16,48 @@ REQUIRED_FOR_PUBLICATION = ("intended_use", "training_data", "metrics", "limitat
 
 
 class ModelCard(BaseModel):
-    """What a consumer needs to know before calling a model."""
+    """What a consumer needs to know before calling a model. Every field is optional at registration; the ones in
+    ``REQUIRED_FOR_PUBLICATION`` must be filled before the model can be reviewed for publication."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", title="OpenMaaS model card")
 
-    task: str = Field(default="", description="e.g. text-embedding, image-classification, tabular-regression")
-    description: str = ""
-    intended_use: str = ""
-    training_data: str = ""
-    metrics: dict[str, float] = Field(default_factory=dict, description="Evaluation figures, e.g. accuracy.")
-    limitations: str = ""
-    license: str = ""
-    privacy: str = Field(default="", description="Privacy statement: what data the model saw and keeps.")
+    task: str = Field(
+        default="",
+        description="What the model does, e.g. text-embedding, text-generation, automatic-speech-recognition, "
+        "image-classification, tabular-classification, tabular-regression.",
+        examples=["tabular-classification"],
+    )
+    description: str = Field(
+        default="", description="One paragraph: what it takes, what it returns, how it was made.", examples=[""]
+    )
+    intended_use: str = Field(
+        default="", description="Who should use it for what, and what it is not for.", examples=[""]
+    )
+    training_data: str = Field(
+        default="", description="What data it learnt from (source, size, period, how it was split).", examples=[""]
+    )
+    metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="Measured figures, by name (e.g. accuracy, f1_macro, r2), on held-out data; numbers only.",
+        examples=[{"accuracy": 0.95}],
+    )
+    limitations: str = Field(
+        default="", description="Where it fails or is biased; input limits (e.g. longest text it reads).", examples=[""]
+    )
+    license: str = Field(
+        default="", description="The licence of the weights (an SPDX id where one fits).", examples=[""]
+    )
+    privacy: str = Field(
+        default="", description="Privacy statement: what data the model saw, and what it keeps.", examples=[""]
+    )
 
     def missing_for_publication(self) -> list[str]:
         return [f for f in REQUIRED_FOR_PUBLICATION if not getattr(self, f)]
+
+
+def card_template() -> dict[str, Any]:
+    """A card with every field holding its example (``openmaas models card-template``): fill it in."""
+    return {name: (f.examples or [""])[0] for name, f in ModelCard.model_fields.items()}
 
 
 class ServingConfig(BaseModel):

@@ -149,7 +149,7 @@ class ResidencyPool:
         self._batch_config = batch_config
         self._pinned = pinned
         self._resident: dict[Key, Resident] = {}
-        self._loading: dict[Key, asyncio.Future[Resident]] = {}
+        self._loading: dict[Key, asyncio.Task[Resident]] = {}
         # Loads run one at a time: the footprint is measured as the process's memory growth during the load.
         self._load_lock = asyncio.Lock()
         self._released = asyncio.Condition()
@@ -256,16 +256,23 @@ class ResidencyPool:
         return frozenset(self._holders.get((mv.model, mv.version), ()))
 
     async def load(self, mv: ModelVersion) -> Resident:
-        """The resident model for ``mv``, loading it if needed; concurrent callers share one load."""
+        """The resident model for ``mv``, loading it if needed; concurrent callers share one load.
+
+        The load runs in a task of its own: a caller that goes away (a client disconnecting) stops waiting for it
+        but never cancels it, so the others waiting for the same model still get it."""
         key = (mv.model, mv.version)
         resident = self._resident.get(key)
         if resident is not None:
             return resident
         pending = self._loading.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Resident] = asyncio.get_running_loop().create_future()
-        self._loading[key] = future
+        if pending is None:
+            pending = asyncio.get_running_loop().create_task(self._load_new(mv), name=f"load {mv.model}:{mv.version}")
+            self._loading[key] = pending
+            pending.add_done_callback(lambda t: None if t.cancelled() else t.exception())  # retrieved: no warning
+        return await asyncio.shield(pending)
+
+    async def _load_new(self, mv: ModelVersion) -> Resident:
+        key = (mv.model, mv.version)
         try:
             async with self._load_lock:
                 await self._admit(mv)
@@ -293,12 +300,7 @@ class ResidencyPool:
                 "model loaded",
                 extra={"model": mv.model, "version": mv.version, "seconds": round(seconds, 3), "bytes": footprint},
             )
-            future.set_result(resident)
             return resident
-        except BaseException as e:
-            future.set_exception(e)
-            future.exception()  # retrieved: waiters re-raise it, nobody else has to
-            raise
         finally:
             del self._loading[key]
 
@@ -428,4 +430,8 @@ class ResidencyPool:
         return keys
 
     async def close(self) -> None:
+        loads = list(self._loading.values())
+        for task in loads:
+            task.cancel()
+        await asyncio.gather(*loads, return_exceptions=True)
         await self._drop(list(self._resident.values()))

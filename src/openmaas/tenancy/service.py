@@ -12,7 +12,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from openmaas.errors import AlreadyExists, ErrorCode, InvalidRequest, NotFound, OpenMaaSError
+from openmaas.errors import AlreadyExists, InvalidCredentials, InvalidRequest, NotFound
 from openmaas.store.tables import ApiKeyRow, MembershipRow, OrgRow, QuotaRow, UserRow, utcnow
 from openmaas.tenancy.models import ApiKey, KeyLimits, Member, Org, User
 from openmaas.tenancy.passwords import MIN_LENGTH, hash_password, verify_password
@@ -171,9 +171,7 @@ class TenancyService:
 
     def login(self, email: str, password: str, org_ref: str) -> tuple[str, ApiKey]:
         """A session key (12 h) for a member, with the member's role; one message for every wrong detail."""
-        failure = OpenMaaSError(
-            "wrong email, password or organisation", code=ErrorCode.INVALID_CREDENTIALS, param="email"
-        )
+        failure = InvalidCredentials("wrong email, password or organisation", param="email")
         email = email.strip().lower()
         with self._sessions() as s:
             user = s.scalar(select(UserRow).where(UserRow.email == email))
