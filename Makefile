@@ -15,7 +15,7 @@ $(BIN)/python:
 # torch is installed first and exactly: the CPU build of 2.13.0 is the one the project is tested with.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[examples]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
