@@ -77,3 +77,39 @@ def test_models_awaiting_review_can_be_listed(server: ServerProcess, admin: http
     assert private in privates and "digits-cnn" not in privates
     bad = admin.get("/api/models", params={"review_state": "maybe"})
     assert bad.status_code == 400 and bad.json()["param"] == "review_state"
+
+
+def test_provider_and_operator_commands(
+    server: ServerProcess, admin: httpx.Client, admin_key: str, tmp_path: Path
+) -> None:
+    """A provider shares and sells a model and asks for publication; the operator lists what awaits review,
+    approves it and reads the provider's statement: all from the CLI, model first, then what to do."""
+    provider, consumer = new_org(admin, "cli-provider"), new_org(admin, "cli-consumer")
+    key = new_key(admin, provider["name"], scopes=["inference", "manage", "billing"])["key"]
+    path = tmp_path / "m.onnx"
+    matmul_chain_model(path, 4)
+    name = unique("cli-sold")
+    with httpx.Client(base_url=server.url, headers=bearer(key), timeout=60) as owner:
+        assert register_model(owner, path, name, card=CARD).status_code == 201
+    as_provider = {"OPENMAAS_PORT": str(server.port), "OPENMAAS_API_KEY": key}
+    as_admin = {"OPENMAAS_PORT": str(server.port), "OPENMAAS_API_KEY": admin_key}
+
+    def ok(*args: str, env: dict[str, str]) -> str:
+        done = _cli(*args, env=env, cwd=tmp_path)
+        assert done.returncode == 0, (args, done.stderr)
+        return done.stdout
+
+    assert f"{name}: shared with {consumer['name']}" in ok("models", "share", name, consumer["name"], env=as_provider)
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"name": "per-call", "kind": "usage", "unit": "requests", "price_micros": 20000}')
+    assert "plan per-call" in ok("models", "sell", name, str(plan), env=as_provider)
+    listed = ok("models", "plans", name, env=as_provider)
+    assert "per-call" in listed and "0.020000" in listed
+    assert "review pending" in ok("models", "visibility", name, "public", env=as_provider)
+    assert name in ok("models", "pending", env=as_admin)
+    refused = _cli("models", "review", name, "reject", env=as_admin, cwd=tmp_path)
+    assert refused.returncode == 1 and "reason" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert f"{name}: public" in ok("models", "review", name, "approve", env=as_admin)
+    assert name not in ok("models", "pending", env=as_admin)
+    statement = ok("billing", "statement", provider["name"], "2026-01", env=as_provider)
+    assert "payout 0.000000" in statement

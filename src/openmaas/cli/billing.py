@@ -83,6 +83,39 @@ def wallet(
     )
 
 
+@billing_app.command("statement")
+def statement(
+    org: str,
+    period: Annotated[str, typer.Argument(help="A closed month, e.g. 2026-11.")],
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+    data_dir: DataDirOpt = Path(".openmaas"),
+) -> None:
+    """A provider's revenue in a closed month: gross per model and plan, the commission, the payout."""
+    s = call(url, api_key, data_dir, lambda c: c.get(f"/api/orgs/{org}/statements/{period}"))
+    table = Table("model", "plan", "gross", title=f"Statement {period} for {org} ({s['currency']})")
+    for line in s["lines"]:
+        table.add_row(line["model"], line["plan"] or "", format_micros(line["gross_micros"]))
+    console.print(table)
+    console.print(
+        f"gross {format_micros(s['gross_micros'])}, commission ({s['commission_bps'] / 100:g}%) "
+        f"{format_micros(s['commission_micros'])}, payout {format_micros(s['net_micros'])}"
+    )
+
+
+@billing_app.command("invoice")
+def invoice(
+    invoice_id: str,
+    format: Annotated[str, typer.Option("--format", help="json, csv or html (to save or print).")] = "json",
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+    data_dir: DataDirOpt = Path(".openmaas"),
+) -> None:
+    """Print one invoice (its lines explained), as JSON, CSV or HTML."""
+    text = call(url, api_key, data_dir, lambda c: c.text(f"/api/invoices/{invoice_id}?format={format}"))
+    typer.echo(text)
+
+
 @billing_app.command("invoices")
 def invoices(
     org: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, data_dir: DataDirOpt = Path(".openmaas")

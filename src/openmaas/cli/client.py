@@ -85,6 +85,9 @@ class Client:
     def post(self, path: str, json: Any = None) -> Any:
         return self._check(self._http.post(path, json=json))
 
+    def patch(self, path: str, json: Any = None) -> Any:
+        return self._check(self._http.patch(path, json=json))
+
     def put(self, path: str, json: Any = None) -> Any:
         return self._check(self._http.put(path, json=json))
 

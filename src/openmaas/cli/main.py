@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from openmaas.cli import tenancy
+from openmaas.cli import publishing, tenancy
 from openmaas.cli.billing import billing_app
 from openmaas.cli.client import ApiError
 from openmaas.cli.common import DEFAULT_URL, DataDirOpt, KeyOpt, UrlOpt, client, console, err, fail
@@ -23,6 +23,12 @@ app.add_typer(billing_app, name="billing")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
 app.command("train")(train)
+models_app.command("visibility")(publishing.visibility)
+models_app.command("share")(publishing.share)
+models_app.command("pending")(publishing.pending)
+models_app.command("review")(publishing.review)
+models_app.command("plans")(publishing.plans)
+models_app.command("sell")(publishing.plan_create)
 
 
 @app.command()
