@@ -113,3 +113,16 @@ def test_provider_and_operator_commands(
     assert name not in ok("models", "pending", env=as_admin)
     statement = ok("billing", "statement", provider["name"], "2026-01", env=as_provider)
     assert "payout 0.000000" in statement
+
+
+def test_the_local_admin_key_goes_only_to_the_local_server(
+    server: ServerProcess, admin_key: str, tmp_path: Path
+) -> None:
+    """With no key given, the CLI falls back on .openmaas/admin.key, but only for the server this environment
+    runs (it used to send it to whatever --url named)."""
+    (tmp_path / ".openmaas").mkdir()
+    (tmp_path / ".openmaas" / "admin.key").write_text(admin_key)
+    elsewhere = _cli("models", "list", "--url", server.url, env={}, cwd=tmp_path)
+    assert elsewhere.returncode == 1 and elsewhere.stderr.startswith("error 401"), elsewhere.stderr
+    local = _cli("models", "list", env={"OPENMAAS_PORT": str(server.port)}, cwd=tmp_path)
+    assert local.returncode == 0 and "digits-cnn" in local.stdout, local.stderr

@@ -18,13 +18,16 @@ class ApiError(Exception):
         self.message = message
 
 
-def resolve_key(explicit: str | None, data_dir: Path) -> str | None:
-    """The API key: --api-key, then OPENMAAS_API_KEY, then the admin key file a local server wrote."""
+def resolve_key(explicit: str | None, data_dir: Path, *, local: bool = True) -> str | None:
+    """The API key: --api-key, then OPENMAAS_API_KEY, then (for the ``local`` server only) the admin key file it
+    wrote: the platform-admin key is never sent to another address."""
     if explicit:
         return explicit
     env = os.environ.get("OPENMAAS_API_KEY")
     if env:
         return env
+    if not local:
+        return None
     key_file = data_dir / "admin.key"
     if key_file.is_file():
         return key_file.read_text().strip()

@@ -45,7 +45,8 @@ def local_url() -> str:
 
 
 def client(url: str, key: str | None, data_dir: Path) -> Client:
-    return Client(url or local_url(), resolve_key(key, data_dir))
+    target = (url or local_url()).rstrip("/")
+    return Client(target, resolve_key(key, data_dir, local=target == local_url()))
 
 
 def fail(e: ApiError) -> NoReturn:
