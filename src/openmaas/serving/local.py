@@ -11,6 +11,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
 from openmaas.entities.generation import SamplingParams, TokenEvent
@@ -79,6 +80,8 @@ class LocalBackend:
         self.pool = pool
         self._metrics = metrics
         self._background: set[asyncio.Task[None]] = set()
+        # Artifacts are content-addressed and immutable: a version's path is looked up once, not per request.
+        self._paths: dict[str, Path] = {}
 
     # -- what a model is -------------------------------------------------------------------------------------
 
@@ -89,7 +92,11 @@ class LocalBackend:
         return runtime_class(mv.format).platform
 
     def estimate_tokens(self, mv: ModelVersion, request: InferenceRequest) -> TokenEstimate | None:
-        counted = runtime_class(mv.format).token_estimate(request.inputs, self.pool.artifact_path(mv))
+        cls = runtime_class(mv.format)
+        path = self._paths.get(mv.sha256)
+        if path is None:
+            path = self._paths[mv.sha256] = self.pool.artifact_path(mv)
+        counted = cls.token_estimate(request.inputs, path)
         return TokenEstimate(*counted) if counted is not None else None
 
     # -- the request paths -----------------------------------------------------------------------------------
