@@ -130,6 +130,11 @@ class AdmissionControl:
         finally:
             await call.close(status)
 
+    async def close(self) -> None:
+        """Close the limiter's connections and flush and stop the metering writer."""
+        await self.limiter.close()
+        await asyncio.to_thread(self.metering.writer.close)
+
     # -- what AdmittedCall hands back ---------------------------------------------------------------------------
 
     @property

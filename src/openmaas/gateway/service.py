@@ -262,8 +262,7 @@ class Gateway:
         self.backend.prepare(mv)
 
     async def close(self) -> None:
-        await self.admission.limiter.close()
-        await asyncio.to_thread(self.admission.metering.writer.close)
+        await self.admission.close()
 
 
 #: Who pins a model through ``POST /v2/repository/models/{m}/load`` with ``{"parameters": {"pin": true}}``.
