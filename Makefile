@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test test-all lint bench install dev clean
+.PHONY: serve test test-all lint bench install dev clean readme-check
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -39,6 +39,10 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check src tests $(wildcard bench)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# Replays the README's quick start on a fresh clone of HEAD (port 8000 must be free); CI runs it after the tests.
+readme-check:
+	$(PYTHON) .ci/readme_replay.py
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/serving.py --write docs/benchmarks.md

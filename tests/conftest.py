@@ -27,9 +27,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
             "OPENMAAS_ADMIN_KEY": ADMIN_KEY,
             "OPENMAAS_MAX_REQUEST_BYTES": "4194304",
             "OPENMAAS_METRICS_TOKEN": METRICS_TOKEN,
+            # As a user's first start does: the GGUF model converts in the background from the start.
+            "OPENMAAS_PREPARE_AT_START": "1",
         },
     )
     proc.start()
+    # The generation tests check what a user sees in the first seconds, while that conversion runs.
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    proc.first_look = {
+        "ready": httpx.get(f"{proc.url}/v2/models/gemma-3-270m/ready", headers=auth).json(),
+        "model": httpx.get(f"{proc.url}/api/models/gemma-3-270m", headers=auth).json(),
+        "call": httpx.post(
+            f"{proc.url}/v1/completions", headers=auth, json={"model": "gemma-3-270m", "prompt": "Hi", "max_tokens": 1}
+        ),
+    }
     yield proc
     proc.stop()
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -27,8 +28,17 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPENMAAS_LOG_LEVEL": "info", **(env or {})}
+        # Test servers do not convert the bundled GGUF model at start (a minute of CPU each) unless asked to.
+        self.env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "OPENMAAS_LOG_LEVEL": "info",
+            "OPENMAAS_PREPARE_AT_START": "0",
+            **(env or {}),
+        }
         self.proc: subprocess.Popen[bytes] | None = None
+        # What the server said right after it started (filled in by fixtures that look).
+        self.first_look: dict[str, Any] = {}
 
     def start(self, timeout: float = 120.0) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -209,6 +209,11 @@ def _start(platform: Platform) -> None:
     platform.runner.start()
 
 
+def _latest_versions(platform: Platform) -> list[ModelVersion]:
+    registry = platform.services.registry
+    return [registry.resolve(m.name) for m in registry.list_models() if m.latest_version is not None]
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The ASGI application for ``settings``."""
     platform = build_platform(settings)
@@ -216,6 +221,9 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(_start, platform)
+        if settings.prepare_at_start:
+            for mv in await run_in_threadpool(_latest_versions, platform):
+                platform.gateway.prepare(mv)  # in the background: e.g. the bundled GGUF model's conversion
         app.state.ready = True
         log.info("openmaas ready", extra={"version": __version__, "data_dir": str(settings.data_dir)})
         try:

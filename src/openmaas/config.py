@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     bundled_models: bool = Field(
         default=True, description="Register the bundled model catalogue at start (first start trains it)."
     )
+    prepare_at_start: bool = Field(
+        default=True,
+        description="At start, begin in the background the one-time preparation models need (converting the bundled "
+        "GGUF model takes about a minute on 2 cores); its progress shows in 'openmaas models show'.",
+    )
     model_instances: int = Field(
         default_factory=_default_threads,
         ge=1,

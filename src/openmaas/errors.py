@@ -162,6 +162,17 @@ class ModelLoadFailed(OpenMaaSError):
     code = ErrorCode.MODEL_LOAD_FAILED
 
 
+class ModelNotReady(OpenMaaSError):
+    """The model is still being prepared (a one-time conversion): retry after ``retry_after`` seconds."""
+
+    code = ErrorCode.MODEL_NOT_READY
+
+    def __init__(self, message: str, retry_after: float = 10.0) -> None:
+        seconds = max(1, round(retry_after))
+        super().__init__(message, headers={"Retry-After": str(seconds)})
+        self.retry_after = seconds
+
+
 class Overloaded(OpenMaaSError):
     """The model's queue (or the memory budget) is full: retry after ``retry_after`` seconds."""
 

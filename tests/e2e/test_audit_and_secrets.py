@@ -71,15 +71,20 @@ def test_cli_tenancy_audit_chain_and_no_secret_at_rest(own_server: ServerProcess
     ok(cli(s, "users", "create", "ada@example.com", stdin=f"{PASSWORD}\n{PASSWORD}\n"))
     ok(cli(s, "users", "add", "acme", "ada@example.com", "--role", "admin"))
     assert "ada@example.com" in ok(cli(s, "users", "members", "acme"))
-    login = subprocess.run(
-        [sys.executable, "-m", "openmaas", "login", "ada@example.com", "acme", "--url", s.url],
-        capture_output=True,
-        text=True,
-        input=f"{PASSWORD}\n",
-        timeout=120,
-    )
-    session_key = ok(login).strip()
+
+    def login(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "openmaas", "login", *args, "--url", s.url],
+            capture_output=True,
+            text=True,
+            input=f"{PASSWORD}\n",
+            timeout=120,
+        )
+        return ok(done).strip()
+
+    session_key = login("acme", "ada@example.com")  # ORG first, as in every org-scoped command
     assert session_key.startswith("om_")
+    assert login("ada@example.com", "acme").startswith("om_")  # the older order still works
 
     model = tmp_path / "m.onnx"
     matmul_chain_model(model, 4)

@@ -76,7 +76,7 @@ def test_metrics_need_the_scrape_token_or_the_admin_key(
     for headers in (bearer(METRICS_TOKEN), auth_headers):
         scraped = httpx.get(server.url + "/metrics", headers=headers)
         assert scraped.status_code == 200
-        assert f'openmaas_inference_requests_total{{model="{private}"' in scraped.text
+        assert f'openmaas_inference_requests_total{{model="{org["name"]}/{private}"' in scraped.text
 
 
 def test_the_server_log_is_one_json_object_a_line(server: ServerProcess, auth_headers: dict[str, str]) -> None:

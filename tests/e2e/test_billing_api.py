@@ -96,7 +96,8 @@ def test_pay_as_you_go_race_for_the_last_of_the_wallet(
     verdict = admin.get("/api/billing/verify").json()
     assert verdict["ok"], verdict["problems"]
     usage = admin.get("/api/usage", params={"org": consumer["name"], "group_by": "model"}).json()["data"]
-    assert [(u["model"], u["requests"]) for u in usage if u["model"] == payg] == [(payg, 101)]
+    full = f"{market['provider']['name']}/{payg}"
+    assert [(u["model"], u["requests"]) for u in usage if u["model"] == full] == [(full, 101)]
 
 
 def test_dedicated_capacity(server: ServerProcess, market: dict) -> None:
@@ -112,7 +113,7 @@ def test_dedicated_capacity(server: ServerProcess, market: dict) -> None:
         assert started.status_code == 201, started.text
         assert c.post(f"/api/orgs/{consumer['name']}/dedicated", json={"model": payg, "plan": "gpu"}).status_code == 409
         states = {e["name"]: e["state"] for e in c.post("/v2/repository/index").json()}
-        assert states[payg] == "READY"
+        assert states[f"{market['provider']['name']}/{payg}"] == "READY"
         for _ in range(3):
             assert c.post(f"/v2/models/{payg}/infer", json={"inputs": [X]}).status_code == 200
         assert c.get(f"/api/orgs/{consumer['name']}/wallet").json() == wallet  # calls ride on the reservation

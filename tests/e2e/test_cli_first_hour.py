@@ -29,7 +29,7 @@ def _cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProc
         capture_output=True,
         text=True,
         timeout=120,
-        env={**clean, **env},
+        env={**clean, "COLUMNS": "200", **env},
         cwd=cwd,
     )
 
@@ -71,10 +71,10 @@ def test_models_awaiting_review_can_be_listed(server: ServerProcess, admin: http
             assert register_model(owner, path, name, card=CARD).status_code == 201
         assert owner.patch(f"/api/models/{waiting}", json={"visibility": "public"}).status_code == 200
     pending = [m["name"] for m in admin.get("/api/models", params={"review_state": "pending"}).json()["models"]]
-    assert waiting in pending and private not in pending
+    assert f"{org['name']}/{waiting}" in pending and f"{org['name']}/{private}" not in pending
     assert all(m["review_state"] == "pending" for m in admin.get("/api/models?review_state=pending").json()["models"])
     privates = [m["name"] for m in admin.get("/api/models", params={"visibility": "private"}).json()["models"]]
-    assert private in privates and "digits-cnn" not in privates
+    assert f"{org['name']}/{private}" in privates and "digits-cnn" not in privates
     bad = admin.get("/api/models", params={"review_state": "maybe"})
     assert bad.status_code == 400 and bad.json()["param"] == "review_state"
 

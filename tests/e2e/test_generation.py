@@ -1,13 +1,17 @@
 """Text generation with the bundled gemma-3-270m through the official openai SDK, and how streams are metered.
 
-The first call converts the GGUF file once (about a minute here); every test in this file shares that server.
+The server converts the GGUF file once, in the background from its first start (about a minute here); every test
+in this file shares that server and waits for the conversion.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,12 +26,57 @@ MODEL = "gemma-3-270m"
 pytestmark = pytest.mark.timeout(900)
 
 
+def wait_until_ready(server: ServerProcess, admin_key: str, model: str = MODEL, timeout: float = 600) -> None:
+    """The server converts the GGUF model in the background from its first start: wait for the end of that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{server.url}/v2/models/{model}/ready", headers=bearer(admin_key), timeout=10)
+        if r.status_code == 200 and r.json()["ready"]:
+            return
+        time.sleep(1)
+    raise AssertionError(f"{model} was not ready after {timeout} s")
+
+
 @pytest.fixture(scope="module")
 def llm(server: ServerProcess, admin_key: str) -> openai.OpenAI:
+    wait_until_ready(server, admin_key)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=admin_key, timeout=600, max_retries=0)
-    # Warm up: the first load converts the GGUF file to safetensors (once per data folder).
-    client.completions.create(model=MODEL, prompt="Hello", max_tokens=1)
+    client.completions.create(model=MODEL, prompt="Hello", max_tokens=1)  # warm up: the first load
     return client
+
+
+def test_the_bundled_gguf_model_prepares_in_the_background_from_the_first_start(
+    server: ServerProcess, admin_key: str, tmp_path: Path
+) -> None:
+    """What a user sees in the first seconds: not ready, with progress, and a clear 503 (not an 80 s hang)."""
+    first = server.first_look
+    assert first["ready"] == {"name": MODEL, "ready": False}
+    model = first["model"]
+    assert model["state"] == "PREPARING" and model["ready"] is False, model
+    assert 0 <= model["preparation"]["progress"] < 1 and model["preparation"]["step"]
+    call = first["call"]
+    assert call.status_code == 503, call.text
+    assert int(call.headers["retry-after"]) >= 5
+    message = call.json()["error"]["message"]
+    assert "being prepared" in message and "%" in message and "retry" in message
+
+    def logged(start: str) -> list[dict]:
+        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+        return [e for e in lines if e.get("msg", "").startswith(start) and e.get("model") == MODEL]
+
+    assert logged("preparing the model in the background")
+    wait_until_ready(server, admin_key)
+    assert logged("model prepared")[0]["seconds"] > 0
+    shown = subprocess.run(
+        [sys.executable, "-m", "openmaas", "models", "show", MODEL],
+        env={**os.environ, "OPENMAAS_URL": server.url, "OPENMAAS_API_KEY": admin_key},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert shown.returncode == 0 and f"{MODEL}: ready" in shown.stderr, shown.stderr
+    assert json.loads(shown.stdout)["preparation"] is None
 
 
 @pytest.fixture(scope="module")

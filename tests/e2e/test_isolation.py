@@ -67,35 +67,39 @@ def test_neither_org_can_see_call_list_or_read_the_others_resources(
     me, other = tenants if direction == "a_to_b" else tenants[::-1]
     c = me.http
     m, o = other.model, other.org["name"]
+    full = f"{o}/{m}"
 
     # Positive control: my own model works with my key.
     assert c.post(f"/v2/models/{me.model}/infer", json={"inputs": [_x()]}).status_code == 200
 
     # OpenAI surface
-    assert other.model not in [x["id"] for x in c.get("/v1/models").json()["data"]]
-    _not_found(c.get(f"/v1/models/{m}"))
-    _not_found(c.post("/v1/embeddings", json={"model": m, "input": "hello"}))
+    assert full not in [x["id"] for x in c.get("/v1/models").json()["data"]]
+    for ref in (m, full):
+        _not_found(c.get(f"/v1/models/{ref}"))
+        _not_found(c.post("/v1/embeddings", json={"model": ref, "input": "hello"}))
 
-    # Open Inference Protocol v2
-    for path in (
-        f"/v2/models/{m}",
-        f"/v2/models/{m}/ready",
-        f"/v2/models/{m}/versions/1",
-        f"/v2/models/{m}/versions/1/ready",
-    ):
-        _not_found(c.get(path))
-    _not_found(c.post(f"/v2/models/{m}/infer", json={"inputs": [_x()]}))
-    _not_found(c.post(f"/v2/models/{m}/versions/1/infer", json={"inputs": [_x()]}))
-    assert m not in [e["name"] for e in c.post("/v2/repository/index").json()]
-    _not_found(c.post(f"/v2/repository/models/{m}/load"))
-    _not_found(c.post(f"/v2/repository/models/{m}/unload"))
+    # Open Inference Protocol v2, by the bare name and by the full one
+    assert full not in [e["name"] for e in c.post("/v2/repository/index").json()]
+    for ref in (m, full):
+        for path in (
+            f"/v2/models/{ref}",
+            f"/v2/models/{ref}/ready",
+            f"/v2/models/{ref}/versions/1",
+            f"/v2/models/{ref}/versions/1/ready",
+        ):
+            _not_found(c.get(path))
+        _not_found(c.post(f"/v2/models/{ref}/infer", json={"inputs": [_x()]}))
+        _not_found(c.post(f"/v2/models/{ref}/versions/1/infer", json={"inputs": [_x()]}))
+        _not_found(c.post(f"/v2/repository/models/{ref}/load"))
+        _not_found(c.post(f"/v2/repository/models/{ref}/unload"))
 
     # Management API: models
-    assert m not in [x["name"] for x in c.get("/api/models").json()["models"]]
-    _not_found(c.get(f"/api/models/{m}"))
-    _not_found(c.get(f"/api/models/{m}/versions/1"))
-    _not_found(c.patch(f"/api/models/{m}", json={"visibility": "public"}))
-    _not_found(c.post(f"/api/models/{m}/review", json={"decision": "approve"}))
+    assert full not in [x["name"] for x in c.get("/api/models").json()["models"]]
+    for ref in (m, full):
+        _not_found(c.get(f"/api/models/{ref}"))
+        _not_found(c.get(f"/api/models/{ref}/versions/1"))
+        _not_found(c.patch(f"/api/models/{ref}", json={"visibility": "public"}))
+        _not_found(c.post(f"/api/models/{ref}/review", json={"decision": "approve"}))
 
     # Management API: the other org itself, by name and by id
     for ref in (o, other.org["id"]):
@@ -117,7 +121,7 @@ def test_neither_org_can_see_call_list_or_read_the_others_resources(
     # Usage and audit: only mine.
     usage = c.get("/api/usage", params={"group_by": "model,key"}).json()
     assert usage["data"], usage
-    assert {row["model"] for row in usage["data"]} == {me.model}
+    assert {row["model"] for row in usage["data"]} == {f"{me.org['name']}/{me.model}"}
     assert {row["key"] for row in usage["data"]} == {me.key_id}
     records = c.get("/api/usage/records").json()["records"]
     assert records and {r["org_id"] for r in records} == {me.org["id"]}
@@ -137,10 +141,15 @@ def test_a_failed_attempt_meters_nothing_for_either_org(tenants: tuple[Tenant, T
     assert b.http.get("/api/usage").json()["totals"]["requests"] == before_b
 
 
-def test_registering_over_another_orgs_model_name_is_refused(tenants: tuple[Tenant, Tenant], onnx_file: Path) -> None:
+def test_registering_another_orgs_model_name_makes_a_model_of_ones_own(
+    tenants: tuple[Tenant, Tenant], onnx_file: Path
+) -> None:
     a, b = tenants
     r = register_model(a.http, onnx_file, b.model)
-    assert r.status_code == 409, r.text
+    assert r.status_code == 201, r.text
+    assert r.json()["model"] == f"{a.org['name']}/{b.model}"
+    r = register_model(a.http, onnx_file, f"{b.org['name']}/{b.model}")
+    assert r.status_code == 403, r.text
     assert b.http.get(f"/api/models/{b.model}").json()["latest_version"] == 1
 
 

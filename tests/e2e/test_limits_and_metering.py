@@ -145,7 +145,7 @@ def test_model_allow_list(server: ServerProcess, owner: httpx.Client, org: dict,
     key = new_key(owner, org["name"], models=[model])
     with _client(server, key) as c:
         assert c.post(f"/v2/models/{model}/infer", json={"inputs": [X]}).status_code == 200
-        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == [model]
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == [f"{org['name']}/{model}"]
         r = c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "hi"})
         assert r.status_code == 404, r.text
 
@@ -180,6 +180,7 @@ def test_idempotency_key_replays_without_metering_again(server: ServerProcess, o
             "output_tokens": 0,
             "items": 2,
             "audio_seconds": 0,
+            "cost_micros": 0,  # the bundled model is free
         }
     ]
 
@@ -275,7 +276,8 @@ def test_sharing_and_publication_review(server: ServerProcess, admin: httpx.Clie
         r = admin.post(f"/api/models/{name}/review", json={"decision": "approve", "reason": "complete card"})
         assert r.status_code == 200 and r.json()["visibility"] == "public"
         assert stranger.post(f"/v2/models/{name}/infer", json={"inputs": [X]}).status_code == 200
-        assert name in [m["id"] for m in stranger.get("/v1/models").json()["data"]]
+        full = f"{owner_org['name']}/{name}"
+        assert full in [m["id"] for m in stranger.get("/v1/models").json()["data"]]
         # Only the owner's usage shows its own calls; the stranger's calls are metered to the stranger.
         rows = stranger.get("/api/usage", params={"group_by": "model"}).json()["data"]
-        assert [r["model"] for r in rows] == [name]
+        assert [r["model"] for r in rows] == [full]

@@ -49,7 +49,7 @@ def _run(tmp_path: Path, body: Callable[[Platform], Awaitable[None]]) -> None:
 
 
 def _register(platform: Platform, tmp_path: Path, name: str, owner: str | None) -> ModelVersion:
-    path = tmp_path / f"{name}.onnx"
+    path = tmp_path / f"{name.replace('/', '-')}.onnx"
     matmul_chain_model(path, 4)
     return platform.services.registry.register(path, name, owner_org_id=owner, visibility="public")
 
@@ -99,8 +99,10 @@ def test_a_failed_call_gives_its_hold_back_and_is_not_metered(tmp_path: Path) ->
     async def body(platform: Platform) -> None:
         tenancy, billing = platform.services.tenancy, platform.services.billing
         provider, consumer = tenancy.create_org("provider"), tenancy.create_org("consumer")
-        mv = _register(platform, tmp_path, "sold", provider.id)
-        billing.create_plan("sold", PlanSpec(name="per-call", kind="usage", unit="requests", price_micros=10_000))
+        mv = _register(platform, tmp_path, "provider/sold", provider.id)
+        billing.create_plan(
+            "provider/sold", PlanSpec(name="per-call", kind="usage", unit="requests", price_micros=10_000)
+        )
         billing.credit(consumer.id, 10_000, "t")
         who = _principal(platform, consumer.id)
         # Admitted (the hold takes the whole wallet), then the deadline has passed before it runs: 504.

@@ -102,3 +102,58 @@ def test_admin_key_is_stored_only_as_a_keyed_hash(engine: Engine, tmp_path: Path
     with pytest.raises(Unauthenticated):
         KeyAuthenticator(sessions, b"server-secret").authenticate(generated)
     assert KeyAuthenticator(sessions, b"server-secret").authenticate("om_configured-key-value-1234567890")
+
+
+def test_migration_0006_puts_org_models_in_their_namespace_and_renames_what_refers_to_them(engine: Engine) -> None:
+    """An org's ``wine`` becomes ``acme/wine`` with its usage, subscriptions, charges, reservations and jobs; the
+    platform's models keep bare names."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from openmaas.store.db import MIGRATIONS_DIR
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0005")
+    now = "2026-11-30 10:00:00"
+    with engine.begin() as conn:
+        conn.execute(text(f"insert into orgs (id, name, created_at) values ('o1', 'acme', '{now}')"))
+        conn.execute(
+            text(
+                "insert into models (name, owner_org_id, visibility, review_state, created_at) values "
+                f"('wine', 'o1', 'private', 'none', '{now}'), ('minilm', null, 'public', 'none', '{now}')"
+            )
+        )
+        conn.execute(
+            text(
+                "insert into usage_records (request_id, org_id, key_id, model, version, protocol, requests, "
+                "input_tokens, output_tokens, items, audio_ms, latency_ms, outcome, created_at, day) values "
+                f"('r1', 'o1', 'k1', 'wine', 1, 'v2', 1, 0, 0, 1, 0, 1.0, 'completed', '{now}', '2026-11-30'), "
+                f"('r2', 'o1', 'k1', 'minilm', 1, 'openai', 1, 5, 0, 0, 0, 1.0, 'completed', '{now}', '2026-11-30')"
+            )
+        )
+        conn.execute(
+            text(
+                "insert into jobs (id, org_id, type, spec, status, progress, history, result, attempts, "
+                "cancel_requested, created_at) values "
+                f"""('j1', 'o1', 'train', '{{"output_model": "wine"}}', 'succeeded', 1, '[]', '{{"model": "wine"}}', """
+                f"1, false, '{now}'), "
+                f"""('j2', 'o1', 'train', '{{"output_model": "beer"}}', 'queued', 0, '[]', null, 0, false, '{now}')"""
+            )
+        )
+    upgrade(engine)
+    with engine.connect() as conn:
+        assert sorted(conn.execute(text("select name from models")).scalars()) == ["acme/wine", "minilm"]
+        assert dict(conn.execute(text("select request_id, model from usage_records")).all()) == {
+            "r1": "acme/wine",
+            "r2": "minilm",
+        }
+    from openmaas.store.tables import JobRow
+
+    with session_factory(engine)() as s:
+        jobs = {j.id: j for j in s.scalars(select(JobRow))}
+    assert jobs["j1"].spec["output_model"] == "acme/wine" and jobs["j1"].result == {"model": "acme/wine"}
+    assert jobs["j2"].spec["output_model"] == "acme/beer"  # queued: its model will be registered in acme's namespace

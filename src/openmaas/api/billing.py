@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -58,6 +59,31 @@ async def _invoice_for(billing: BillingService, who: Principal, invoice_id: str)
     return invoice
 
 
+def _instant(value: str, param: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"'{param}' must be a time like 2026-12-01T10:00:00Z, got '{value}'", param=param
+        ) from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _invoice_response(request: Request, inv: dict[str, Any], format: str | None) -> Response:
+    accept = request.headers.get("accept", "")
+    kind = format or ("csv" if "text/csv" in accept else "html" if "text/html" in accept else "json")
+    if kind == "csv":
+        name = f"invoice-{inv['period']}-{'draft' if inv.get('draft') else inv['id'][:8]}.csv"
+        return Response(
+            invoice_csv(inv), media_type="text/csv", headers={"Content-Disposition": f'attachment; filename="{name}"'}
+        )
+    if kind == "html":
+        return Response(invoice_html(inv, inv["org_name"]), media_type="text/html")
+    if kind != "json":
+        raise InvalidRequest("format must be json, csv or html", param="format")
+    return JSONResponse(inv)
+
+
 def invoice_csv(invoice: dict[str, Any]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
@@ -67,8 +93,11 @@ def invoice_csv(invoice: dict[str, Any]) -> str:
             "kind",
             "description",
             "model",
+            "provider",
             "plan",
             "quantity",
+            "unit",
+            "pricing",
             "records",
             "prepaid",
             f"amount ({invoice['currency']})",
@@ -81,16 +110,20 @@ def invoice_csv(invoice: dict[str, Any]) -> str:
                 line["kind"],
                 line["description"],
                 line["model"],
+                line.get("provider", ""),
                 line["plan"],
                 line["quantity"],
+                line.get("unit", ""),
+                line.get("pricing", {}).get("text", ""),
                 line["records"],
                 "yes" if line["prepaid"] else "no",
                 format_micros(line["amount_micros"]),
             ]
         )
-    writer.writerow(["", "total", "", "", "", "", "", "", format_micros(invoice["total_micros"])])
-    writer.writerow(["", "paid from wallet", "", "", "", "", "", "", format_micros(invoice["prepaid_micros"])])
-    writer.writerow(["", "due", "", "", "", "", "", "", format_micros(invoice["due_micros"])])
+    pad = [""] * 9
+    writer.writerow(["", "total", *pad, format_micros(invoice["total_micros"])])
+    writer.writerow(["", "paid from wallet", *pad, format_micros(invoice["prepaid_micros"])])
+    writer.writerow(["", "due", *pad, format_micros(invoice["due_micros"])])
     return out.getvalue()
 
 
@@ -98,7 +131,9 @@ def invoice_html(invoice: dict[str, Any], org_name: str) -> str:
     e = html.escape
     cur = e(invoice["currency"])
     rows = "\n".join(
-        f"<tr><td>{line['n']}</td><td>{e(line['description'])}</td><td class=n>{line['quantity']}</td>"
+        f"<tr><td>{line['n']}</td><td>{e(line['description'])}<br><small>{e(line.get('provider', ''))}"
+        f"{': ' if line.get('pricing') else ''}{e(line.get('pricing', {}).get('text', ''))}</small></td>"
+        f"<td class=n>{line['quantity']}</td>"
         f"<td class=n>{line['records']}</td><td class=n>{e(format_micros(line['amount_micros']))}</td></tr>"
         for line in invoice["lines"]
     )
@@ -107,15 +142,25 @@ def invoice_html(invoice: dict[str, Any], org_name: str) -> str:
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:60em}}table{{border-collapse:collapse;width:100%}}
 td,th{{border-bottom:1px solid #ccc;padding:.4em;text-align:left}}.n{{text-align:right}}
 @media print{{body{{margin:0}}}}</style></head>
-<body><h1>Invoice {e(invoice["period"])}</h1>
-<p>Organisation: <strong>{e(org_name)}</strong><br>Invoice: {e(invoice["id"])}<br>Issued: {e(invoice["created_at"][:10])}</p>
-<table><thead><tr><th>#</th><th>Description</th><th class=n>Quantity</th><th class=n>Calls</th><th class=n>Amount ({cur})</th></tr></thead>
+<body><h1>{"Draft invoice" if invoice.get("draft") else "Invoice"} {e(invoice["period"])}</h1>
+<p>Organisation: <strong>{e(org_name)}</strong><br>{
+        f"As of {e(invoice['as_of'][:16])} UTC: not issued, it changes until the month is closed"
+        if invoice.get("draft")
+        else f"Invoice: {e(invoice['id'])}<br>Issued: {e(invoice['created_at'][:10])}"
+    }</p>
+<table><thead><tr><th>#</th><th>Description</th><th class=n>Quantity</th><th class=n>Calls</th><th class=n>Amount ({
+        cur
+    })</th></tr></thead>
 <tbody>
 {rows}
 </tbody>
 <tfoot><tr><th></th><th>Total</th><th></th><th></th><th class=n>{e(format_micros(invoice["total_micros"]))}</th></tr>
-<tr><td></td><td>Paid from the prepaid wallet</td><td></td><td></td><td class=n>{e(format_micros(invoice["prepaid_micros"]))}</td></tr>
-<tr><th></th><th>Due</th><th></th><th></th><th class=n>{e(format_micros(invoice["due_micros"]))}</th></tr></tfoot></table>
+<tr><td></td><td>Paid from the prepaid wallet</td><td></td><td></td><td class=n>{
+        e(format_micros(invoice["prepaid_micros"]))
+    }</td></tr>
+<tr><th></th><th>Due</th><th></th><th></th><th class=n>{
+        e(format_micros(invoice["due_micros"]))
+    }</th></tr></tfoot></table>
 </body></html>
 """
 
@@ -125,7 +170,7 @@ def router() -> APIRouter:
 
     # -- plans ----------------------------------------------------------------------------------------------------
 
-    @r.post("/models/{name}/plans", status_code=201)
+    @r.post("/models/{name:model}/plans", status_code=201)
     async def create_plan(
         name: str, request: Request, gw: GatewayDep, billing: BillingDep, who: PrincipalDep
     ) -> JSONResponse:
@@ -134,6 +179,7 @@ def router() -> APIRouter:
         if not who.is_platform_admin and model.owner_org_id != who.org_id:
             raise Forbidden("only the model's owner organisation sells it")
         who.require("models.manage")
+        name = model.name
         try:
             spec = PlanSpec.model_validate_json(await request.body())
         except ValidationError as e:
@@ -146,9 +192,9 @@ def router() -> APIRouter:
         )
         return JSONResponse(plan.to_json(), status_code=201)
 
-    @r.get("/models/{name}/plans")
+    @r.get("/models/{name:model}/plans")
     async def list_plans(name: str, gw: GatewayDep, billing: BillingDep, who: PrincipalDep) -> JSONResponse:
-        gw.get_model(who, name)
+        name = gw.get_model(who, name).name
         plans = await run_in_threadpool(lambda: billing.plans(name, fresh=True))
         return JSONResponse({"plans": [p.to_json() for p in plans], "currency": billing.currency})
 
@@ -165,8 +211,8 @@ def router() -> APIRouter:
         tenancy: TenancyDep,
     ) -> JSONResponse:
         found = await resolve_org(tenancy, who, org, "billing")
-        gw.get_model(who, body.model)
-        sub = await run_in_threadpool(billing.subscribe, found.id, body.model, body.plan)
+        model = gw.get_model(who, body.model).name
+        sub = await run_in_threadpool(billing.subscribe, found.id, model, body.plan)
         await gw.audit_async(
             actor(request, who), "subscription.create", f"subscription:{sub['id']}", org_id=found.id, after=sub
         )
@@ -210,11 +256,9 @@ def router() -> APIRouter:
     ) -> JSONResponse:
         """Reserve a model under a dedicated plan: it is loaded and kept resident, billed per started minute."""
         found = await resolve_org(tenancy, who, org, "billing")
-        gw.get_model(who, body.model)
-        result = await dedicated.start(found.id, body.model, body.plan)
-        await gw.audit_async(
-            actor(request, who), "dedicated.start", f"model:{body.model}", org_id=found.id, after=result
-        )
+        model = gw.get_model(who, body.model).name
+        result = await dedicated.start(found.id, model, body.plan)
+        await gw.audit_async(actor(request, who), "dedicated.start", f"model:{model}", org_id=found.id, after=result)
         return JSONResponse(result, status_code=201)
 
     @r.delete("/orgs/{org}/dedicated/{reservation_id}")
@@ -242,6 +286,20 @@ def router() -> APIRouter:
     async def wallet(org: str, billing: BillingDep, who: PrincipalDep, tenancy: TenancyDep) -> JSONResponse:
         found = await resolve_org(tenancy, who, org, "usage.read")
         return JSONResponse({**await run_in_threadpool(billing.wallet, found.id), "currency": billing.currency})
+
+    @r.get("/orgs/{org}/wallet/movements")
+    async def wallet_movements(
+        org: str,
+        billing: BillingDep,
+        who: PrincipalDep,
+        tenancy: TenancyDep,
+        limit: int = Query(default=100, ge=1, le=1000),
+        before: str | None = Query(default=None, description="Only movements before this time (next_before)."),
+    ) -> JSONResponse:
+        """What moved the balance, newest first: credits in, and what each pay-as-you-go call paid."""
+        found = await resolve_org(tenancy, who, org, "usage.read")
+        until = _instant(before, "before") if before is not None else None
+        return JSONResponse(await run_in_threadpool(billing.movements, found.id, limit, until))
 
     @r.post("/orgs/{org}/wallet/credits")
     async def credit(
@@ -292,30 +350,29 @@ def router() -> APIRouter:
         found = await resolve_org(tenancy, who, org, "usage.read")
         return JSONResponse({"invoices": await run_in_threadpool(lambda: billing.books.invoices(org_id=found.id))})
 
+    @r.get("/orgs/{org}/invoices/draft")
+    async def draft_invoice(
+        org: str,
+        request: Request,
+        billing: BillingDep,
+        who: PrincipalDep,
+        tenancy: TenancyDep,
+        format: str | None = Query(default=None, description="json (default), csv or html"),
+    ) -> Response:
+        """The open month's invoice as it stands now (not issued: it changes until the month is closed)."""
+        found = await resolve_org(tenancy, who, org, "usage.read")
+        return _invoice_response(request, await run_in_threadpool(billing.books.draft, found.id), format)
+
     @r.get("/invoices/{invoice_id}")
     async def invoice(
         invoice_id: str,
         request: Request,
-        tenancy: TenancyDep,
         who: PrincipalDep,
         billing: BillingDep,
         format: str | None = Query(default=None, description="json (default), csv or html"),
     ) -> Response:
-        inv = await _invoice_for(billing, who, invoice_id)
-        accept = request.headers.get("accept", "")
-        kind = format or ("csv" if "text/csv" in accept else "html" if "text/html" in accept else "json")
-        if kind == "csv":
-            return Response(
-                invoice_csv(inv),
-                media_type="text/csv",
-                headers={"Content-Disposition": f'attachment; filename="invoice-{inv["period"]}-{inv["id"][:8]}.csv"'},
-            )
-        if kind == "html":
-            org = await run_in_threadpool(tenancy.get_org, inv["org_id"])
-            return Response(invoice_html(inv, org.name), media_type="text/html")
-        if kind != "json":
-            raise InvalidRequest("format must be json, csv or html", param="format")
-        return JSONResponse(inv)
+        """An issued invoice as JSON, CSV or a printable HTML page (``format`` or the Accept header)."""
+        return _invoice_response(request, await _invoice_for(billing, who, invoice_id), format)
 
     @r.get("/invoices/{invoice_id}/lines/{n}/records")
     async def line_records(invoice_id: str, n: int, billing: BillingDep, who: PrincipalDep) -> JSONResponse:

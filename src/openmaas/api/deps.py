@@ -12,6 +12,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
+import openmaas.api.routing  # noqa: F401  (registers the {name:model} path parameter every router uses)
 from openmaas.audit import Actor, AuditLog
 from openmaas.billing.dedicated import DedicatedCapacity
 from openmaas.billing.service import BillingService

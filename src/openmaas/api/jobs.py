@@ -97,6 +97,7 @@ def router(scratch: Path) -> APIRouter:
         job = await submissions.submit(
             body,
             org_id=who.org_id,
+            namespace=who.org_name,
             key_id=who.key_id,
             by_admin=who.is_platform_admin,
             model_version=lambda name: gw.model_version(who, name),

@@ -22,10 +22,12 @@ from openmaas.entities.models import (
     ReviewState,
     ServingConfig,
     Visibility,
+    split_name,
 )
-from openmaas.errors import Forbidden, InvalidRequest, ModelNotFound, NotFound
+from openmaas.errors import Forbidden, InvalidRequest, NotFound
 from openmaas.gateway.auth import Principal
 from openmaas.gateway.service import Gateway
+from openmaas.registry.service import full_name_for
 from openmaas.registry.uploads import is_archive, unpack
 
 
@@ -68,7 +70,14 @@ def _version_json(mv: ModelVersion) -> dict[str, Any]:
 def _model_json(gw: Gateway, model: Model, *, with_versions: bool) -> dict[str, Any]:
     out = model.model_dump(mode="json")
     if with_versions:
-        out["versions"] = [_version_json(v) for v in gw.versions(model.name)]
+        versions = gw.versions(model.name)
+        out["versions"] = [_version_json(v) for v in versions]
+        if versions:
+            latest = versions[-1]
+            prep = gw.preparing(latest)
+            out["state"] = gw.state(latest)
+            out["ready"] = prep is None
+            out["preparation"] = prep.model_dump() if prep is not None else None
     return out
 
 
@@ -123,15 +132,15 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
         ]
         return JSONResponse({"models": [_model_json(gw, m, with_versions=False) for m in models]})
 
-    @r.get("/models/{name}")
+    @r.get("/models/{name:model}")
     async def get_model(name: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         return JSONResponse(_model_json(gw, gw.get_model(who, name), with_versions=True))
 
-    @r.get("/models/{name}/versions/{version}")
+    @r.get("/models/{name:model}/versions/{version}")
     async def get_version(name: str, version: int, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         return JSONResponse(_version_json(gw.model_version(who, name, version)))
 
-    @r.patch("/models/{name}")
+    @r.patch("/models/{name:model}")
     async def update_model(
         name: str,
         body: ModelUpdate,
@@ -147,6 +156,7 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
         as it is until approved."""
         model = gw.get_model(who, name)
         _require_owner(who, model)
+        name = model.name
         before = {**_access_json(model), "serving": model.serving.model_dump(exclude_none=True)}
         if body.serving is not None:
             model = await run_in_threadpool(registry.set_serving, name, body.serving)
@@ -170,7 +180,7 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
         )
         return JSONResponse(_model_json(gw, model, with_versions=False))
 
-    @r.post("/models/{name}/review")
+    @r.post("/models/{name:model}/review")
     async def review_model(
         name: str, body: Review, request: Request, gw: GatewayDep, registry: RegistryDep, who: PrincipalDep
     ) -> JSONResponse:
@@ -178,7 +188,7 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
         if not who.is_platform_admin:
             gw.get_model(who, name)  # 404 for models the caller cannot see
             raise Forbidden("reviewing models for publication is for the platform admin")
-        gw.get_model(who, name)
+        name = gw.get_model(who, name).name
         model = await run_in_threadpool(registry.review, name, body.decision, body.reason)
         await gw.audit_async(
             actor(request, who),
@@ -202,20 +212,23 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
         card: str | None = Form(default=None, description="Model card as a JSON object"),
         org: str | None = Form(default=None, description="Owner organisation (platform admin only)."),
     ) -> JSONResponse:
-        """Register a model, or a new version of one your organisation owns. New models start private."""
+        """Register a model, or a new version of one your organisation owns. New models start private.
+
+        ``name`` is the model's own name (``wine``); it lives in your organisation's namespace as ``acme/wine``,
+        so another organisation's ``wine`` never clashes with it. The platform admin registers the platform's
+        catalogue (bare names), or for an organisation with ``org`` (or a full name)."""
         who.require("models.manage")
-        owner = who.org_id
-        if org is not None:
+        owner, namespace = who.org_id, who.org_name
+        target = org if org is not None else (split_name(name)[0] if who.is_platform_admin else None)
+        if target is not None:
             if not who.is_platform_admin:
                 raise Forbidden("only the platform admin registers models on behalf of an organisation")
-            owner = (await run_in_threadpool(tenancy.get_org, org)).id
-        try:
-            visible = gw.get_model(who, name) is not None
-        except ModelNotFound:
-            visible = False
-        await run_in_threadpool(
-            lambda: registry.check_new_name(name, who.org_id, visible=visible, by_admin=who.is_platform_admin)
-        )
+            try:
+                found = await run_in_threadpool(tenancy.get_org, target)
+            except NotFound:
+                raise InvalidRequest(f"no organisation '{target}' to register the model for", param="org") from None
+            owner, namespace = found.id, found.name
+        name = full_name_for(name, namespace)
         model_card = _parse_card(card)
         filename = PurePath(file.filename or "upload").name or "upload"
         scratch.mkdir(parents=True, exist_ok=True)
@@ -245,6 +258,6 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
             org_id=owner,
             after={"version": mv.version, "format": mv.format, "sha256": mv.sha256},
         )
-        return JSONResponse(_version_json(mv), status_code=201, headers={"Location": f"/api/models/{name}"})
+        return JSONResponse(_version_json(mv), status_code=201, headers={"Location": f"/api/models/{mv.model}"})
 
     return r

@@ -71,7 +71,7 @@ def router(max_inputs: int) -> APIRouter:
     async def list_models(gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [_model_object(gw, m) for m in gw.list_models(who)]})
 
-    @r.get("/models/{model_id}", dependencies=[Depends(principal)])
+    @r.get("/models/{model_id:model}", dependencies=[Depends(principal)])
     async def get_model(model_id: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         return JSONResponse(_model_object(gw, gw.get_model(who, model_id)))
 

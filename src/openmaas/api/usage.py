@@ -7,7 +7,7 @@ from datetime import UTC, date, datetime
 from fastapi import APIRouter, Depends, Query
 from starlette.concurrency import run_in_threadpool
 
-from openmaas.api.deps import AuditDep, PrincipalDep, TenancyDep, UsageDep, principal
+from openmaas.api.deps import AuditDep, BillingDep, PrincipalDep, TenancyDep, UsageDep, principal
 from openmaas.api.responses import JSONResponse
 from openmaas.api.tenancy import resolve_org
 from openmaas.errors import Forbidden, InvalidRequest
@@ -42,6 +42,7 @@ def router() -> APIRouter:
     @r.get("/usage")
     async def usage(
         usage: UsageDep,
+        billing: BillingDep,
         who: PrincipalDep,
         tenancy: TenancyDep,
         start: str | None = Query(default=None, alias="from", description="First day (default: start of month)."),
@@ -58,9 +59,19 @@ def router() -> APIRouter:
         org_id, all_orgs = await _scope(tenancy, who, org, "usage.read")
         rows = await run_in_threadpool(usage.summary, org_id, first, last, groups, all_orgs=all_orgs)
         totals = await run_in_threadpool(usage.summary, org_id, first, last, [], all_orgs=all_orgs)
-        empty = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "items": 0, "audio_seconds": 0}
+        empty = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "items": 0, "audio_seconds": 0, "cost_micros": 0}
         return JSONResponse(
-            {"from": first, "to": last, "group_by": groups, "data": rows, "totals": totals[0] if totals else empty}
+            {
+                "from": first,
+                "to": last,
+                "group_by": groups,
+                "data": rows,
+                "totals": totals[0] if totals else empty,
+                "currency": billing.currency,
+                # cost_micros: paid from the wallet, per call, under pay-as-you-go plans
+                "cost_note": "cost_micros is what pay-as-you-go calls paid; subscription fees, overage and "
+                "dedicated capacity are on the month's invoice (GET /api/orgs/{org}/invoices/draft for this month)",
+            }
         )
 
     @r.get("/usage/records")

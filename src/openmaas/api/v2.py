@@ -77,23 +77,24 @@ def router() -> APIRouter:
     async def server_metadata() -> JSONResponse:
         return JSONResponse({"name": "openmaas", "version": __version__, "extensions": EXTENSIONS})
 
-    @r.get("/models/{model}")
+    @r.get("/models/{model:model}")
     async def model_metadata(model: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         return JSONResponse(_metadata(gw, gw.model_version(who, model)))
 
-    @r.get("/models/{model}/versions/{version}")
+    @r.get("/models/{model:model}/versions/{version}")
     async def version_metadata(model: str, version: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         return JSONResponse(_metadata(gw, gw.model_version(who, model, _version_number(version))))
 
-    @r.get("/models/{model}/ready")
+    @r.get("/models/{model:model}/ready")
     async def model_ready(model: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+        """Whether calls can be served: false while a one-time preparation (a conversion) runs."""
         mv = gw.model_version(who, model)
-        return JSONResponse({"name": mv.model, "ready": True})
+        return JSONResponse({"name": mv.model, "ready": gw.preparing(mv) is None})
 
-    @r.get("/models/{model}/versions/{version}/ready")
+    @r.get("/models/{model:model}/versions/{version}/ready")
     async def version_ready(model: str, version: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         mv = gw.model_version(who, model, _version_number(version))
-        return JSONResponse({"name": mv.model, "ready": True})
+        return JSONResponse({"name": mv.model, "ready": gw.preparing(mv) is None})
 
     async def _infer(request: Request, gw: Gateway, who: Principal, model: str, version: int | None) -> Response:
         raw_length = request.headers.get(HEADER_LENGTH)
@@ -123,37 +124,42 @@ def router() -> APIRouter:
             headers={**ctx.response_headers, "Inference-Header-Content-Length": str(json_length)},
         )
 
-    @r.post("/models/{model}/infer")
+    @r.post("/models/{model:model}/infer")
     async def infer(model: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> Response:
         return await _infer(request, gw, who, model, None)
 
-    @r.post("/models/{model}/versions/{version}/infer")
+    @r.post("/models/{model:model}/versions/{version}/infer")
     async def infer_version(model: str, version: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> Response:
         return await _infer(request, gw, who, model, _version_number(version))
 
     # -- model repository extension --------------------------------------------------------------------------
 
-    def _require_manage(gw: Gateway, who: Principal, model: str) -> None:
-        """Loading and unloading spend the platform's memory: the platform admin or the model's owner org."""
-        owner = gw.get_model(who, model).owner_org_id
-        if not who.is_platform_admin and owner != who.org_id:
+    def _require_manage(gw: Gateway, who: Principal, model: str) -> str:
+        """Loading and unloading spend the platform's memory: the platform admin or the model's owner org.
+        Returns the model's full name."""
+        found = gw.get_model(who, model)
+        if not who.is_platform_admin and found.owner_org_id != who.org_id:
             raise Forbidden("only the model's owner organisation or the platform admin may load or unload it")
         who.require("models.manage")
+        return found.name
 
     @r.post("/repository/index")
     async def repository_index(gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         entries = []
         for model in gw.list_models(who):
             for mv in gw.versions(model.name):
-                state = gw.state(mv)
+                state: str = gw.state(mv)
                 reason = "unloaded (loads on first request)" if state == "UNAVAILABLE" else ""
+                prep = gw.preparing(mv) if state == "PREPARING" else None
+                if prep is not None:  # Triton's vocabulary has no PREPARING: it is a long first LOADING
+                    state, reason = "LOADING", f"preparing: {prep.step}, {prep.progress:.0%}"
                 entries.append({"name": mv.model, "version": str(mv.version), "state": state, "reason": reason})
         return JSONResponse(entries)
 
-    @r.post("/repository/models/{model}/load")
+    @r.post("/repository/models/{model:model}/load")
     async def repository_load(model: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         """Load a model's latest version now; ``{"parameters": {"pin": true}}`` keeps it from being evicted."""
-        _require_manage(gw, who, model)
+        model = _require_manage(gw, who, model)
         pin: bool | None = None
         raw = await request.body()
         if raw.strip():
@@ -168,9 +174,9 @@ def router() -> APIRouter:
         await gw.audit_async(actor(request, who), "model.load", model, org_id=who.org_id, after={"pin": pin})
         return JSONResponse({})
 
-    @r.post("/repository/models/{model}/unload")
+    @r.post("/repository/models/{model:model}/unload")
     async def repository_unload(model: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        _require_manage(gw, who, model)
+        model = _require_manage(gw, who, model)
         await gw.unload(model)
         await gw.audit_async(actor(request, who), "model.unload", model, org_id=who.org_id)
         return JSONResponse({})

@@ -7,7 +7,7 @@ import threading
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from typing import Any
 
@@ -15,7 +15,7 @@ from sqlalchemy import Connection, Engine, func, insert, select, update
 
 from openmaas.billing import ledger
 from openmaas.billing.money import round_half_even
-from openmaas.billing.plans import Plan, dedicated_cost, month_bounds, overage_cost, prorated_fee
+from openmaas.billing.plans import Plan, dedicated_cost, month_bounds, overage_cost, pricing, prorated_fee
 from openmaas.errors import InvalidRequest, NotFound
 from openmaas.metering.usage import UNIT_COLUMNS
 from openmaas.store.tables import (
@@ -23,6 +23,7 @@ from openmaas.store.tables import (
     HoldRow,
     InvoiceRow,
     LedgerEntryRow,
+    OrgRow,
     PeriodRow,
     ReservationRow,
     SubscriptionRow,
@@ -51,114 +52,36 @@ class Books:
                 self._close(conn, period, start, end, days)
         return self.invoices(period=period)
 
+    def draft(self, org_id: str, now: datetime | None = None) -> dict[str, Any]:
+        """The invoice of the open month as it stands now: what closing it at this moment would bill (fees for
+        the days so far, usage and overage so far, dedicated minutes so far, pay-as-you-go already paid)."""
+        now = now or datetime.now(UTC)
+        period = now.strftime("%Y-%m")
+        start, month_end, days = month_bounds(period)
+        with self._engine.connect() as conn:
+            lines = self._lines(conn, start, min(now, month_end), days, org_id=org_id).get(org_id, [])
+            names = self._org_names(conn)
+        for n, line in enumerate(lines, start=1):
+            line["n"] = n
+        total = sum(line["amount_micros"] for line in lines)
+        prepaid = sum(line["amount_micros"] for line in lines if line["prepaid"])
+        draft = {
+            "id": None,
+            "draft": True,
+            "as_of": now.isoformat(),
+            "org_id": org_id,
+            "period": period,
+            "currency": self.currency,
+            "total_micros": total,
+            "prepaid_micros": prepaid,
+            "due_micros": total - prepaid,
+            "lines": lines,
+            "created_at": now.isoformat(),
+        }
+        return self._with_names(draft, names)
+
     def _close(self, conn: Connection, period: str, start: datetime, end: datetime, days: int) -> None:
-        lines_by_org: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        subs = conn.execute(
-            select(SubscriptionRow).where(
-                SubscriptionRow.started_at < end,
-                (SubscriptionRow.ends_at.is_(None)) | (SubscriptionRow.ends_at > start),
-            )
-        ).all()
-        first_day, last_day = start.date().isoformat(), date.fromordinal(end.date().toordinal() - 1).isoformat()
-        for sub in subs:
-            plan = self.plan(sub.plan_id)
-            spec = plan.spec
-            active_from = max(sub.started_at, start)
-            active_to = min(sub.ends_at or end, end)
-            active_days = max(0, math.ceil((active_to - active_from).total_seconds() / 86400))
-            fee = round_half_even(prorated_fee(spec, active_days, days))
-            lines_by_org[sub.org_id].append(
-                {
-                    "kind": "subscription",
-                    "description": f"{plan.model}: {spec.name}, {active_days} of {days} days",
-                    "model": plan.model,
-                    "plan": spec.name,
-                    "provider_org_id": plan.owner_org_id,
-                    "quantity": active_days,
-                    "amount_micros": fee,
-                    "records": 0,
-                    "prepaid": False,
-                }
-            )
-            column = UNIT_COLUMNS[spec.unit]
-            used, count = conn.execute(
-                select(func.coalesce(func.sum(column), 0), func.count()).where(
-                    UsageRecordRow.org_id == sub.org_id,
-                    UsageRecordRow.model == plan.model,
-                    UsageRecordRow.day >= first_day,
-                    UsageRecordRow.day <= last_day,
-                )
-            ).one()
-            used = math.ceil(int(used) / 1000) if spec.unit == "audio_seconds" else int(used)
-            over, cost = overage_cost(spec, used)
-            lines_by_org[sub.org_id].append(
-                {
-                    "kind": "overage",
-                    "description": f"{plan.model}: {used} {spec.unit} used, {spec.included_units} included",
-                    "model": plan.model,
-                    "plan": spec.name,
-                    "provider_org_id": plan.owner_org_id,
-                    "quantity": over,
-                    "amount_micros": round_half_even(cost),
-                    "records": int(count),
-                    "prepaid": False,
-                }
-            )
-        reservations = conn.execute(
-            select(ReservationRow).where(
-                ReservationRow.started_at < end,
-                (ReservationRow.stopped_at.is_(None)) | (ReservationRow.stopped_at > start),
-            )
-        ).all()
-        for res in reservations:
-            plan = self.plan(res.plan_id)
-            running = (min(res.stopped_at or end, end) - max(res.started_at, start)).total_seconds()
-            minutes = math.ceil(running / 60)
-            lines_by_org[res.org_id].append(
-                {
-                    "kind": "dedicated",
-                    "description": f"{plan.model}: dedicated capacity, {minutes} started minutes",
-                    "model": plan.model,
-                    "plan": plan.spec.name,
-                    "provider_org_id": plan.owner_org_id,
-                    "quantity": minutes,
-                    "amount_micros": round_half_even(dedicated_cost(plan.spec, running)),
-                    "records": 0,
-                    "prepaid": False,
-                }
-            )
-        charges = conn.execute(
-            select(
-                ChargeRow.org_id,
-                ChargeRow.model,
-                ChargeRow.plan_id,
-                ChargeRow.provider_org_id,
-                ChargeRow.unit,
-                func.sum(ChargeRow.quantity),
-                func.sum(ChargeRow.amount_micros),
-                func.count(),
-                func.min(ChargeRow.created_at),
-            )
-            .where(ChargeRow.invoice_id.is_(None), ChargeRow.created_at < end)
-            .group_by(ChargeRow.org_id, ChargeRow.model, ChargeRow.plan_id, ChargeRow.provider_org_id, ChargeRow.unit)
-        ).all()
-        for org, model, plan_id, provider, unit, qty, amount, count, earliest in charges:
-            plan = self.plan(plan_id)
-            late = " (includes calls from an earlier period)" if earliest < start else ""
-            lines_by_org[org].append(
-                {
-                    "kind": "usage",
-                    "description": f"{model}: {int(qty)} {unit}, pay as you go{late}",
-                    "model": model,
-                    "plan": plan.spec.name,
-                    "plan_id": plan_id,
-                    "provider_org_id": provider,
-                    "quantity": int(qty),
-                    "amount_micros": int(amount),
-                    "records": int(count),
-                    "prepaid": True,
-                }
-            )
+        lines_by_org = self._lines(conn, start, end, days)
         now = datetime.now(UTC)
         for org, lines in sorted(lines_by_org.items()):
             for n, line in enumerate(lines, start=1):
@@ -192,6 +115,133 @@ class Books:
             ledger.post(conn, "invoice", [(f"receivable:{org}", -sum(postpaid.values())), *entries], invoice_id)
         conn.execute(insert(PeriodRow).values(period=period, closed_at=now))
 
+    def _lines(
+        self, conn: Connection, start: datetime, end: datetime, days: int, org_id: str | None = None
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Invoice lines per org for ``start``..``end`` (a whole month, or the open one up to now), each with
+        its plan's pricing terms."""
+        lines_by_org: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        subs_q = select(SubscriptionRow).where(
+            SubscriptionRow.started_at < end,
+            (SubscriptionRow.ends_at.is_(None)) | (SubscriptionRow.ends_at > start),
+        )
+        if org_id is not None:
+            subs_q = subs_q.where(SubscriptionRow.org_id == org_id)
+        subs = conn.execute(subs_q).all()
+        first_day, last_day = start.date().isoformat(), (end - timedelta(microseconds=1)).date().isoformat()
+        for sub in subs:
+            plan = self.plan(sub.plan_id)
+            spec = plan.spec
+            active_from = max(sub.started_at, start)
+            active_to = min(sub.ends_at or end, end)
+            active_days = max(0, math.ceil((active_to - active_from).total_seconds() / 86400))
+            fee = round_half_even(prorated_fee(spec, active_days, days))
+            lines_by_org[sub.org_id].append(
+                {
+                    "kind": "subscription",
+                    "description": f"{plan.model}: {spec.name}, {active_days} of {days} days",
+                    "model": plan.model,
+                    "plan": spec.name,
+                    "provider_org_id": plan.owner_org_id,
+                    "quantity": active_days,
+                    "unit": "days",
+                    "pricing": pricing(spec, "subscription", self.currency),
+                    "amount_micros": fee,
+                    "records": 0,
+                    "prepaid": False,
+                }
+            )
+            column = UNIT_COLUMNS[spec.unit]
+            used, count = conn.execute(
+                select(func.coalesce(func.sum(column), 0), func.count()).where(
+                    UsageRecordRow.org_id == sub.org_id,
+                    UsageRecordRow.model == plan.model,
+                    UsageRecordRow.day >= first_day,
+                    UsageRecordRow.day <= last_day,
+                )
+            ).one()
+            used = math.ceil(int(used) / 1000) if spec.unit == "audio_seconds" else int(used)
+            over, cost = overage_cost(spec, used)
+            lines_by_org[sub.org_id].append(
+                {
+                    "kind": "overage",
+                    "description": f"{plan.model}: {used} {spec.unit} used, {spec.included_units} included",
+                    "model": plan.model,
+                    "plan": spec.name,
+                    "provider_org_id": plan.owner_org_id,
+                    "quantity": over,
+                    "unit": spec.unit,
+                    "pricing": pricing(spec, "overage", self.currency),
+                    "amount_micros": round_half_even(cost),
+                    "records": int(count),
+                    "prepaid": False,
+                }
+            )
+        res_q = select(ReservationRow).where(
+            ReservationRow.started_at < end,
+            (ReservationRow.stopped_at.is_(None)) | (ReservationRow.stopped_at > start),
+        )
+        if org_id is not None:
+            res_q = res_q.where(ReservationRow.org_id == org_id)
+        reservations = conn.execute(res_q).all()
+        for res in reservations:
+            plan = self.plan(res.plan_id)
+            running = (min(res.stopped_at or end, end) - max(res.started_at, start)).total_seconds()
+            minutes = math.ceil(running / 60)
+            lines_by_org[res.org_id].append(
+                {
+                    "kind": "dedicated",
+                    "description": f"{plan.model}: dedicated capacity, {minutes} started minutes",
+                    "model": plan.model,
+                    "plan": plan.spec.name,
+                    "provider_org_id": plan.owner_org_id,
+                    "quantity": minutes,
+                    "unit": "minutes",
+                    "pricing": pricing(plan.spec, "dedicated", self.currency),
+                    "amount_micros": round_half_even(dedicated_cost(plan.spec, running)),
+                    "records": 0,
+                    "prepaid": False,
+                }
+            )
+        charges_q = (
+            select(
+                ChargeRow.org_id,
+                ChargeRow.model,
+                ChargeRow.plan_id,
+                ChargeRow.provider_org_id,
+                ChargeRow.unit,
+                func.sum(ChargeRow.quantity),
+                func.sum(ChargeRow.amount_micros),
+                func.count(),
+                func.min(ChargeRow.created_at),
+            )
+            .where(ChargeRow.invoice_id.is_(None), ChargeRow.created_at < end)
+            .group_by(ChargeRow.org_id, ChargeRow.model, ChargeRow.plan_id, ChargeRow.provider_org_id, ChargeRow.unit)
+        )
+        if org_id is not None:
+            charges_q = charges_q.where(ChargeRow.org_id == org_id)
+        charges = conn.execute(charges_q).all()
+        for org, model, plan_id, provider, unit, qty, amount, count, earliest in charges:
+            plan = self.plan(plan_id)
+            late = " (includes calls from an earlier period)" if earliest < start else ""
+            lines_by_org[org].append(
+                {
+                    "kind": "usage",
+                    "description": f"{model}: {int(qty)} {unit}, pay as you go{late}",
+                    "model": model,
+                    "plan": plan.spec.name,
+                    "plan_id": plan_id,
+                    "provider_org_id": provider,
+                    "quantity": int(qty),
+                    "unit": unit,
+                    "pricing": pricing(plan.spec, "usage", self.currency),
+                    "amount_micros": int(amount),
+                    "records": int(count),
+                    "prepaid": True,
+                }
+            )
+        return lines_by_org
+
     def invoices(self, *, org_id: str | None = None, period: str | None = None) -> list[dict[str, Any]]:
         q = select(InvoiceRow).order_by(InvoiceRow.period, InvoiceRow.org_id)
         if org_id is not None:
@@ -199,14 +249,30 @@ class Books:
         if period is not None:
             q = q.where(InvoiceRow.period == period)
         with self._engine.connect() as conn:
-            return [self._invoice_json(r) for r in conn.execute(q)]
+            names = self._org_names(conn)
+            return [self._with_names(self._invoice_json(r), names) for r in conn.execute(q)]
 
     def invoice(self, invoice_id: str) -> dict[str, Any]:
         with self._engine.connect() as conn:
             row = conn.execute(select(InvoiceRow).where(InvoiceRow.id == invoice_id)).first()
+            names = self._org_names(conn)
         if row is None:
             raise NotFound(f"invoice '{invoice_id}' does not exist", param="invoice")
-        return self._invoice_json(row)
+        return self._with_names(self._invoice_json(row), names)
+
+    @staticmethod
+    def _org_names(conn: Connection) -> dict[str, str]:
+        return {org_id: name for org_id, name in conn.execute(select(OrgRow.id, OrgRow.name))}
+
+    @staticmethod
+    def _with_names(invoice: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+        """Organisation names beside their ids: the invoiced org's, and each line's provider ("platform" for the
+        platform's own models)."""
+        invoice["org_name"] = names.get(invoice["org_id"], invoice["org_id"])
+        for line in invoice["lines"]:
+            provider = line.get("provider_org_id")
+            line["provider"] = "platform" if provider is None else names.get(provider, provider)
+        return invoice
 
     @staticmethod
     def _invoice_json(row: Any) -> dict[str, Any]:

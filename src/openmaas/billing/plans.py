@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from openmaas.billing.money import format_micros
 from openmaas.errors import InvalidRequest
 
 Unit = Literal["requests", "input_tokens", "output_tokens", "items", "audio_seconds"]
@@ -122,6 +123,41 @@ def dedicated_cost(plan: PlanSpec, running_seconds: float) -> Fraction:
 
     minutes = math.ceil(running_seconds / 60) if running_seconds > 0 else 0
     return Fraction(plan.hourly_price_micros * minutes, 60)
+
+
+def pricing(
+    plan: PlanSpec, line: Literal["usage", "subscription", "overage", "dedicated"], currency: str
+) -> dict[str, Any]:
+    """The price terms behind an invoice line, as numbers and as one sentence (``text``)."""
+    one = {"requests": "request", "audio_seconds": "second of audio"}.get(plan.unit, plan.unit[:-1].replace("_", " "))
+    per = f"per {plan.block:,} {plan.unit.replace('_', ' ')}" if plan.block != 1 else f"per {one}"
+
+    def amount(micros: int) -> str:
+        return format_micros(micros, currency)
+
+    if line == "usage":
+        if plan.tiers:
+            lower, parts = 0, []
+            for tier in plan.tiers:
+                span = f"{lower:,}-{tier.up_to:,}" if tier.up_to is not None else f"over {lower:,}"
+                parts.append(f"{span}: {amount(tier.price_micros)}")
+                lower = tier.up_to or lower
+            return {
+                "block": plan.block,
+                "tiers": [t.model_dump() for t in plan.tiers],
+                "text": f"graduated, {per}, by units used this month: " + "; ".join(parts),
+            }
+        return {"block": plan.block, "price_micros": plan.price_micros, "text": f"{amount(plan.price_micros)} {per}"}
+    if line == "subscription":
+        return {"monthly_fee_micros": plan.monthly_fee_micros, "text": f"{amount(plan.monthly_fee_micros)} a month"}
+    if line == "overage":
+        return {
+            "block": plan.block,
+            "included_units": plan.included_units,
+            "overage_price_micros": plan.overage_price_micros,
+            "text": f"{plan.included_units:,} {plan.unit} included, then {amount(plan.overage_price_micros)} {per}",
+        }
+    return {"hourly_price_micros": plan.hourly_price_micros, "text": f"{amount(plan.hourly_price_micros)} an hour"}
 
 
 @dataclass(frozen=True)

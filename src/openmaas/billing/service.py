@@ -9,7 +9,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -18,8 +18,10 @@ from openmaas.billing.books import Books
 from openmaas.billing.plans import PendingCharge, Plan, PlanSpec, hold_amount, month_bounds
 from openmaas.errors import AlreadyExists, ErrorCode, InvalidRequest, NotFound, OpenMaaSError
 from openmaas.store.tables import (
+    ChargeRow,
     CreditRow,
     HoldRow,
+    LedgerEntryRow,
     ModelRow,
     OrgRow,
     PlanRow,
@@ -252,6 +254,64 @@ class BillingService:
             row = conn.execute(select(WalletRow).where(WalletRow.org_id == org_id)).first()
         available, held = (row.available_micros, row.held_micros) if row is not None else (0, 0)
         return {"balance_micros": available + held, "held_micros": held, "available_micros": available}
+
+    def movements(self, org_id: str, limit: int = 100, before: datetime | None = None) -> dict[str, Any]:
+        """What moved the wallet's balance, newest first: credits in, and what each pay-as-you-go call paid
+        (holds for calls in flight are not movements: they change what is available, not the balance). Each
+        movement carries the balance right after it; ``before`` pages back in time."""
+        credits_q = (
+            select(CreditRow.reference, CreditRow.amount_micros, LedgerEntryRow.created_at)
+            .join(LedgerEntryRow, LedgerEntryRow.txn_id == CreditRow.txn_id)
+            .where(CreditRow.org_id == org_id, LedgerEntryRow.account == ledger.wallet(org_id))
+        )
+        charges_q = select(ChargeRow.request_id, ChargeRow.model, ChargeRow.amount_micros, ChargeRow.created_at).where(
+            ChargeRow.org_id == org_id
+        )
+        newer = 0
+        with self._engine.connect() as conn:
+            if before is not None:
+                newer += int(
+                    conn.execute(
+                        select(func.coalesce(func.sum(CreditRow.amount_micros), 0))
+                        .join(LedgerEntryRow, LedgerEntryRow.txn_id == CreditRow.txn_id)
+                        .where(
+                            CreditRow.org_id == org_id,
+                            LedgerEntryRow.account == ledger.wallet(org_id),
+                            LedgerEntryRow.created_at >= before,
+                        )
+                    ).scalar_one()
+                )
+                newer -= int(
+                    conn.execute(
+                        select(func.coalesce(func.sum(ChargeRow.amount_micros), 0)).where(
+                            ChargeRow.org_id == org_id, ChargeRow.created_at >= before
+                        )
+                    ).scalar_one()
+                )
+                credits_q = credits_q.where(LedgerEntryRow.created_at < before)
+                charges_q = charges_q.where(ChargeRow.created_at < before)
+            credits = conn.execute(credits_q.order_by(LedgerEntryRow.created_at.desc()).limit(limit)).all()
+            charges = conn.execute(charges_q.order_by(ChargeRow.created_at.desc()).limit(limit)).all()
+        items: list[dict[str, Any]] = [
+            {"at": at, "kind": "credit", "amount_micros": int(amount), "reference": ref, "model": None}
+            for ref, amount, at in credits
+        ] + [
+            {"at": at, "kind": "charge", "amount_micros": -int(amount), "request_id": rid, "model": model}
+            for rid, model, amount, at in charges
+            if amount
+        ]
+        items.sort(key=lambda m: m["at"], reverse=True)
+        items = items[:limit]
+        balance = self.wallet(org_id)["balance_micros"] - newer
+        for item in items:
+            item["balance_after_micros"] = balance
+            balance -= item["amount_micros"]
+            item["at"] = item["at"].isoformat()
+        return {
+            "movements": items,
+            "currency": self.currency,
+            "next_before": items[-1]["at"] if len(items) == limit else None,
+        }
 
     # -- entitlement (the gateway calls these) --------------------------------------------------------------------
 

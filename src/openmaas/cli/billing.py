@@ -132,3 +132,57 @@ def invoices(
             str(len(inv["lines"])),
         )
     console.print(table)
+
+
+@billing_app.command("draft")
+def draft(
+    org: str,
+    format: Annotated[str, typer.Option("--format", help="table, json, csv or html.")] = "table",
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+    data_dir: DataDirOpt = Path(".openmaas"),
+) -> None:
+    """ORG's invoice for the open month as it stands now (not issued: it changes until the month is closed)."""
+    if format != "table":
+        typer.echo(call(url, api_key, data_dir, lambda c: c.text(f"/api/orgs/{org}/invoices/draft?format={format}")))
+        return
+    inv = call(url, api_key, data_dir, lambda c: c.get(f"/api/orgs/{org}/invoices/draft"))
+    cur = inv["currency"]
+    table = Table("#", "line", "provider", "pricing", "quantity", f"amount ({cur})")
+    table.title = f"Draft invoice {inv['period']} for {inv['org_name']}, as of {inv['as_of'][:16]} UTC"
+    for line in inv["lines"]:
+        table.add_row(
+            str(line["n"]),
+            line["description"],
+            line["provider"],
+            line.get("pricing", {}).get("text", ""),
+            f"{line['quantity']} {line.get('unit', '')}".strip(),
+            format_micros(line["amount_micros"]),
+        )
+    console.print(table)
+    console.print(
+        f"total {format_micros(inv['total_micros'], cur)}, paid from the wallet {format_micros(inv['prepaid_micros'])}"
+        f", due at close {format_micros(inv['due_micros'])}"
+    )
+
+
+@billing_app.command("movements")
+def movements(
+    org: str,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 50,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+    data_dir: DataDirOpt = Path(".openmaas"),
+) -> None:
+    """What moved ORG's wallet balance: credits in, and what each pay-as-you-go call paid."""
+    result = call(
+        url, api_key, data_dir, lambda c: c.get_params(f"/api/orgs/{org}/wallet/movements", {"limit": str(limit)})
+    )
+    cur = result["currency"]
+    table = Table("at", "kind", "what", f"amount ({cur})", f"balance after ({cur})")
+    for m in result["movements"]:
+        what = m.get("reference") or f"{m.get('model')} ({m.get('request_id', '')[:12]})"
+        table.add_row(
+            m["at"][:19], m["kind"], what, format_micros(m["amount_micros"]), format_micros(m["balance_after_micros"])
+        )
+    console.print(table)

@@ -144,16 +144,52 @@ def models_list(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, data_dir: Dat
 
 @models_app.command("show")
 def models_show(
-    name: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, data_dir: DataDirOpt = Path(".openmaas")
+    name: str,
+    wait: Annotated[bool, typer.Option(help="Wait, with a progress bar, until the model is ready to serve.")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+    data_dir: DataDirOpt = Path(".openmaas"),
 ) -> None:
-    """Show a model's versions, signature and card."""
+    """Show a model's versions, signature and card (as JSON), and whether it is ready (on stderr)."""
     with client(url, api_key, data_dir) as c:
         try:
             model = c.get(f"/api/models/{name}")
+            if wait and model.get("preparation"):
+                model = _wait_until_ready(c, name, model)
         except ApiError as e:
             fail(e)
             return
+    prep = model.get("preparation")
+    if prep:
+        err.print(
+            f"{model['name']}: preparing, {prep['step']}, {prep['progress']:.0%} after {prep['elapsed_s']:.0f} s; "
+            "calls get 503 until it is ready (--wait to follow it)"
+        )
+    elif "state" in model:
+        err.print(f"{model['name']}: ready ({model['state'].lower()})")
     console.print_json(json.dumps(model))
+
+
+def _wait_until_ready(c: Any, name: str, model: dict[str, Any]) -> dict[str, Any]:
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as bar:
+        task = bar.add_task(f"{model['name']}: {model['preparation']['step']}", total=1.0)
+        while model.get("preparation"):
+            prep = model["preparation"]
+            bar.update(task, completed=prep["progress"], description=f"{model['name']}: {prep['step']}")
+            time.sleep(1.0)
+            model = c.get(f"/api/models/{name}")
+        bar.update(task, completed=1.0, description=f"{model['name']}: ready")
+    return model
 
 
 def _repository(action: str, name: str, url: str, api_key: str | None, data_dir: Path) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.table import Table
 
+from openmaas.billing.money import format_micros
 from openmaas.cli.common import DEFAULT_URL, DataDirOpt, KeyOpt, UrlOpt, call, console, err
 
 T = TypeVar("T")
@@ -106,12 +107,16 @@ def users_members(
 
 
 def login(
-    email: str,
-    org: str,
+    org: Annotated[str, typer.Argument(help="The organisation to act in.")],
+    email: Annotated[str, typer.Argument(help="Your email address.")],
     url: UrlOpt = DEFAULT_URL,
     data_dir: DataDirOpt = Path(".openmaas"),
 ) -> None:
-    """Sign in to ORG and print a 12-hour session key (use it as OPENMAAS_API_KEY)."""
+    """Sign in to ORG as EMAIL and print a 12-hour session key (use it as OPENMAAS_API_KEY).
+
+    ORG comes first, as in every org-scoped command; the older order (EMAIL ORG) still works."""
+    if "@" in org and "@" not in email:  # an organisation name never holds "@"
+        org, email = email, org
     password = _password(confirm=False)
     session = call(
         url, None, data_dir, lambda c: c.post("/api/auth/login", {"email": email, "password": password, "org": org})
@@ -211,12 +216,20 @@ def usage(
         if "unit" in dims
         else ["requests", "input_tokens", "output_tokens", "items", "audio_seconds"]
     )
-    columns = [d for d in dims if d != "unit"] + units
+    currency = result.get("currency", "")
+    columns = [d for d in dims if d != "unit"] + units + [f"cost ({currency})"]
+    for row in result["data"]:
+        row[f"cost ({currency})"] = format_micros(row.get("cost_micros", 0))
     table = _table(columns, result["data"])
     table.title = f"Usage {result['from']} .. {result['to']}"
     console.print(table)
-    totals = result["totals"]
-    console.print("Total: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
+    totals = dict(result["totals"])
+    cost = format_micros(totals.pop("cost_micros", 0), currency)
+    console.print("Total: " + ", ".join(f"{k} {v}" for k, v in totals.items()) + f"; cost {cost}")
+    console.print(
+        "[dim]cost: what pay-as-you-go calls paid from the wallet; fees, overage and dedicated capacity are on the "
+        "invoice ('openmaas billing draft ORG')[/dim]"
+    )
 
 
 @audit_app.command("list")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Literal
 
@@ -10,6 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from openmaas.entities.tensors import Signature
 
 Visibility = Literal["private", "shared", "public"]
+# A model's own name (the part after its organisation's namespace).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Words that follow a model's name in URLs (/v2/models/{name}/ready ...): a model may not be called so.
+RESERVED_NAMES = frozenset({"ready", "versions", "infer", "load", "unload", "stats", "config", "plans", "review"})
 ReviewState = Literal["none", "pending", "approved", "rejected"]
 # What a card must say before its model may be reviewed for publication.
 REQUIRED_FOR_PUBLICATION = ("intended_use", "training_data", "metrics", "limitations", "license", "privacy")
@@ -60,6 +65,16 @@ def card_template() -> dict[str, Any]:
     return {name: (f.examples or [""])[0] for name, f in ModelCard.model_fields.items()}
 
 
+class Preparation(BaseModel):
+    """One-time work in progress before a model version can load (e.g. converting a GGUF file)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    step: str
+    progress: float = Field(ge=0, le=1, description="Fraction done, 0-1.")
+    elapsed_s: float
+
+
 class ServingConfig(BaseModel):
     """Per-model overrides of the serving defaults in Settings; unset fields keep the defaults."""
 
@@ -89,7 +104,20 @@ class ModelVersion(BaseModel):
     created_at: datetime
 
 
+def split_name(name: str) -> tuple[str | None, str]:
+    """``"acme/wine"`` -> ``("acme", "wine")``; a platform model's bare ``"wine"`` -> ``(None, "wine")``."""
+    namespace, sep, short = name.partition("/")
+    return (namespace, short) if sep else (None, name)
+
+
+def qualify(namespace: str | None, name: str) -> str:
+    """The full name of ``name`` registered in ``namespace`` (an organisation's name; None: the platform's)."""
+    return f"{namespace}/{name}" if namespace else name
+
+
 class Model(BaseModel):
+    """A model: its full name is ``org/name`` for an organisation's model, bare for the platform's catalogue."""
+
     model_config = ConfigDict(frozen=True)
 
     name: str
@@ -102,3 +130,11 @@ class Model(BaseModel):
     shared_with: tuple[str, ...] = ()
     review_state: ReviewState = "none"
     review_reason: str | None = None
+
+    @property
+    def namespace(self) -> str | None:
+        return split_name(self.name)[0]
+
+    @property
+    def short_name(self) -> str:
+        return split_name(self.name)[1]

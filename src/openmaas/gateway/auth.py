@@ -19,8 +19,9 @@ from typing import Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from openmaas.entities.models import Model
 from openmaas.errors import Forbidden, NotFound, Unauthenticated
-from openmaas.store.tables import ApiKeyRow, utcnow
+from openmaas.store.tables import ApiKeyRow, OrgRow, utcnow
 from openmaas.tenancy.models import KeyLimits
 from openmaas.tenancy.roles import ALL_SCOPES, Action, Role, why_not
 
@@ -43,6 +44,8 @@ class Principal:
     key_id: str
     scopes: frozenset[str]
     org_id: str | None = None
+    # The organisation's name: its models' namespace (``org/name``), where bare model names resolve first.
+    org_name: str | None = None
     user_id: str | None = None
     # The most this principal may do in its org (the role of whoever created the key).
     role: Role = "owner"
@@ -64,8 +67,13 @@ class Principal:
         if reason is not None:
             raise Forbidden(reason)
 
-    def may_use_model(self, name: str) -> bool:
-        return self.models is None or name in self.models
+    def may_use_model(self, model: Model) -> bool:
+        """Whether the key's allow-list admits ``model``: by full name, or by its own name for a model of the
+        key's organisation or of the platform."""
+        if self.models is None or model.name in self.models:
+            return True
+        namespace = model.namespace
+        return (namespace is None or namespace == self.org_name) and model.short_name in self.models
 
 
 def new_key() -> str:
@@ -144,7 +152,12 @@ class KeyAuthenticator:
         if hit is not None and now - hit[0] < _CACHE_TTL_S:
             return hit[1]
         with self._sessions() as s:
-            row = s.scalar(select(ApiKeyRow).where(ApiKeyRow.key_hash == digest))
+            found = s.execute(
+                select(ApiKeyRow, OrgRow.name)
+                .outerjoin(OrgRow, OrgRow.id == ApiKeyRow.org_id)
+                .where(ApiKeyRow.key_hash == digest)
+            ).first()
+        row, org_name = (found[0], found[1]) if found is not None else (None, None)
         # The lookup is by digest; compare again in constant time so equality is never decided by a branch
         # that depends on how many characters matched.
         if row is None or not hmac.compare_digest(row.key_hash, digest):
@@ -162,6 +175,7 @@ class KeyAuthenticator:
             key_id=row.id,
             scopes=frozenset(row.scopes),
             org_id=row.org_id,
+            org_name=org_name,
             user_id=row.user_id,
             role=row.role,  # type: ignore[arg-type]
             models=frozenset(row.models) if row.models is not None else None,

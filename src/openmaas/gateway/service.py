@@ -18,9 +18,9 @@ import numpy as np
 
 from openmaas.audit import Actor, AuditLog
 from openmaas.entities.generation import TokenEvent
-from openmaas.entities.models import Model, ModelVersion
+from openmaas.entities.models import Model, ModelVersion, Preparation
 from openmaas.entities.speech import Transcript
-from openmaas.errors import InvalidInput, ModelNotFound, PayloadTooLarge
+from openmaas.errors import InvalidInput, PayloadTooLarge
 from openmaas.gateway.admission import AdmissionControl, AdmittedCall, CallContext, Demand, status_of
 from openmaas.gateway.auth import KeyAuthenticator, Principal
 from openmaas.registry.service import ModelRegistry
@@ -54,7 +54,7 @@ class Gateway:
     def can_see(self, principal: Principal, model: Model) -> bool:
         if principal.is_platform_admin:
             return True
-        if not principal.may_use_model(model.name):
+        if not principal.may_use_model(model):
             return False
         if model.visibility == "public":
             return True
@@ -68,16 +68,14 @@ class Gateway:
         return [m for m in self.registry.list_models() if self.can_see(principal, m)]
 
     def get_model(self, principal: Principal, name: str) -> Model:
-        model = self.registry.cached_model(name)
-        if not self.can_see(principal, model):
-            raise ModelNotFound(name)  # exactly as if it did not exist
-        return model
+        """The model ``name`` means to this caller (``org/name``, or a bare name: its own organisation's, the
+        platform's, then another's it may see); 404 for what it cannot see, exactly as if it did not exist."""
+        return self.registry.find(name, principal.org_name, lambda m: self.can_see(principal, m))
 
     def model_version(self, principal: Principal, name: str, version: int | None = None) -> ModelVersion:
         """The version a call to ``name`` uses (the latest when None); 404 for a model the caller cannot see."""
-        if not principal.is_platform_admin:
-            self.get_model(principal, name)  # visibility first: no existence leak through version errors
-        return self.registry.resolve(name, version)
+        model = self.get_model(principal, name)  # visibility first: no existence leak through version errors
+        return self.registry.resolve(model.name, version)
 
     def latest(self, model: Model) -> ModelVersion:
         """The latest version of a model already shown to the caller (``get_model``, ``list_models``)."""
@@ -94,6 +92,9 @@ class Gateway:
 
     def state(self, mv: ModelVersion) -> ModelState:
         return self.backend.state(mv)
+
+    def preparing(self, mv: ModelVersion) -> Preparation | None:
+        return self.backend.preparing(mv)
 
     async def audit_async(
         self,

@@ -16,7 +16,7 @@ from openmaas.entities.models import ModelVersion
 from openmaas.errors import InvalidRequest
 from openmaas.jobs.service import JobService
 from openmaas.jobs.specs import TrainSpec, parse_spec
-from openmaas.registry.service import NAME_RE, ModelRegistry
+from openmaas.registry.service import ModelRegistry, full_name_for
 from openmaas.runtimes import runtime_class
 from openmaas.training import data as training_data
 
@@ -34,14 +34,16 @@ class JobSubmission:
         body: dict[str, Any],
         *,
         org_id: str | None,
+        namespace: str | None = None,
         key_id: str | None,
         by_admin: bool,
         model_version: Callable[[str], ModelVersion],
     ) -> dict[str, Any]:
         """Check and queue the job ``body``; ``model_version`` resolves a model the submitter may see (404
-        otherwise)."""
+        otherwise). A trained model is named in the submitter's ``namespace`` (its organisation's name)."""
         spec = parse_spec(body)
         if isinstance(spec, TrainSpec):
+            spec = spec.model_copy(update={"output_model": full_name_for(spec.output_model, namespace, "output_model")})
             await asyncio.to_thread(self.check_train, spec, org_id, by_admin, model_version)
         return await asyncio.to_thread(self._jobs.create, org_id, key_id, spec.model_dump(mode="json"))
 
@@ -49,8 +51,6 @@ class JobSubmission:
         self, spec: TrainSpec, org_id: str | None, by_admin: bool, model_version: Callable[[str], ModelVersion]
     ) -> None:
         """Refuse what would fail the job: unknown dataset, target or model name, bad classes, a wrong encoder."""
-        if not NAME_RE.match(spec.output_model):
-            raise InvalidRequest(f"invalid model name '{spec.output_model}'", param="output_model")
         ds = self._datasets.get(org_id, spec.dataset, any_org=by_admin)
         if spec.task == "text-classification":
             encoder = model_version(spec.encoder)  # 404 when the submitter cannot see it

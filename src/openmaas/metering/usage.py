@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from openmaas.errors import InvalidRequest
 from openmaas.metering.records import UNITS
-from openmaas.store.tables import IdempotencyKeyRow, UsageCounterRow, UsageRecordRow
+from openmaas.store.tables import ChargeRow, IdempotencyKeyRow, UsageCounterRow, UsageRecordRow
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 GROUPS = {
@@ -81,27 +81,49 @@ class UsageQueries:
     def summary(
         self, org_id: str | None, start: str, end: str, group_by: list[str], *, all_orgs: bool = False
     ) -> list[dict[str, Any]]:
-        """Sums per group over days ``start``..``end`` (inclusive, YYYY-MM-DD); one org unless ``all_orgs``."""
+        """Sums per group over days ``start``..``end`` (inclusive, YYYY-MM-DD); one org unless ``all_orgs``.
+
+        ``cost_micros`` is what the calls paid from the wallet under pay-as-you-go plans (exactly the charges of
+        these records); subscription fees, overage and dedicated capacity are billed per month, on the invoice."""
         dims = [g for g in group_by if g != "unit"]
         cols = [GROUPS[d].label(d) for d in dims]
         sums = [func.coalesce(func.sum(c), 0).label(u) for u, c in UNIT_COLUMNS.items()]
-        q = select(*cols, *sums).where(UsageRecordRow.day >= start, UsageRecordRow.day <= end)
+        where = [UsageRecordRow.day >= start, UsageRecordRow.day <= end]
         if not all_orgs:
-            q = q.where(UsageRecordRow.org_id.is_(None) if org_id is None else UsageRecordRow.org_id == org_id)
+            where.append(UsageRecordRow.org_id.is_(None) if org_id is None else UsageRecordRow.org_id == org_id)
         elif org_id is not None:
-            q = q.where(UsageRecordRow.org_id == org_id)
+            where.append(UsageRecordRow.org_id == org_id)
+        q = select(*cols, *sums).where(*where)
+        costs = (
+            select(*cols, ChargeRow.unit.label("charged_unit"), func.sum(ChargeRow.amount_micros).label("cost"))
+            .select_from(UsageRecordRow)
+            .join(ChargeRow, ChargeRow.request_id == UsageRecordRow.request_id)
+            .where(*where)
+            .group_by(*[GROUPS[d] for d in dims], ChargeRow.unit)
+        )
         if dims:
             q = q.group_by(*[GROUPS[d] for d in dims]).order_by(*[GROUPS[d] for d in dims])
         out: list[dict[str, Any]] = []
         with self._sessions() as s:
+            cost_of: dict[tuple[Any, ...], dict[str, int]] = {}
+            for row in s.execute(costs).mappings():
+                cost_of.setdefault(tuple(row[d] for d in dims), {})[row["charged_unit"]] = int(row["cost"] or 0)
             for row in s.execute(q).mappings():
                 base = {d: row[d] for d in dims}
+                paid = cost_of.get(tuple(row[d] for d in dims), {})
                 if "unit" in group_by:
                     for unit in UNITS:
                         if row[unit]:
-                            out.append({**base, "unit": unit, "quantity": _quantity(unit, row[unit])})
+                            out.append(
+                                {
+                                    **base,
+                                    "unit": unit,
+                                    "quantity": _quantity(unit, row[unit]),
+                                    "cost_micros": paid.get(unit, 0),
+                                }
+                            )
                 elif dims or row["requests"]:
-                    out.append({**base, **{u: _quantity(u, row[u]) for u in UNITS}})
+                    out.append({**base, **{u: _quantity(u, row[u]) for u in UNITS}, "cost_micros": sum(paid.values())})
         return out
 
     def records(self, org_id: str | None, limit: int = 100) -> list[dict[str, Any]]:

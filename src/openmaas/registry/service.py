@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -11,9 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from openmaas.artifacts import ArtifactStore
-from openmaas.entities.models import Model, ModelCard, ModelVersion, ServingConfig, Visibility
+from openmaas.entities.models import (
+    NAME_RE,
+    RESERVED_NAMES,
+    Model,
+    ModelCard,
+    ModelVersion,
+    ServingConfig,
+    Visibility,
+    qualify,
+    split_name,
+)
 from openmaas.entities.tensors import Signature
-from openmaas.errors import AlreadyExists, Forbidden, InvalidRequest, ModelLoadFailed, ModelNotFound
+from openmaas.errors import Forbidden, InvalidRequest, ModelLoadFailed, ModelNotFound
 from openmaas.registry.inspect import inspect_in_process
 from openmaas.registry.publication import Decision, access_changes, review_changes
 from openmaas.runtimes import RuntimeOptions
@@ -25,9 +34,32 @@ log = logging.getLogger(__name__)
 # (format, path, options) -> signature, by loading the model once; raises InvalidRequest if it does not load.
 Inspector = Callable[[str, Path, RuntimeOptions], Signature]
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # How long a resolved "latest version" may be served from memory; bounds staleness across processes.
 _CACHE_TTL_S = 2.0
+
+
+def check_short_name(name: str, param: str = "name") -> None:
+    """Refuse a model name that is not 1-128 letters, digits, '.', '_' or '-' (or is a word URLs use)."""
+    if not NAME_RE.match(name) or name.lower() in RESERVED_NAMES:
+        raise InvalidRequest(
+            f"invalid model name '{name}': use 1-128 letters, digits, '.', '_' or '-', starting with a letter or "
+            f"digit, and not one of: {', '.join(sorted(RESERVED_NAMES))}",
+            param=param,
+        )
+
+
+def full_name_for(name: str, namespace: str | None, param: str = "name") -> str:
+    """The full name under which a caller whose namespace is ``namespace`` (its organisation's name; None for the
+    platform's catalogue) registers ``name`` (``"wine"`` or ``"acme/wine"``).
+
+    A name in another namespace is refused with 403 whether or not such a model exists, so registering never
+    tells anyone what another organisation has."""
+    ns, short = split_name(name)
+    check_short_name(short, param)
+    if ns is not None and ns != namespace:
+        mine = f"'{qualify(namespace, short)}' or just '{short}'" if namespace else f"'{short}'"
+        raise Forbidden(f"'{name}' is in the namespace of organisation '{ns}': register yours as {mine}")
+    return qualify(namespace, short)
 
 
 class ModelRegistry:
@@ -46,6 +78,7 @@ class ModelRegistry:
         self.inspector = inspector
         self._cache: dict[tuple[str, int | None], tuple[float, ModelVersion]] = {}
         self._models: dict[str, tuple[float, Model]] = {}
+        self._refs: dict[tuple[str, str | None], tuple[float, tuple[str, ...]]] = {}
         self._lock = threading.Lock()
 
     def register(
@@ -58,20 +91,27 @@ class ModelRegistry:
         owner_org_id: str | None = None,
         visibility: Visibility = "private",
     ) -> ModelVersion:
-        """Add ``source`` (file or folder) as the next version of ``name``, creating the model if new."""
-        if not NAME_RE.match(name):
+        """Add ``source`` (file or folder) as the next version of ``name``, creating the model if new.
+
+        ``name`` is the full name (``full_name_for``): ``org/name`` for an organisation's model, bare for the
+        platform's."""
+        namespace, short = split_name(name)
+        check_short_name(short)
+        if (namespace is None) != (owner_org_id is None):
             raise InvalidRequest(
-                f"invalid model name '{name}': use 1-128 letters, digits, '.', '_' or '-', starting with a "
-                "letter or digit",
+                f"'{name}': an organisation's models are named 'org/name', the platform's have no namespace",
                 param="name",
             )
         fmt = detect_format(source, format)
         signature = self.inspector(fmt, source, self.options)
         artifact = self.artifacts.put(source)
         try:
-            self.store.get_model(name)
+            existing = self.store.get_model(name)
         except ModelNotFound:
             self.store.create_model(name, owner_org_id=owner_org_id, visibility=visibility)
+        else:
+            if existing.owner_org_id != owner_org_id:
+                raise Forbidden(f"model '{name}' belongs to another organisation")
         version = self.store.add_version(
             name,
             format=fmt,
@@ -101,6 +141,61 @@ class ModelRegistry:
             for key in [k for k in self._cache if k[0] == name]:
                 del self._cache[key]
             self._models.pop(name, None)
+            self._refs.clear()
+
+    def find(self, ref: str, namespace: str | None, visible: Callable[[Model], bool]) -> Model:
+        """The model a caller in ``namespace`` means by ``ref``, among those ``visible`` to it.
+
+        A full name (``org/name``) is looked up as it is. A bare name means, in order: the caller's own
+        organisation's model, the platform's model of that name, then the one model of that name another
+        organisation has made visible to the caller (public or shared with it); several such is a 400 that lists
+        their full names. ModelNotFound when nothing visible matches, exactly as if nothing existed."""
+        if "/" in ref:
+            try:
+                model = self.cached_model(ref)
+            except ModelNotFound:
+                raise ModelNotFound(ref) from None
+            if visible(model):
+                return model
+            raise ModelNotFound(ref)
+        names = self._candidates(ref, namespace)
+        preferred = ([qualify(namespace, ref)] if namespace else []) + [ref]
+        for name in preferred:
+            if name in names:
+                found = self._maybe(name)
+                if found is not None and visible(found):
+                    return found
+        others = [m for n in names if n not in preferred and (m := self._maybe(n)) is not None and visible(m)]
+        if len(others) == 1:
+            return others[0]
+        if others:
+            raise InvalidRequest(
+                f"'{ref}' names models of several organisations: use the full name, one of "
+                + ", ".join(sorted(m.name for m in others)),
+                param="model",
+            )
+        raise ModelNotFound(ref)
+
+    def _maybe(self, name: str) -> Model | None:
+        try:
+            return self.cached_model(name)
+        except ModelNotFound:
+            return None
+
+    def _candidates(self, ref: str, namespace: str | None) -> tuple[str, ...]:
+        """Full names of the models a bare ``ref`` could mean (existing ones only), cached briefly: a miss in
+        the caller's own namespace is the common case for platform models and must not cost a query each call."""
+        key = (ref, namespace)
+        now = time.monotonic()
+        hit = self._refs.get(key)
+        if hit is not None and now - hit[0] < _CACHE_TTL_S:
+            return hit[1]
+        names = tuple(self.store.names_for(ref))
+        with self._lock:
+            if len(self._refs) > 10_000:
+                self._refs.clear()
+            self._refs[key] = (now, names)
+        return names
 
     def cached_model(self, name: str) -> Model:
         """The model (owner, visibility, shares), cached briefly for the request path."""
@@ -131,19 +226,6 @@ class ModelRegistry:
         """The platform admin approves or rejects a model's pending request to be public."""
         return self.update_access(name, **review_changes(self.store.get_model(name), decision, reason))
 
-    def check_new_name(self, name: str, owner_org_id: str | None, *, visible: bool, by_admin: bool) -> None:
-        """Refuse to register ``name`` for ``owner_org_id`` when another organisation owns it (409 when the caller
-        cannot see that model, so its existence is not revealed beyond the name being taken; else 403)."""
-        try:
-            existing = self.store.get_model(name)
-        except ModelNotFound:
-            return
-        if by_admin or existing.owner_org_id == owner_org_id:
-            return
-        if not visible:
-            raise AlreadyExists(f"the model name '{name}' is taken; choose another", param="name")
-        raise Forbidden(f"model '{name}' belongs to another organisation; register yours under another name")
-
     def set_serving(self, name: str, serving: ServingConfig) -> Model:
         model = self.store.set_serving(name, serving)
         self.invalidate(name)
@@ -153,6 +235,7 @@ class ModelRegistry:
         with self._lock:
             self._cache.clear()
             self._models.clear()
+            self._refs.clear()
 
     def exists(self, name: str) -> bool:
         try:

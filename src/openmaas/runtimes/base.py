@@ -9,7 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
+from openmaas.entities.models import Preparation
 from openmaas.entities.tensors import Signature
+
+
+def route_library_logs() -> None:
+    """transformers writes its warnings through a handler of its own (``[transformers] ...`` as raw text on
+    stderr); send them through the root logger instead, so the server's log stays one JSON object a line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
 
 
 @dataclass(frozen=True)
@@ -56,8 +66,18 @@ class Runtime(ABC):
     @classmethod
     def prepare(cls, path: Path) -> bool:
         """Slow one-time work that makes an artifact ready to load (a conversion), run off the request path;
-        False when the format needs none."""
+        True when it did that work now, False when there was none to do."""
         return False
+
+    @classmethod
+    def needs_preparation(cls, path: Path) -> bool:
+        """Whether ``prepare`` still has work to do for the artifact at ``path``."""
+        return False
+
+    @classmethod
+    def preparing(cls, path: Path) -> Preparation | None:
+        """The preparation of ``path`` running now in this process (step and progress), else None."""
+        return None
 
     @classmethod
     def token_estimate(cls, batch: Mapping[str, np.ndarray], path: Path) -> tuple[int, int] | None:

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from openmaas.entities.generation import SamplingParams
+from openmaas.entities.models import Preparation
 from openmaas.entities.tensors import Signature, TensorSpec
 from openmaas.errors import Overloaded
-from openmaas.runtimes.base import Runtime, RuntimeOptions, RuntimeResult
+from openmaas.runtimes.base import Runtime, RuntimeOptions, RuntimeResult, route_library_logs
 from openmaas.runtimes.engine import Engine, Generation
-from openmaas.runtimes.gguf import converted_folder, describe_gguf
+from openmaas.runtimes.gguf import conversion_progress, converted_folder, describe_gguf, is_converted
 
 #: Conversation rendered as a plain transcript: what suits a base (not instruction-tuned) model. A model folder
 #: whose tokenizer has its own chat template uses that instead.
@@ -72,6 +73,7 @@ class CausalLMRuntime(Runtime):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        route_library_logs()
         folder = self.model_folder()
         torch.set_num_threads(self.options.torch_threads)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -179,8 +181,17 @@ class GGUFRuntime(CausalLMRuntime):
 
     @classmethod
     def prepare(cls, path: Path) -> bool:
+        needed = cls.needs_preparation(path)
         converted_folder(path)
-        return True
+        return needed
+
+    @classmethod
+    def needs_preparation(cls, path: Path) -> bool:
+        return not is_converted(path)
+
+    @classmethod
+    def preparing(cls, path: Path) -> Preparation | None:
+        return conversion_progress(path)
 
     def model_folder(self) -> Path:
         return converted_folder(self.path)

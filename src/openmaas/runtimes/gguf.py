@@ -8,10 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from openmaas.entities.models import Preparation
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,24 @@ def converted_folder(gguf_path: Path) -> Path:
         return _convert_into(gguf_path, target)
 
 
+def is_converted(gguf_path: Path) -> bool:
+    return (gguf_path.parent / "converted" / "config.json").is_file()
+
+
+def conversion_progress(gguf_path: Path) -> Preparation | None:
+    """The conversion of ``gguf_path`` running in this process now, else None."""
+    state = _PROGRESS.get(gguf_path.parent / "converted")
+    if state is None:
+        return None
+    step, fraction, started = state
+    return Preparation(step=step, progress=round(fraction, 3), elapsed_s=round(time.monotonic() - started, 1))
+
+
 _CONVERSIONS: dict[Path, threading.Lock] = {}
 _CONVERSIONS_GUARD = threading.Lock()
+# target folder -> (step, fraction done, monotonic start) while a conversion runs
+_PROGRESS: dict[Path, tuple[str, float, float]] = {}
+_PROGRESS_PREFIX = "openmaas-progress "
 
 
 def _conversion_lock(target: Path) -> threading.Lock:
@@ -101,24 +120,65 @@ def _convert_into(gguf_path: Path, target: Path) -> Path:
     staging = gguf_path.parent / f"converting-{os.getpid()}-{threading.get_ident()}"
     shutil.rmtree(staging, ignore_errors=True)
     started = time.perf_counter()
-    log.info("converting GGUF to safetensors (once)", extra={"path": str(gguf_path)})
-    done = subprocess.run(
-        [sys.executable, "-m", "openmaas.runtimes.gguf", str(gguf_path), str(staging)],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    if done.returncode != 0:
+    log.info("converting GGUF to safetensors (once)", extra={"path": gguf_path.name})
+    _PROGRESS[target] = ("starting the converter", 0.0, time.monotonic())
+    try:
+        with tempfile.TemporaryFile("w+") as errors:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "openmaas.runtimes.gguf", str(gguf_path), str(staging)],
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+                env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+            )
+            assert child.stdout is not None
+            for line in child.stdout:  # "openmaas-progress <fraction> <step>", a line per step
+                if line.startswith(_PROGRESS_PREFIX):
+                    fraction, _, step = line[len(_PROGRESS_PREFIX) :].strip().partition(" ")
+                    _PROGRESS[target] = (step, float(fraction), _PROGRESS[target][2])
+            try:
+                code = child.wait(timeout=1800)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                code = child.wait()
+            errors.seek(0)
+            stderr = errors.read()
+    finally:
+        _PROGRESS.pop(target, None)
+    if code != 0:
         shutil.rmtree(staging, ignore_errors=True)
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        raise RuntimeError(f"GGUF conversion failed: {lines[-1] if lines else done.returncode}")
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        raise RuntimeError(f"GGUF conversion failed: {lines[-1] if lines else code}")
     try:
         os.rename(staging, target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)  # another process converted it first
     log.info("GGUF converted", extra={"seconds": round(time.perf_counter() - started, 1)})
     return target
+
+
+def _report(fraction: float, step: str) -> None:
+    print(f"{_PROGRESS_PREFIX}{fraction:.3f} {step}", flush=True)
+
+
+def _count_tensors() -> None:
+    """Report progress through transformers' GGUF de-quantisation loop (its slow part), which iterates the file's
+    tensors through the module's ``tqdm``; without that hook the steps alone are reported."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        return
+
+    def counting(iterable: Any, *args: Any, **kwargs: Any) -> Any:
+        total = len(iterable) if hasattr(iterable, "__len__") else 0
+        every = max(1, total // 40)
+        for i, item in enumerate(iterable):
+            if total and i % every == 0:
+                _report(0.1 + 0.7 * i / total, "de-quantising the weights")
+            yield item
+
+    if hasattr(gguf_utils, "tqdm"):
+        gguf_utils.tqdm = counting
 
 
 def convert_gguf(gguf_path: Path, out: Path) -> None:
@@ -129,8 +189,12 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
+    _report(0.02, "reading the tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    _report(0.1, "de-quantising the weights")
+    _count_tensors()
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    _report(0.8, "copying the weights")
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -139,6 +203,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     out.mkdir(parents=True)
+    _report(0.85, "writing safetensors")
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     (out / "openmaas-source.json").write_text(json.dumps({"gguf": name, "bytes": gguf_path.stat().st_size}))

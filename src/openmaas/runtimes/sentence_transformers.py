@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from openmaas.entities.tensors import Signature, TensorSpec
-from openmaas.runtimes.base import Runtime, RuntimeResult
+from openmaas.runtimes.base import Runtime, RuntimeResult, route_library_logs
 
 HEAD_FILE = "openmaas_head.onnx"
 #: The window when a folder does not name one (BERT-style encoders read at most 512 tokens).
@@ -63,6 +63,7 @@ class SentenceTransformerRuntime(Runtime):
         import torch
         from sentence_transformers import SentenceTransformer
 
+        route_library_logs()
         torch.set_num_threads(self.options.torch_threads)
         model = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
         model.eval()

@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from openmaas.entities.generation import TokenEvent
-from openmaas.entities.models import ModelVersion
+from openmaas.entities.models import ModelVersion, Preparation
 from openmaas.entities.speech import Transcript
 from openmaas.runtimes.base import RuntimeResult
 from openmaas.serving.types import InferenceRequest
@@ -24,7 +24,8 @@ TensorResult = RuntimeResult
 #: What a model version is served for: v2 tensors only, or also embeddings, text generation, speech to text.
 ServedAs = Literal["tensor", "embedding", "generation", "speech"]
 #: A model version's state, in the Open Inference Protocol repository extension's words.
-ModelState = Literal["READY", "LOADING", "UNAVAILABLE"]
+# PREPARING: one-time work (a conversion) runs before the version can load; calls get 503 until it is done.
+ModelState = Literal["READY", "LOADING", "PREPARING", "UNAVAILABLE"]
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,11 @@ class ServingBackend(Protocol):
         """``holder`` no longer needs the version kept loaded; it stays pinned while others (or settings) do."""
 
     def state(self, mv: ModelVersion) -> ModelState:
-        """READY (loaded), LOADING, or UNAVAILABLE (loads on first request)."""
+        """READY (loaded), LOADING, PREPARING (converting, see ``preparing``), or UNAVAILABLE (loads on first
+        request)."""
+
+    def preparing(self, mv: ModelVersion) -> Preparation | None:
+        """The one-time preparation running for ``mv`` now (step, progress), else None."""
 
     def stats(self) -> list[ModelStats]:
         """Every version serving holds or is loading now."""

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
 from openmaas.entities.generation import SamplingParams, TokenEvent
-from openmaas.entities.models import ModelVersion
+from openmaas.entities.models import ModelVersion, Preparation
 from openmaas.entities.speech import Transcript
 from openmaas.errors import InvalidRequest
 from openmaas.runtimes import Runtime, runtime_class
@@ -91,11 +92,15 @@ class LocalBackend:
     def platform(self, mv: ModelVersion) -> str:
         return runtime_class(mv.format).platform
 
-    def estimate_tokens(self, mv: ModelVersion, request: InferenceRequest) -> TokenEstimate | None:
-        cls = runtime_class(mv.format)
+    def _path(self, mv: ModelVersion) -> Path:
         path = self._paths.get(mv.sha256)
         if path is None:
             path = self._paths[mv.sha256] = self.pool.artifact_path(mv)
+        return path
+
+    def estimate_tokens(self, mv: ModelVersion, request: InferenceRequest) -> TokenEstimate | None:
+        cls = runtime_class(mv.format)
+        path = self._path(mv)
         counted = cls.token_estimate(request.inputs, path)
         return TokenEstimate(*counted) if counted is not None else None
 
@@ -186,7 +191,15 @@ class LocalBackend:
             return "READY"
         if self.pool.is_loading(mv.model, mv.version):
             return "LOADING"
+        if self.preparing(mv) is not None:
+            return "PREPARING"
         return "UNAVAILABLE"
+
+    def preparing(self, mv: ModelVersion) -> Preparation | None:
+        cls = runtime_class(mv.format)
+        if cls.preparing.__func__ is Runtime.preparing.__func__:  # type: ignore[attr-defined]
+            return None  # the format never needs preparing: no path lookup
+        return cls.preparing(self._path(mv))
 
     def stats(self) -> list[ModelStats]:
         out = [
@@ -209,13 +222,20 @@ class LocalBackend:
         if cls.prepare.__func__ is Runtime.prepare.__func__:  # type: ignore[attr-defined]
             return  # the format needs no preparation: no thread for nothing
         path = self.pool.artifact_path(mv)
+        if not cls.needs_preparation(path):
+            return
+        where = {"model": mv.model, "version": mv.version}
+        log.info("preparing the model in the background: calls get 503 until it is ready", extra=where)
 
         async def run() -> None:
+            started = time.perf_counter()
             try:
                 await asyncio.to_thread(cls.prepare, path)
             except Exception:
                 # The first load tries again and reports the problem to its caller.
-                log.exception("preparing a model failed", extra={"model": mv.model, "version": mv.version})
+                log.exception("preparing a model failed", extra=where)
+            else:
+                log.info("model prepared", extra={**where, "seconds": round(time.perf_counter() - started, 1)})
 
         task = asyncio.get_running_loop().create_task(run())
         self._background.add(task)

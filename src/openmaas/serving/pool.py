@@ -22,8 +22,8 @@ from typing import TypeVar
 import numpy as np
 
 from openmaas.entities.models import ModelVersion
-from openmaas.errors import ModelLoadFailed, Overloaded
-from openmaas.runtimes import Runtime, RuntimeOptions, RuntimeResult, create_runtime
+from openmaas.errors import ModelLoadFailed, ModelNotReady, Overloaded
+from openmaas.runtimes import Runtime, RuntimeOptions, RuntimeResult, create_runtime, runtime_class
 from openmaas.serving.batcher import BatchConfig, Batcher
 from openmaas.telemetry import Metrics
 
@@ -266,10 +266,27 @@ class ResidencyPool:
             return resident
         pending = self._loading.get(key)
         if pending is None:
+            self._refuse_while_preparing(mv)
             pending = asyncio.get_running_loop().create_task(self._load_new(mv), name=f"load {mv.model}:{mv.version}")
             self._loading[key] = pending
             pending.add_done_callback(lambda t: None if t.cancelled() else t.exception())  # retrieved: no warning
         return await asyncio.shield(pending)
+
+    def _refuse_while_preparing(self, mv: ModelVersion) -> None:
+        """A version whose one-time preparation (a conversion) runs in the background cannot load yet: say so at
+        once, with how far it is, instead of holding the call for the minute it takes."""
+        cls = runtime_class(mv.format)
+        if cls.preparing.__func__ is Runtime.preparing.__func__:  # type: ignore[attr-defined]
+            return
+        prep = cls.preparing(self._artifact_path(mv))
+        if prep is None:
+            return
+        left = prep.elapsed_s * (1 - prep.progress) / prep.progress if prep.progress > 0.05 else 30.0
+        raise ModelNotReady(
+            f"model '{mv.model}' is being prepared ({prep.step}, {prep.progress:.0%} after {prep.elapsed_s:.0f} s); "
+            f"it serves once that is done: retry in about {max(5, round(left))} s",
+            retry_after=min(60.0, max(5.0, left)),
+        )
 
     async def _load_new(self, mv: ModelVersion) -> Resident:
         key = (mv.model, mv.version)

@@ -100,6 +100,17 @@ class RegistryStore:
             shares = list(s.scalars(select(ModelShareRow.org_id).where(ModelShareRow.model_id == row.id)))
             return _model(row, latest, shares)
 
+    def names_for(self, short: str) -> list[str]:
+        """Full names whose own part is ``short``: the platform's ``short`` and every ``org/short``."""
+        with self._sessions() as s:
+            return list(
+                s.scalars(
+                    select(ModelRow.name).where(
+                        (ModelRow.name == short) | ModelRow.name.endswith("/" + short, autoescape=True)
+                    )
+                )
+            )
+
     def list_models(self) -> list[Model]:
         with self._sessions() as s:
             latest = (

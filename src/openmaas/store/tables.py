@@ -39,7 +39,8 @@ class ModelRow(Base):
     __tablename__ = "models"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(128), unique=True, nullable=False)
+    # Full name: "org/name" for an organisation's model, bare for the platform's catalogue.
+    name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
     # None: owned by the platform (the bundled catalogue).
     owner_org_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     visibility: Mapped[str] = mapped_column(String(16), nullable=False, default="private")
@@ -146,7 +147,7 @@ class UsageRecordRow(Base):
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     org_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     key_id: Mapped[str] = mapped_column(String(32), nullable=False)
-    model: Mapped[str] = mapped_column(String(128), nullable=False)
+    model: Mapped[str] = mapped_column(String(200), nullable=False)
     version: Mapped[int] = mapped_column(Integer, nullable=False)
     protocol: Mapped[str] = mapped_column(String(16), nullable=False)
     requests: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
@@ -235,7 +236,7 @@ class SubscriptionRow(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), nullable=False, index=True)
     plan_id: Mapped[str] = mapped_column(ForeignKey("plans.id", ondelete="CASCADE"), nullable=False)
-    model: Mapped[str] = mapped_column(String(128), nullable=False)
+    model: Mapped[str] = mapped_column(String(200), nullable=False)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     # Cancelled subscriptions run to the end of the period they were cancelled in.
     ends_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
@@ -307,7 +308,7 @@ class ChargeRow(Base):
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     org_id: Mapped[str] = mapped_column(String(32), nullable=False)
     provider_org_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    model: Mapped[str] = mapped_column(String(128), nullable=False)
+    model: Mapped[str] = mapped_column(String(200), nullable=False)
     plan_id: Mapped[str] = mapped_column(String(32), nullable=False)
     unit: Mapped[str] = mapped_column(String(16), nullable=False)
     quantity: Mapped[int] = mapped_column(BigInteger, nullable=False)
@@ -347,7 +348,7 @@ class ReservationRow(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     org_id: Mapped[str] = mapped_column(String(32), nullable=False, index=True)
     plan_id: Mapped[str] = mapped_column(String(32), nullable=False)
-    model: Mapped[str] = mapped_column(String(128), nullable=False)
+    model: Mapped[str] = mapped_column(String(200), nullable=False)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
