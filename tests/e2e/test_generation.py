@@ -109,6 +109,15 @@ def test_completion_continues_the_prompt_with_plausible_english(llm: openai.Open
     assert sampled[0].text != sampled[2].text
 
 
+def test_chat_with_the_base_model_answers_one_turn(llm: openai.OpenAI) -> None:
+    """The README's chat example: the plain transcript ends where the model would start another turn."""
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    r = llm.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0)  # type: ignore[arg-type]
+    answer = r.choices[0].message.content or ""
+    assert "Paris" in answer, answer
+    assert "User:" not in answer and "Assistant:" not in answer, answer
+
+
 def test_streamed_chat_joins_to_the_non_streamed_answer(llm: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "Write a sentence about the sea."}]
     kwargs = {"model": MODEL, "messages": messages, "max_tokens": 24, "temperature": 0.8, "seed": 5}

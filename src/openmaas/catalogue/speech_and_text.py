@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from openmaas.entities.models import ModelCard
-from openmaas.runtimes.causal_lm import PLAIN_CHAT_STOP, PLAIN_CHAT_TEMPLATE
+from openmaas.runtimes.causal_lm import PLAIN_CHAT_STOPS, PLAIN_CHAT_TEMPLATE
 
 
 def build_gemma(workdir: Path) -> tuple[Path, ModelCard]:
@@ -18,7 +18,7 @@ def build_gemma(workdir: Path) -> tuple[Path, ModelCard]:
         description="Google Gemma 3 270M, the pre-trained base model (not instruction-tuned), quantised to GGUF "
         "Q4_K_M. It continues text; it does not follow instructions. /v1/chat/completions renders the "
         "conversation as a plain transcript, which suits a base model: "
-        f"{PLAIN_CHAT_TEMPLATE!r}, and stops when the model starts the user's next turn ({PLAIN_CHAT_STOP!r}).",
+        f"{PLAIN_CHAT_TEMPLATE!r}, and stops when the model starts the next turn ({' or '.join(map(repr, PLAIN_CHAT_STOPS))}).",
         intended_use="Text continuation, few-shot prompting and experiments with a very small model; first load "
         "converts the GGUF file once (about a minute on 2 cores), later loads take seconds.",
         training_data="Pre-trained by Google on web documents, code and mathematics (see Google's Gemma 3 model "

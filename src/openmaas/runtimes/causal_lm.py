@@ -33,8 +33,9 @@ PLAIN_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
-#: With the plain template the model would go on to write the user's next turn: that ends the answer.
-PLAIN_CHAT_STOP = "\nUser:"
+#: With the plain template the model would go on to write the next turn (the user's, or another of its own):
+#: either ends the answer.
+PLAIN_CHAT_STOPS = ("\nUser:", "\nAssistant:")
 
 SIGNATURE = Signature(
     inputs=[TensorSpec(name="text_input", datatype="BYTES", shape=[-1])],
@@ -58,7 +59,7 @@ class CausalLMRuntime(Runtime):
         self.engine: Engine | None = None
         self.context_window = 0
         self.chat_template = PLAIN_CHAT_TEMPLATE
-        self.chat_stop: tuple[str, ...] = (PLAIN_CHAT_STOP,)
+        self.chat_stop: tuple[str, ...] = PLAIN_CHAT_STOPS
         self._bytes = 0
         self._lock = threading.Lock()
 
