@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test test-all lint bench install dev clean readme-check
+.PHONY: serve test test-all lint bench install dev clean readme-check grpc
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -40,6 +40,10 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# The gRPC messages, generated from their .proto (commit the result).
+grpc: $(VENV)/.installed-dev
+	cd src/openmaas/api/grpc && ../../../../$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. inference.proto
+
 # Replays the README's quick start on a fresh clone of HEAD (port 8000 must be free); CI runs it after the tests.
 readme-check:
 	$(PYTHON) .ci/readme_replay.py
@@ -48,6 +52,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/serving.py --write docs/benchmarks.md
 	$(BIN)/python bench/training_latency.py --append docs/benchmarks.md
 	$(BIN)/python bench/generation.py --append docs/benchmarks.md
+	$(BIN)/python bench/protocols.py --append docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

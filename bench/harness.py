@@ -76,7 +76,8 @@ WORDS = [
 T = TypeVar("T")
 
 
-CONTENT_LENGTH = re.compile(rb"content-length:\s*(\d+)", re.I)
+# At the start of a header line: "Inference-Header-Content-Length" must not be taken for it.
+CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.I)
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:

@@ -7,11 +7,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import ServerProcess
+from tests.helpers import ServerProcess, free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Apps built in this process (tests/api, tests/gateway) must not all bind the default gRPC port.
+os.environ.setdefault("OPENMAAS_GRPC_PORT", "0")
 
 ADMIN_KEY = "om_test-admin-key-0123456789abcdefghijklmnop"
 METRICS_TOKEN = "scrape-token-for-the-test-prometheus"
@@ -29,6 +31,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
             "OPENMAAS_METRICS_TOKEN": METRICS_TOKEN,
             # As a user's first start does: the GGUF model converts in the background from the start.
             "OPENMAAS_PREPARE_AT_START": "1",
+            "OPENMAAS_GRPC_PORT": str(free_port()),
         },
     )
     proc.start()

@@ -34,8 +34,10 @@ class ServerProcess:
             "HF_HUB_OFFLINE": "1",
             "OPENMAAS_LOG_LEVEL": "info",
             "OPENMAAS_PREPARE_AT_START": "0",
+            "OPENMAAS_GRPC_PORT": "0",  # gRPC off unless a test asks for it (a fixed port would clash)
             **(env or {}),
         }
+        self.grpc_port = int(self.env["OPENMAAS_GRPC_PORT"])
         self.proc: subprocess.Popen[bytes] | None = None
         # What the server said right after it started (filled in by fixtures that look).
         self.first_look: dict[str, Any] = {}

@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
 from fastapi import FastAPI
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
 
 from openmaas import __version__
 from openmaas.api import billing as billing_api
@@ -21,6 +23,7 @@ from openmaas.api.deps import Services
 from openmaas.api.errors import install_error_handlers
 from openmaas.api.hot import HotPath, OpenMaaSApp
 from openmaas.api.middleware import RequestContextMiddleware
+from openmaas.api.routing import V2_INFER_PATH
 from openmaas.artifacts import LocalArtifactStore
 from openmaas.audit import AuditLog
 from openmaas.billing.dedicated import DedicatedCapacity
@@ -224,12 +227,27 @@ def create_app(settings: Settings) -> FastAPI:
         if settings.prepare_at_start:
             for mv in await run_in_threadpool(_latest_versions, platform):
                 platform.gateway.prepare(mv)  # in the background: e.g. the bundled GGUF model's conversion
+        grpc_surface = None
+        if settings.grpc_port:
+            from openmaas.api.grpc.server import GrpcSurface
+
+            grpc_surface = GrpcSurface(
+                platform.gateway,
+                platform.metrics,
+                lambda: bool(app.state.ready),
+                host=settings.host,
+                port=settings.grpc_port,
+                max_bytes=settings.max_request_bytes,
+            )
+            await grpc_surface.start()
         app.state.ready = True
         log.info("openmaas ready", extra={"version": __version__, "data_dir": str(settings.data_dir)})
         try:
             yield
         finally:
             app.state.ready = False
+            if grpc_surface is not None:
+                await grpc_surface.stop()
             await run_in_threadpool(platform.runner.stop)
             await platform.backend.close()
             await platform.gateway.close()
@@ -269,13 +287,22 @@ def create_app(settings: Settings) -> FastAPI:
             return settings.max_upload_bytes
         return settings.max_request_bytes
 
-    app.add_middleware(RequestContextMiddleware, metrics=platform.metrics, body_limit=body_limit)
+    compress = settings.response_compression
+    app.add_middleware(
+        RequestContextMiddleware, metrics=platform.metrics, body_limit=body_limit, compress_responses=compress
+    )
     max_inputs = settings.max_embedding_inputs
-    app.hot = {
-        ("POST", "/v1/embeddings"): RequestContextMiddleware(
-            HotPath(app, lambda request: openai.embeddings_response(request, max_inputs)),
-            metrics=platform.metrics,
-            body_limit=body_limit,
+
+    def hot(handler: Callable[[Request], Awaitable[Response]]) -> RequestContextMiddleware:
+        return RequestContextMiddleware(
+            HotPath(app, handler), metrics=platform.metrics, body_limit=body_limit, compress_responses=compress
         )
-    }
+
+    app.hot = {("POST", "/v1/embeddings"): hot(lambda request: openai.embeddings_response(request, max_inputs))}
+    app.hot_patterns = [
+        (
+            V2_INFER_PATH,
+            hot(lambda r: v2.infer_response(r, r.path_params["model"], r.path_params.get("version"))),
+        )
+    ]
     return app

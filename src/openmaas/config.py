@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address `openmaas serve` binds to.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port `openmaas serve` listens on.")
+    grpc_port: int = Field(
+        default=8001, ge=0, le=65535, description="Port of the v2 gRPC endpoint (tritonclient.grpc); 0 turns it off."
+    )
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy URL of the database; default SQLite (WAL) at <data_dir>/openmaas.db. "
@@ -73,6 +76,11 @@ class Settings(BaseSettings):
     )
     bundled_models: bool = Field(
         default=True, description="Register the bundled model catalogue at start (first start trains it)."
+    )
+    response_compression: bool = Field(
+        default=True,
+        description="Compress /v1 responses and /v2 inference responses of 1 KiB or more with gzip or deflate when the client's "
+        "Accept-Encoding asks for it (about 0.1 ms per 8 KB response; halves embedding responses).",
     )
     prepare_at_start: bool = Field(
         default=True,

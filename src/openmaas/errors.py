@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
     UNSAFE_FORMAT = "unsafe_format"
     UNSUPPORTED_OPERATION = "unsupported_operation"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNSUPPORTED_ENCODING = "unsupported_content_encoding"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     MODEL_NOT_READY = "model_not_ready"
     MODEL_LOAD_FAILED = "model_load_failed"
@@ -54,6 +55,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNSAFE_FORMAT: 400,
     ErrorCode.UNSUPPORTED_OPERATION: 400,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.UNSUPPORTED_ENCODING: 415,
     ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.MODEL_NOT_READY: 503,
     ErrorCode.MODEL_LOAD_FAILED: 500,
@@ -128,6 +130,15 @@ class ModelNotFound(OpenMaaSError):
     def __init__(self, name: str, version: str | int | None = None) -> None:
         what = f"model '{name}'" if version is None else f"version {version} of model '{name}'"
         super().__init__(f"The {what} does not exist or you do not have access to it.", param="model")
+        self.model_name = name
+        self.version = version
+
+    @property
+    def triton_message(self) -> str:
+        """Triton's wording, which tools that speak the v2 protocol match on."""
+        if self.version is None:
+            return f"Request for unknown model: '{self.model_name}' is not found"
+        return f"Request for unknown model: '{self.model_name}' version {self.version} is not found"
 
 
 class AlreadyExists(OpenMaaSError):
@@ -156,6 +167,10 @@ class UnsafeFormat(OpenMaaSError):
 
 class PayloadTooLarge(OpenMaaSError):
     code = ErrorCode.PAYLOAD_TOO_LARGE
+
+
+class UnsupportedEncoding(OpenMaaSError):
+    code = ErrorCode.UNSUPPORTED_ENCODING
 
 
 class ModelLoadFailed(OpenMaaSError):

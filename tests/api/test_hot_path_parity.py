@@ -85,3 +85,51 @@ def test_hot_path_and_framework_route_answer_alike(client: TestClient, what: str
         assert status == 200
     else:
         assert 400 <= status < 500, (what, status, fast_body)
+
+
+X = {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}
+V2_CASES: list[tuple[str, str, dict[str, str], Any]] = [
+    ("JSON tensors", "/v2/models/tensor-model/infer", AUTH, {"inputs": [X]}),
+    ("a version", "/v2/models/tensor-model/versions/1/infer", AUTH, {"inputs": [X]}),
+    (
+        "binary output",
+        "/v2/models/tensor-model/infer",
+        AUTH,
+        {"inputs": [X], "parameters": {"binary_data_output": True}},
+    ),
+    ("no key", "/v2/models/tensor-model/infer", {}, {"inputs": [X]}),
+    ("an unknown model", "/v2/models/nope/infer", AUTH, {"inputs": [X]}),
+    ("an unknown version", "/v2/models/tensor-model/versions/9/infer", AUTH, {"inputs": [X]}),
+    ("a version that is not a number", "/v2/models/tensor-model/versions/x/infer", AUTH, {"inputs": [X]}),
+    ("the wrong shape", "/v2/models/tensor-model/infer", AUTH, {"inputs": [{**X, "shape": [1, 3], "data": [1, 2, 3]}]}),
+    ("no inputs", "/v2/models/tensor-model/infer", AUTH, {"inputs": []}),
+    ("not JSON", "/v2/models/tensor-model/infer", AUTH, b"{not json"),
+    ("empty body", "/v2/models/tensor-model/infer", AUTH, b""),
+    ("a bad header length", "/v2/models/tensor-model/infer", {**AUTH, "Inference-Header-Content-Length": "x"}, b"{}"),
+]
+
+
+def _send_v2(client: TestClient, path: str, headers: dict[str, str], body: Any) -> tuple[int, dict[str, str], bytes]:
+    if isinstance(body, bytes):
+        r = client.post(path, content=body, headers={**headers, **JSON})
+    else:
+        r = client.post(path, json=body, headers=headers)
+    kept = {k: v for k, v in r.headers.items() if k.lower() not in ("x-request-id", "date")}
+    return r.status_code, kept, r.content
+
+
+@pytest.mark.parametrize(("what", "path", "headers", "body"), V2_CASES, ids=[c[0] for c in V2_CASES])
+def test_v2_infer_hot_path_and_framework_route_answer_alike(
+    client: TestClient, what: str, path: str, headers: dict, body: Any
+) -> None:
+    app = client.app
+    patterns = list(app.hot_patterns)  # type: ignore[attr-defined]
+    assert patterns and patterns[0][0].match(path)
+    fast = _send_v2(client, path, headers, body)
+    app.hot_patterns = []  # type: ignore[attr-defined]
+    try:
+        framework = _send_v2(client, path, headers, body)
+    finally:
+        app.hot_patterns = patterns  # type: ignore[attr-defined]
+    assert fast == framework, what
+    assert (fast[0] == 200) == (what in ("JSON tensors", "a version", "binary output")), (what, fast)

@@ -118,7 +118,141 @@ def test_errors_reach_tritonclient_as_messages(triton: http.InferenceServerClien
     inp.set_data_from_numpy(np.zeros((1, 64), np.float32))
     with pytest.raises(InferenceServerException, match=r"expects \[-1,1,8,8\]"):
         triton.infer("digits-cnn", [inp], headers=dict(headers))
-    with pytest.raises(InferenceServerException, match="does not exist"):
+    # Triton's wording, which tools match on.
+    with pytest.raises(InferenceServerException, match="Request for unknown model: 'nope' is not found"):
         triton.infer("nope", [inp], headers=dict(headers))
     with pytest.raises(InferenceServerException, match="API key"):
         triton.get_model_metadata("digits-cnn")
+
+
+def test_statistics_count_requests_batches_and_time(
+    triton: http.InferenceServerClient, headers: dict[str, str]
+) -> None:
+    """Triton's statistics extension: counters before and after calls, in Triton's shape."""
+
+    def stats() -> dict:
+        (entry,) = triton.get_inference_statistics("breast-cancer-logreg", headers=dict(headers))["model_stats"]
+        return entry
+
+    before = stats()
+    assert before["name"] == "breast-cancer-logreg" and before["version"] == "1"
+    from openmaas.catalogue.tabular import breast_cancer_split
+
+    x = breast_cancer_split()[1][:5]
+    inp = http.InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    for _ in range(3):
+        triton.infer("breast-cancer-logreg", [inp], headers=dict(headers))
+    after = stats()
+    assert after["inference_count"] - before["inference_count"] == 15  # rows
+    assert 1 <= after["execution_count"] - before["execution_count"] <= 3  # batches
+    done = after["inference_stats"]["success"]
+    assert done["count"] - before["inference_stats"]["success"]["count"] == 3
+    assert done["ns"] > before["inference_stats"]["success"]["ns"]
+    for part in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert after["inference_stats"][part]["count"] >= 3, part
+    assert after["last_inference"] > 0
+    assert any(b["batch_size"] == 5 and b["compute_infer"]["count"] >= 1 for b in after["batch_stats"])
+    every = triton.get_inference_statistics(headers=dict(headers))["model_stats"]
+    assert {"breast-cancer-logreg", "digits-cnn"} <= {e["name"] for e in every}
+    assert triton.get_inference_statistics("breast-cancer-logreg", "1", headers=dict(headers))["model_stats"]
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        triton.get_inference_statistics("nope", headers=dict(headers))
+
+
+def test_model_configuration(triton: http.InferenceServerClient, headers: dict[str, str]) -> None:
+    config = triton.get_model_config("digits-cnn", headers=dict(headers))
+    assert config["name"] == "digits-cnn" and config["max_batch_size"] >= 1
+    assert config["input"] == [{"name": "image", "data_type": "TYPE_FP32", "dims": [1, 8, 8]}]
+    assert {"name": "label", "data_type": "TYPE_INT64", "dims": []} in config["output"]
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] >= 0
+    embed = triton.get_model_config("all-minilm-l6-v2", headers=dict(headers))
+    assert embed["input"][0]["data_type"] == "TYPE_STRING"
+    assert "model_configuration" in triton.get_server_metadata(headers=dict(headers))["extensions"]
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+@pytest.mark.parametrize("binary", [True, False])
+def test_compressed_requests_and_responses(
+    triton: http.InferenceServerClient, headers: dict[str, str], algorithm: str, binary: bool
+) -> None:
+    """tritonclient's request/response compression; Inference-Header-Content-Length counts the inflated body."""
+    from openmaas.catalogue.digits import held_out_split
+
+    _, x_test, _, y_test = held_out_split()
+    inp = http.InferInput("image", list(x_test.shape), "FP32")
+    inp.set_data_from_numpy(x_test, binary_data=binary)
+    outputs = [http.InferRequestedOutput("label", binary_data=binary)]
+    result = triton.infer(
+        "digits-cnn",
+        [inp],
+        outputs=outputs,
+        headers=dict(headers),
+        request_compression_algorithm=algorithm,
+        response_compression_algorithm=algorithm,
+    )
+    assert float((result.as_numpy("label") == y_test).mean()) >= 0.95
+
+
+@pytest.mark.parametrize("path", ["/v2/models/digits-cnn/infer", "/v1/embeddings"])
+def test_compressed_bodies_are_inflated_within_the_limit(
+    server: ServerProcess, headers: dict[str, str], path: str
+) -> None:
+    import gzip
+    import json
+    import zlib
+
+    import httpx
+
+    body = (
+        {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]}
+        if path.startswith("/v2")
+        else {"model": "all-minilm-l6-v2", "input": ["compressed hello"] * 4}
+    )
+    raw = json.dumps(body).encode()
+    with httpx.Client(base_url=server.url, headers=dict(headers), timeout=60) as c:
+        r = c.post(path, content=gzip.compress(raw), headers={"Content-Encoding": "gzip", "Accept-Encoding": "gzip"})
+        assert r.status_code == 200, r.text
+        if path == "/v1/embeddings":
+            assert r.headers["content-encoding"] == "gzip" and r.json()["data"][3]["index"] == 3
+        r = c.post(path, content=zlib.compress(raw), headers={"Content-Encoding": "deflate"})
+        assert r.status_code == 200, r.text
+        # A few KB that inflate past the 4 MiB body limit: refused, never inflated in full.
+        bomb = gzip.compress(b"[" + b" " * (5 << 20) + b"]")
+        assert len(bomb) < 20_000
+        r = c.post(path, content=bomb, headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 413, r.text
+        r = c.post(path, content=b"not gzip at all", headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 400 and "gzip" in r.text
+        r = c.post(path, content=raw, headers={"Content-Encoding": "br"})
+        assert r.status_code == 415 and "gzip, deflate" in r.text
+        # No Accept-Encoding: the answer is not compressed.
+        plain = c.post(path, content=raw, headers={"Accept-Encoding": "identity"})
+        assert plain.status_code == 200 and "content-encoding" not in plain.headers
+
+
+def test_the_asyncio_client_with_compression(server: ServerProcess, headers: dict[str, str]) -> None:
+    import asyncio
+
+    import tritonclient.http.aio as aio
+
+    async def main() -> None:
+        client = aio.InferenceServerClient(server.url.removeprefix("http://"))
+        try:
+            x = np.zeros((2, 1, 8, 8), np.float32)
+            inp = aio.InferInput("image", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            result = await client.infer(
+                "digits-cnn",
+                [inp],
+                headers=dict(headers),
+                request_compression_algorithm="gzip",
+                response_compression_algorithm="gzip",
+            )
+            assert result.as_numpy("label").shape == (2,)
+            stats = await client.get_inference_statistics("digits-cnn", headers=dict(headers))
+            assert stats["model_stats"][0]["inference_count"] >= 2
+        finally:
+            await client.close()
+
+    asyncio.run(main())

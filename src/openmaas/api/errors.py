@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from openmaas.api.responses import JSONResponse, ProblemResponse
-from openmaas.errors import STATUS, ErrorCode, OpenMaaSError
+from openmaas.errors import STATUS, ErrorCode, ModelNotFound, OpenMaaSError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,39 @@ _OPENAI_TYPES = {
 
 # Where a protocol's clients expect another status for the same condition.
 _PROTOCOL_STATUS = {("openai", ErrorCode.OVERLOADED): 429}
+
+
+# gRPC status code (by name) for each error code, for the v2 gRPC surface (api/grpc); unlisted: INTERNAL.
+GRPC_STATUS: dict[ErrorCode, str] = {
+    ErrorCode.UNAUTHENTICATED: "UNAUTHENTICATED",
+    ErrorCode.INVALID_CREDENTIALS: "UNAUTHENTICATED",
+    ErrorCode.CLIENT_CLOSED_REQUEST: "CANCELLED",
+    ErrorCode.FORBIDDEN: "PERMISSION_DENIED",
+    ErrorCode.NOT_FOUND: "NOT_FOUND",
+    ErrorCode.MODEL_NOT_FOUND: "NOT_FOUND",
+    ErrorCode.ALREADY_EXISTS: "ALREADY_EXISTS",
+    ErrorCode.INVALID_REQUEST: "INVALID_ARGUMENT",
+    ErrorCode.INVALID_JSON: "INVALID_ARGUMENT",
+    ErrorCode.INVALID_INPUT: "INVALID_ARGUMENT",
+    ErrorCode.UNSUPPORTED_FORMAT: "INVALID_ARGUMENT",
+    ErrorCode.UNSAFE_FORMAT: "INVALID_ARGUMENT",
+    ErrorCode.UNSUPPORTED_OPERATION: "INVALID_ARGUMENT",
+    ErrorCode.UNSUPPORTED_ENCODING: "INVALID_ARGUMENT",
+    ErrorCode.EXCEEDS_LIMIT: "INVALID_ARGUMENT",
+    ErrorCode.PAYLOAD_TOO_LARGE: "RESOURCE_EXHAUSTED",
+    ErrorCode.METHOD_NOT_ALLOWED: "UNIMPLEMENTED",
+    ErrorCode.MODEL_NOT_READY: "UNAVAILABLE",
+    ErrorCode.MODEL_LOAD_FAILED: "INTERNAL",
+    ErrorCode.OVERLOADED: "RESOURCE_EXHAUSTED",
+    ErrorCode.RATE_LIMITED: "RESOURCE_EXHAUSTED",
+    ErrorCode.QUOTA_EXCEEDED: "RESOURCE_EXHAUSTED",
+    ErrorCode.PAYMENT_REQUIRED: "FAILED_PRECONDITION",
+    ErrorCode.IDEMPOTENCY_CONFLICT: "FAILED_PRECONDITION",
+    ErrorCode.IDEMPOTENCY_IN_PROGRESS: "ABORTED",
+    ErrorCode.METERING_UNAVAILABLE: "UNAVAILABLE",
+    ErrorCode.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
+    ErrorCode.INTERNAL: "INTERNAL",
+}
 
 
 def protocol_of(path: str) -> str:
@@ -101,7 +134,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[ErrorCode, str, st
 def domain_error_response(path: str, exc: OpenMaaSError) -> Response:
     if exc.status >= 500:
         log.error("server error", extra={"code": exc.code.value, "error": exc.message})
-    return error_response(protocol_of(path), exc.code, exc.message, param=exc.param, headers=exc.headers)
+    protocol = protocol_of(path)
+    message = exc.triton_message if protocol == "v2" and isinstance(exc, ModelNotFound) else exc.message
+    return error_response(protocol, exc.code, message, param=exc.param, headers=exc.headers)
 
 
 def validation_error_response(path: str, exc: RequestValidationError) -> Response:

@@ -6,6 +6,8 @@ readiness of ``acme/wine`` and ``/v2/models/wine/ready`` that of ``wine``, whate
 
 from __future__ import annotations
 
+import re
+
 from starlette.convertors import Convertor, register_url_convertor
 
 from openmaas.entities.models import RESERVED_NAMES
@@ -25,3 +27,8 @@ class ModelNameConvertor(Convertor[str]):
 
 
 register_url_convertor("model", ModelNameConvertor())
+
+#: POST /v2/models/{model}[/versions/{version}]/infer, for the hot path (``api/hot.py``).
+V2_INFER_PATH = re.compile(
+    rf"^/v2/models/(?P<model>{ModelNameConvertor.regex})(?:/versions/(?P<version>[^/]+))?/infer$"
+)

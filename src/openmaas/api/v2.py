@@ -9,16 +9,12 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from openmaas import __version__
-from openmaas.api.deps import GatewayDep, PrincipalDep, actor, call_context, principal
+from openmaas.api import v2_views as views
+from openmaas.api.deps import GatewayDep, PrincipalDep, actor, call_context, principal, services
 from openmaas.api.requests import deadline_from, until_disconnect
 from openmaas.api.responses import JSONResponse
 from openmaas.api.v2_codec import HEADER_LENGTH, decode_request, encode_response
-from openmaas.entities.models import ModelVersion
-from openmaas.errors import Forbidden, InvalidRequest
-from openmaas.gateway.auth import Principal
-from openmaas.gateway.service import Gateway
-
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
+from openmaas.errors import InvalidRequest
 
 
 def health_router() -> APIRouter:
@@ -37,18 +33,6 @@ def health_router() -> APIRouter:
     return router
 
 
-def _version_number(version: str | None) -> int | None:
-    if version is None or version == "":
-        return None
-    try:
-        number = int(version)
-    except ValueError:
-        raise InvalidRequest(f"model version must be an integer, got '{version}'", param="version") from None
-    if number < 1:
-        raise InvalidRequest(f"model version must be 1 or more, got {number}", param="version")
-    return number
-
-
 def _timeout_parameter(parameters: dict[str, Any]) -> float | None:
     """Triton's ``timeout`` request parameter, in microseconds, as seconds."""
     raw = parameters.get("timeout")
@@ -59,15 +43,38 @@ def _timeout_parameter(parameters: dict[str, Any]) -> float | None:
     return float(raw) / 1_000_000
 
 
-def _metadata(gw: Gateway, mv: ModelVersion) -> dict[str, Any]:
-    versions = [str(v.version) for v in gw.versions(mv.model)]
-    return {
-        "name": mv.model,
-        "versions": versions,
-        "platform": gw.platform(mv),
-        "inputs": [t.model_dump() for t in mv.signature.inputs],
-        "outputs": [t.model_dump() for t in mv.signature.outputs],
-    }
+async def infer_response(request: Request, model: str, version: str | None) -> Response:
+    """POST /v2/models/{model}[/versions/{version}]/infer, JSON or binary tensors. Called by the FastAPI routes
+    and by ``HotPath`` (which skips the framework: small models pay more for the request path than for the model)."""
+    who = await principal(request)
+    gw = services(request).gateway
+    number = views.version_number(version)
+    raw_length = request.headers.get(HEADER_LENGTH)
+    header_length: int | None = None
+    if raw_length is not None:
+        try:
+            header_length = int(raw_length)
+        except ValueError:
+            raise InvalidRequest(
+                f"Inference-Header-Content-Length must be an integer, got '{raw_length}'",
+                param="Inference-Header-Content-Length",
+            ) from None
+    body = await request.body()
+    if not body:
+        raise InvalidRequest("the request body is empty; send a JSON object with 'inputs'")
+    decoded = decode_request(body, header_length)
+    decoded.request.deadline = deadline_from(request, _timeout_parameter(decoded.request.parameters))
+    ctx = call_context(request, (raw_length or "").encode(), body)
+    mv = gw.model_version(who, model, number)
+    result = await until_disconnect(request, gw.infer(who, mv, decoded.request, "v2", ctx))
+    content, json_length = encode_response(result, decoded.binary_outputs, decoded.default_binary)
+    if json_length is None:
+        return Response(content, media_type="application/json", headers=ctx.response_headers)
+    return Response(
+        content,
+        media_type="application/octet-stream",
+        headers={**ctx.response_headers, "Inference-Header-Content-Length": str(json_length)},
+    )
 
 
 def router() -> APIRouter:
@@ -75,15 +82,39 @@ def router() -> APIRouter:
 
     @r.get("")
     async def server_metadata() -> JSONResponse:
-        return JSONResponse({"name": "openmaas", "version": __version__, "extensions": EXTENSIONS})
+        return JSONResponse({"name": "openmaas", "version": __version__, "extensions": views.EXTENSIONS})
+
+    # -- statistics and model configuration extensions (before /models/{model}: "stats" is not a model) ----------
+
+    @r.get("/models/stats")
+    async def all_stats(gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+        """Triton's statistics extension: every version of every model the caller can see."""
+        return JSONResponse({"model_stats": views.stats_entries(gw, who, None, None)})
+
+    @r.get("/models/{model:model}/stats")
+    async def model_stats(model: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+        return JSONResponse({"model_stats": views.stats_entries(gw, who, model, None)})
+
+    @r.get("/models/{model:model}/versions/{version}/stats")
+    async def version_stats(model: str, version: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+        return JSONResponse({"model_stats": views.stats_entries(gw, who, model, views.version_number(version))})
+
+    @r.get("/models/{model:model}/config")
+    async def model_config(model: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+        """Triton's model configuration extension, for tools that read it."""
+        return JSONResponse(views.model_config(gw, gw.model_version(who, model)))
+
+    @r.get("/models/{model:model}/versions/{version}/config")
+    async def version_config(model: str, version: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+        return JSONResponse(views.model_config(gw, gw.model_version(who, model, views.version_number(version))))
 
     @r.get("/models/{model:model}")
     async def model_metadata(model: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        return JSONResponse(_metadata(gw, gw.model_version(who, model)))
+        return JSONResponse(views.model_metadata(gw, gw.model_version(who, model)))
 
     @r.get("/models/{model:model}/versions/{version}")
     async def version_metadata(model: str, version: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        return JSONResponse(_metadata(gw, gw.model_version(who, model, _version_number(version))))
+        return JSONResponse(views.model_metadata(gw, gw.model_version(who, model, views.version_number(version))))
 
     @r.get("/models/{model:model}/ready")
     async def model_ready(model: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
@@ -93,73 +124,28 @@ def router() -> APIRouter:
 
     @r.get("/models/{model:model}/versions/{version}/ready")
     async def version_ready(model: str, version: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        mv = gw.model_version(who, model, _version_number(version))
+        mv = gw.model_version(who, model, views.version_number(version))
         return JSONResponse({"name": mv.model, "ready": gw.preparing(mv) is None})
 
-    async def _infer(request: Request, gw: Gateway, who: Principal, model: str, version: int | None) -> Response:
-        raw_length = request.headers.get(HEADER_LENGTH)
-        header_length: int | None = None
-        if raw_length is not None:
-            try:
-                header_length = int(raw_length)
-            except ValueError:
-                raise InvalidRequest(
-                    f"Inference-Header-Content-Length must be an integer, got '{raw_length}'",
-                    param="Inference-Header-Content-Length",
-                ) from None
-        body = await request.body()
-        if not body:
-            raise InvalidRequest("the request body is empty; send a JSON object with 'inputs'")
-        decoded = decode_request(body, header_length)
-        decoded.request.deadline = deadline_from(request, _timeout_parameter(decoded.request.parameters))
-        ctx = call_context(request, (raw_length or "").encode(), body)
-        mv = gw.model_version(who, model, version)
-        result = await until_disconnect(request, gw.infer(who, mv, decoded.request, "v2", ctx))
-        content, json_length = encode_response(result, decoded.binary_outputs, decoded.default_binary)
-        if json_length is None:
-            return Response(content, media_type="application/json", headers=ctx.response_headers)
-        return Response(
-            content,
-            media_type="application/octet-stream",
-            headers={**ctx.response_headers, "Inference-Header-Content-Length": str(json_length)},
-        )
-
     @r.post("/models/{model:model}/infer")
-    async def infer(model: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> Response:
-        return await _infer(request, gw, who, model, None)
+    async def infer(model: str, request: Request) -> Response:
+        return await infer_response(request, model, None)
 
     @r.post("/models/{model:model}/versions/{version}/infer")
-    async def infer_version(model: str, version: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> Response:
-        return await _infer(request, gw, who, model, _version_number(version))
+    async def infer_version(model: str, version: str, request: Request) -> Response:
+        return await infer_response(request, model, version)
 
     # -- model repository extension --------------------------------------------------------------------------
 
-    def _require_manage(gw: Gateway, who: Principal, model: str) -> str:
-        """Loading and unloading spend the platform's memory: the platform admin or the model's owner org.
-        Returns the model's full name."""
-        found = gw.get_model(who, model)
-        if not who.is_platform_admin and found.owner_org_id != who.org_id:
-            raise Forbidden("only the model's owner organisation or the platform admin may load or unload it")
-        who.require("models.manage")
-        return found.name
-
     @r.post("/repository/index")
     async def repository_index(gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        entries = []
-        for model in gw.list_models(who):
-            for mv in gw.versions(model.name):
-                state: str = gw.state(mv)
-                reason = "unloaded (loads on first request)" if state == "UNAVAILABLE" else ""
-                prep = gw.preparing(mv) if state == "PREPARING" else None
-                if prep is not None:  # Triton's vocabulary has no PREPARING: it is a long first LOADING
-                    state, reason = "LOADING", f"preparing: {prep.step}, {prep.progress:.0%}"
-                entries.append({"name": mv.model, "version": str(mv.version), "state": state, "reason": reason})
+        entries = views.repository_index_entries(gw, who)
         return JSONResponse(entries)
 
     @r.post("/repository/models/{model:model}/load")
     async def repository_load(model: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
         """Load a model's latest version now; ``{"parameters": {"pin": true}}`` keeps it from being evicted."""
-        model = _require_manage(gw, who, model)
+        model = views.require_manage(gw, who, model)
         pin: bool | None = None
         raw = await request.body()
         if raw.strip():
@@ -176,7 +162,7 @@ def router() -> APIRouter:
 
     @r.post("/repository/models/{model:model}/unload")
     async def repository_unload(model: str, request: Request, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        model = _require_manage(gw, who, model)
+        model = views.require_manage(gw, who, model)
         await gw.unload(model)
         await gw.audit_async(actor(request, who), "model.unload", model, org_id=who.org_id)
         return JSONResponse({})

@@ -128,7 +128,7 @@ def _integers_from_json(
     return np.array(flat, dtype=dtype).reshape(shape)
 
 
-def _tensor_from_binary(chunk: memoryview, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+def tensor_from_binary(chunk: memoryview, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
     count = math.prod(shape)
     if datatype == "BYTES":
         return _bytes_from_binary(chunk, count, name).reshape(shape)
@@ -190,7 +190,7 @@ def decode_request(body: bytes, header_length: int | None) -> DecodedRequest:
                     "left in the body",
                     param=name,
                 )
-            inputs[name] = _tensor_from_binary(binary[offset : offset + size], datatype, shape, name)
+            inputs[name] = tensor_from_binary(binary[offset : offset + size], datatype, shape, name)
             offset += size
         elif "data" in raw:
             inputs[name] = _tensor_from_json(raw["data"], datatype, shape, name)
@@ -230,7 +230,7 @@ def decode_request(body: bytes, header_length: int | None) -> DecodedRequest:
     return decoded
 
 
-def _binary(array: np.ndarray) -> bytes:
+def tensor_bytes(array: np.ndarray) -> bytes:
     if datatype_of(array) == "BYTES":
         parts = []
         for item in array.reshape(-1):
@@ -256,7 +256,7 @@ def encode_response(
     for name, array in response.outputs.items():
         entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array), "shape": list(array.shape)}
         if binary_outputs.get(name, default_binary):
-            blob = _binary(array)
+            blob = tensor_bytes(array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

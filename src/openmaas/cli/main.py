@@ -63,6 +63,13 @@ def serve(
             soft_wrap=True,
         )
         raise typer.Exit(1)
+    if settings.grpc_port != 0 and not _port_is_free(settings.host, settings.grpc_port):
+        err.print(
+            f"[red]error:[/red] {settings.host}:{settings.grpc_port} (gRPC) is already in use; choose another with "
+            "OPENMAAS_GRPC_PORT, or 0 to turn gRPC off",
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
     configure_logging(settings.log_level, settings.log_format)
     application = create_app(settings)
     uvicorn.run(

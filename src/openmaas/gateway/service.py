@@ -24,7 +24,15 @@ from openmaas.errors import InvalidInput, PayloadTooLarge
 from openmaas.gateway.admission import AdmissionControl, AdmittedCall, CallContext, Demand, status_of
 from openmaas.gateway.auth import KeyAuthenticator, Principal
 from openmaas.registry.service import ModelRegistry
-from openmaas.serving.backend import GenerationSession, GenerationSpec, ModelState, ServedAs, ServingBackend
+from openmaas.serving.backend import (
+    Batching,
+    GenerationSession,
+    GenerationSpec,
+    ModelState,
+    ServedAs,
+    ServingBackend,
+)
+from openmaas.serving.stats import InferenceCounters
 from openmaas.serving.types import InferenceRequest, InferenceResponse
 from openmaas.serving.validation import validate_request
 from openmaas.telemetry import Metrics
@@ -95,6 +103,12 @@ class Gateway:
 
     def preparing(self, mv: ModelVersion) -> Preparation | None:
         return self.backend.preparing(mv)
+
+    def inference_stats(self, mv: ModelVersion) -> InferenceCounters:
+        return self.backend.inference_stats(mv)
+
+    def batching(self, mv: ModelVersion) -> Batching:
+        return self.backend.batching(mv)
 
     async def audit_async(
         self,

@@ -17,6 +17,7 @@ from openmaas.entities.generation import TokenEvent
 from openmaas.entities.models import ModelVersion, Preparation
 from openmaas.entities.speech import Transcript
 from openmaas.runtimes.base import RuntimeResult
+from openmaas.serving.stats import InferenceCounters
 from openmaas.serving.types import InferenceRequest
 
 #: Named output arrays (batch first) and, for text models, the tokens each item used.
@@ -73,6 +74,15 @@ class AudioClip:
 
     samples: np.ndarray
     seconds: float
+
+
+@dataclass(frozen=True)
+class Batching:
+    """A version's dynamic batching settings, as the model configuration extension reports them."""
+
+    max_batch_size: int
+    max_queue_delay_ms: float
+    instances: int
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,12 @@ class ServingBackend(Protocol):
 
     def preparing(self, mv: ModelVersion) -> Preparation | None:
         """The one-time preparation running for ``mv`` now (step, progress), else None."""
+
+    def inference_stats(self, mv: ModelVersion) -> InferenceCounters:
+        """Cumulative statistics of ``mv``'s batched inference (zeros for a version never run here)."""
+
+    def batching(self, mv: ModelVersion) -> Batching:
+        """How requests to ``mv`` are batched (for Triton's model configuration)."""
 
     def stats(self) -> list[ModelStats]:
         """Every version serving holds or is loading now."""

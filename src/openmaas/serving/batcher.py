@@ -20,6 +20,7 @@ import numpy as np
 
 from openmaas.errors import BatchMismatch, DeadlineExceeded, Overloaded
 from openmaas.runtimes.base import RuntimeResult
+from openmaas.serving.stats import InferenceCounters
 from openmaas.telemetry import Metrics
 
 log = logging.getLogger(__name__)
@@ -177,10 +178,19 @@ class Batcher:
     arrives while the instances are busy is batched together.
     """
 
-    def __init__(self, label: str, workers: list[Worker], config: BatchConfig, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        label: str,
+        workers: list[Worker],
+        config: BatchConfig,
+        metrics: Metrics,
+        stats: InferenceCounters | None = None,
+    ) -> None:
         if not workers:
             raise ValueError("a batcher needs at least one worker")
         self.label = label
+        #: Kept by the pool across loads, so a version's statistics outlive an eviction.
+        self.stats = stats if stats is not None else InferenceCounters()
         self.config = config
         self._workers = workers
         self._free: list[int] = list(range(len(workers)))
@@ -219,6 +229,7 @@ class Batcher:
     ) -> RuntimeResult:
         """Queue a request and wait for its share of a batch result."""
         if len(self._queue) >= self.config.max_queue_size:
+            self.stats.fail.add(0.0)
             # Rough time for the queue ahead to drain: batches needed times the recent batch duration.
             batches = len(self._queue) / max(1, self.config.max_batch_size * len(self._workers))
             raise Overloaded(
@@ -283,6 +294,7 @@ class Batcher:
                         await asyncio.wait_for(self._wakeup.wait(), wait)
                     continue
             for item in drop_expired(self._queue, now):
+                self.stats.fail.add(now - item.enqueued)
                 if item.future is not None and not item.future.done():
                     item.future.set_exception(
                         DeadlineExceeded(f"the request's deadline passed while it waited for model '{self.label}'")
@@ -295,6 +307,7 @@ class Batcher:
                 continue
             for p in batch:
                 self._metrics.queue_wait.labels(self.label).observe(now - p.enqueued)
+                self.stats.queue.add(now - p.enqueued)
             # Most recently used copy first: at low load one copy (one thread pool) does all the work.
             worker = self._free.pop()
             rows = sum(p.rows for p in batch)
@@ -307,12 +320,20 @@ class Batcher:
         self._metrics.batch_size.labels(self.label).observe(rows)
         started = time.perf_counter()
         try:
-            result = await self._workers[worker](concat_inputs(batch))
+            inputs = concat_inputs(batch)
+            gathered = time.perf_counter()
+            result = await self._workers[worker](inputs)
+            inferred = time.perf_counter()
             parts = split_result(result, [p.rows for p in batch])
+            self.stats.executed(
+                rows, len(batch), gathered - started, inferred - gathered, time.perf_counter() - inferred
+            )
         except Exception as e:
             if not isinstance(e, BatchMismatch):
                 log.exception("batch failed", extra={"model": self.label, "rows": rows})
+            now = time.monotonic()
             for p in batch:
+                self.stats.fail.add(now - p.enqueued)
                 if p.future is not None and not p.future.done():
                     p.future.set_exception(e)
             return
@@ -323,6 +344,8 @@ class Batcher:
             self._running_rows.pop(worker, None)
             self._free.append(worker)
             self._wakeup.set()
+        now = time.monotonic()
         for p, part in zip(batch, parts, strict=True):
+            self.stats.success.add(now - p.enqueued)
             if p.future is not None and not p.future.done():
                 p.future.set_result(part)

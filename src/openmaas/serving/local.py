@@ -25,6 +25,7 @@ from openmaas.runtimes.engine import Generation
 from openmaas.runtimes.whisper import SAMPLE_RATE, AudioError, WhisperRuntime, decode_audio
 from openmaas.serving.backend import (
     AudioClip,
+    Batching,
     GenerationSpec,
     ModelState,
     ModelStats,
@@ -33,6 +34,7 @@ from openmaas.serving.backend import (
     TokenEstimate,
 )
 from openmaas.serving.pool import ResidencyPool, Resident
+from openmaas.serving.stats import InferenceCounters
 from openmaas.serving.types import InferenceRequest
 from openmaas.telemetry import Metrics
 
@@ -194,6 +196,13 @@ class LocalBackend:
         if self.preparing(mv) is not None:
             return "PREPARING"
         return "UNAVAILABLE"
+
+    def inference_stats(self, mv: ModelVersion) -> InferenceCounters:
+        return self.pool.inference_stats(mv.model, mv.version)
+
+    def batching(self, mv: ModelVersion) -> Batching:
+        config = self.pool.batch_config(mv)
+        return Batching(config.max_batch_size, config.max_queue_delay_ms, self.pool.instances(mv))
 
     def preparing(self, mv: ModelVersion) -> Preparation | None:
         cls = runtime_class(mv.format)

@@ -25,6 +25,7 @@ from openmaas.entities.models import ModelVersion
 from openmaas.errors import ModelLoadFailed, ModelNotReady, Overloaded
 from openmaas.runtimes import Runtime, RuntimeOptions, RuntimeResult, create_runtime, runtime_class
 from openmaas.serving.batcher import BatchConfig, Batcher
+from openmaas.serving.stats import InferenceCounters
 from openmaas.telemetry import Metrics
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,8 @@ class ResidencyPool:
         self._batch_config = batch_config
         self._pinned = pinned
         self._resident: dict[Key, Resident] = {}
+        #: Statistics since this process started, per version (they outlive evictions).
+        self._stats: dict[Key, InferenceCounters] = {}
         self._loading: dict[Key, asyncio.Task[Resident]] = {}
         # Loads run one at a time: the footprint is measured as the process's memory growth during the load.
         self._load_lock = asyncio.Lock()
@@ -166,6 +169,15 @@ class ResidencyPool:
 
     def artifact_path(self, mv: ModelVersion) -> Path:
         return self._artifact_path(mv)
+
+    def inference_stats(self, name: str, version: int) -> InferenceCounters:
+        return self._stats.get((name, version)) or InferenceCounters()
+
+    def batch_config(self, mv: ModelVersion) -> BatchConfig:
+        return self._batch_config(mv)
+
+    def instances(self, mv: ModelVersion) -> int:
+        return max(1, self._instances(mv))
 
     def get(self, name: str, version: int) -> Resident | None:
         return self._resident.get((name, version))
@@ -301,7 +313,11 @@ class ResidencyPool:
                     version=mv,
                     instances=instances,
                     batcher=Batcher(
-                        f"{mv.model}:{mv.version}", [i.infer for i in instances], self._batch_config(mv), self._metrics
+                        f"{mv.model}:{mv.version}",
+                        [i.infer for i in instances],
+                        self._batch_config(mv),
+                        self._metrics,
+                        self._stats.setdefault(key, InferenceCounters()),
                     ),
                     memory_bytes=footprint,
                     pinned=self._is_pinned(mv),

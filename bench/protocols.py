@@ -1,0 +1,248 @@
+"""v2 protocol benchmark: digits-cnn over HTTP (JSON and binary tensors) and gRPC, against a floor, in one run.
+
+    python bench/protocols.py [--duration 8] [--concurrency 1,64] [--append docs/benchmarks.md]
+
+1. The floor: a bare ASGI app under the server's uvicorn settings (uvloop, httptools, one process) answering
+   every request with a fixed v2 response of the same size as the real one. What any Python HTTP server on this
+   machine can do; the server's figures are compared with it, measured in the same run.
+2. A real ``openmaas serve`` (free HTTP and gRPC ports); digits-cnn is loaded first.
+3. The same closed-loop load generator as ``bench/serving.py`` (its own process, keep-alive connections) for HTTP,
+   and a ``grpc.aio`` client process with the same number of requests in flight for gRPC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from harness import free_port, http_request, machine, percentile, start_server, wait_until_ready
+from loadgen import run_load
+
+KEY = "om_bench-key-0123456789abcdefghijklmnopqrstuvwxyz"
+
+FLOOR_APP = """
+import sys
+body = open(sys.argv[1], "rb").read()
+headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while True:
+        message = await receive()
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+import uvicorn
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
+"""
+
+
+def _images(n: int) -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 17, (n, 1, 1, 8, 8)).astype(np.float32)
+
+
+def json_requests(images: np.ndarray) -> list[bytes]:
+    return [
+        http_request(
+            "/v2/models/digits-cnn/infer",
+            json.dumps(
+                {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": x.ravel().tolist()}]}
+            ).encode(),
+            KEY,
+        )
+        for x in images
+    ]
+
+
+def binary_requests(images: np.ndarray) -> list[bytes]:
+    out = []
+    for x in images:
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "datatype": "FP32",
+                        "shape": [1, 1, 8, 8],
+                        "parameters": {"binary_data_size": 256},
+                    }
+                ],
+                "outputs": [{"name": "label", "parameters": {"binary_data": True}}],
+            }
+        ).encode()
+        body = header + struct.pack("<64f", *x.ravel())
+        out.append(
+            http_request(
+                "/v2/models/digits-cnn/infer", body, KEY, f"Inference-Header-Content-Length: {len(header)}\r\n"
+            )
+        )
+    return out
+
+
+def _grpc_process(port: int, concurrency: int, warmup: float, duration: float, queue: mp.Queue) -> None:
+    import grpc
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from openmaas.api.grpc import inference_pb2 as pb
+
+    images = _images(256)
+    requests = []
+    for x in images:
+        r = pb.ModelInferRequest(model_name="digits-cnn")
+        r.inputs.add(name="image", datatype="FP32", shape=[1, 1, 8, 8])
+        r.raw_input_contents.append(x.astype("<f4").tobytes())
+        requests.append(r.SerializeToString())
+
+    async def main() -> tuple[list[float], int]:
+        latencies: list[float] = []
+        errors = 0
+        start = time.perf_counter() + warmup
+        stop = start + duration
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )
+            metadata = (("authorization", f"Bearer {KEY}"),)
+
+            async def worker(i: int) -> None:
+                nonlocal errors
+                while True:
+                    t0 = time.perf_counter()
+                    if t0 >= stop:
+                        return
+                    try:
+                        await call(requests[i % len(requests)], metadata=metadata)
+                        ok = True
+                    except grpc.aio.AioRpcError:
+                        ok = False
+                    i += 1
+                    if t0 >= start:
+                        if ok:
+                            latencies.append(time.perf_counter() - t0)
+                        else:
+                            errors += 1
+
+            await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        return latencies, errors
+
+    latencies, errors = asyncio.run(main())
+    queue.put({"latencies": latencies, "errors": errors, "duration": duration})
+
+
+def run_grpc(port: int, concurrency: int, warmup: float, duration: float) -> dict[str, float]:
+    queue: mp.Queue = mp.get_context("spawn").Queue()
+    proc = mp.get_context("spawn").Process(target=_grpc_process, args=(port, concurrency, warmup, duration, queue))
+    proc.start()
+    result = queue.get(timeout=warmup + duration + 120)
+    proc.join()
+    lat = result["latencies"]
+    return {
+        "concurrency": concurrency,
+        "rps": len(lat) / result["duration"],
+        "p50_ms": 1000 * percentile(lat, 50),
+        "p99_ms": 1000 * percentile(lat, 99),
+        "errors": result["errors"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--concurrency", default="1,64")
+    parser.add_argument("--append", type=Path, help="also append the results as markdown to this file")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    images = _images(256)
+    print(f"machine: {machine()}", flush=True)
+    rows: list[tuple[str, dict[str, float]]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        grpc_port = free_port()
+        proc, port = start_server(Path(tmp) / "data", KEY, {"OPENMAAS_GRPC_PORT": str(grpc_port)})
+        floor = None
+        try:
+            import httpx
+
+            auth = {"Authorization": f"Bearer {KEY}"}
+            httpx.post(f"http://127.0.0.1:{port}/v2/repository/models/digits-cnn/load", headers=auth, timeout=120)
+            sample = httpx.post(
+                f"http://127.0.0.1:{port}/v2/models/digits-cnn/infer",
+                content=json_requests(images[:1])[0].split(b"\r\n\r\n", 1)[1],
+                headers={**auth, "Content-Type": "application/json"},
+                timeout=60,
+            )
+            sample.raise_for_status()
+            body_file = Path(tmp) / "floor-body.json"
+            body_file.write_bytes(sample.content)
+            floor_port = free_port()
+            floor = subprocess.Popen(
+                [sys.executable, "-c", FLOOR_APP, str(body_file), str(floor_port)], env={**os.environ}
+            )
+            if not wait_until_ready(floor, f"http://127.0.0.1:{floor_port}/", 60):
+                raise RuntimeError("the floor app did not start")
+            jreqs, breqs = json_requests(images), binary_requests(images)
+            for c in levels:
+                # Alternate floor and server so drift over the run affects both alike.
+                for label, runner in (
+                    (
+                        "floor (bare ASGI, same response)",
+                        lambda c=c: run_load(floor_port, jreqs, c, args.warmup, args.duration),
+                    ),
+                    ("v2 HTTP, JSON tensors", lambda c=c: run_load(port, jreqs, c, args.warmup, args.duration)),
+                    ("v2 HTTP, binary tensors", lambda c=c: run_load(port, breqs, c, args.warmup, args.duration)),
+                    ("v2 gRPC, raw tensors", lambda c=c: run_grpc(grpc_port, c, args.warmup, args.duration)),
+                ):
+                    r = runner()
+                    rows.append((label, r))
+                    print(json.dumps({"what": label, **r}), flush=True)
+        finally:
+            if floor is not None:
+                floor.terminate()
+                floor.wait(30)
+            proc.terminate()
+            proc.wait(30)
+    report = render(rows, levels, args)
+    print()
+    print(report)
+    if args.append:
+        with args.append.open("a") as f:
+            f.write(report)
+
+
+def render(rows: list[tuple[str, dict[str, float]]], levels: list[int], args: argparse.Namespace) -> str:
+    lines = [
+        "",
+        "## v2 protocol: digits-cnn over HTTP and gRPC against a floor",
+        "",
+        f"`python bench/protocols.py --duration {args.duration:g}`; {machine()}. The floor is a bare ASGI app",
+        "under the same uvicorn settings answering a fixed v2 response of the same size, measured in the same run.",
+        "",
+        "| what | C | req/s | x floor | p50 ms | p50 - floor's, ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in levels:
+        at = [(label, r) for label, r in rows if r["concurrency"] == c]
+        floor = next(r for label, r in at if label.startswith("floor"))
+        for label, r in at:
+            lines.append(
+                f"| {label} | {c} | {r['rps']:.0f} | {r['rps'] / floor['rps']:.2f} | {r['p50_ms']:.2f} | "
+                f"{r['p50_ms'] - floor['p50_ms']:+.2f} | {r['p99_ms']:.2f} | {r['errors']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
