@@ -123,3 +123,80 @@ def test_sigkill_midway_then_retries_meter_each_request_exactly_once(
             (org["id"],),
         ).fetchone()
     assert rows == distinct_ids == distinct_keys == TOTAL
+
+
+GRPC_TOTAL = 600
+GRPC_KILL_AFTER = 200
+
+
+@pytest.fixture(scope="module")
+def grpc_crash_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    from tests.helpers import free_port
+
+    proc = ServerProcess(
+        tmp_path_factory.mktemp("grpc-crash") / "data",
+        env={"OPENMAAS_ADMIN_KEY": ADMIN, "OPENMAAS_GRPC_PORT": str(free_port())},
+    )
+    proc.start(timeout=300)
+    yield proc
+    proc.stop()
+
+
+def test_sigkill_midway_then_grpc_retries_meter_each_call_exactly_once(grpc_crash_server: ServerProcess) -> None:
+    """The same guarantee over gRPC: idempotency-key metadata, SIGKILL mid-load, restart, retries."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    s = grpc_crash_server
+    with httpx.Client(base_url=s.url, headers=bearer(ADMIN), timeout=60) as admin:
+        org = admin.post("/api/orgs", json={"name": "grpc-crashco"}).json()
+        key = admin.post(f"/api/orgs/{org['id']}/keys", json={"name": "load", "scopes": ["inference"]}).json()
+    run = uuid.uuid4().hex[:8]
+    images = np.random.default_rng(3).integers(0, 17, (GRPC_TOTAL, 1, 1, 8, 8)).astype(np.float32)
+    done = 0
+    lock = threading.Lock()
+    killed = threading.Event()
+
+    def call(client: grpcclient.InferenceServerClient, i: int) -> str:
+        """ "ok", "replayed" or "failed"."""
+        nonlocal done
+        inp = grpcclient.InferInput("image", [1, 1, 8, 8], "FP32")
+        inp.set_data_from_numpy(images[i])
+        headers = {"authorization": f"Bearer {key['key']}", "idempotency-key": f"{run}-{i}"}
+        try:
+            result = client.infer("digits-cnn", [inp], headers=headers, client_timeout=60)
+        except InferenceServerException:
+            return "failed"
+        with lock:
+            done += 1
+            if done == GRPC_KILL_AFTER and not killed.is_set():
+                s.kill()
+                killed.set()
+        return "ok" if result.get_response().model_name == "digits-cnn" else "failed"
+
+    def load(indices: list[int]) -> list[str]:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            clients = [grpcclient.InferenceServerClient(f"127.0.0.1:{s.grpc_port}") for _ in range(8)]
+            try:
+                return list(pool.map(lambda i: call(clients[i % 8], i), indices))
+            finally:
+                for c in clients:
+                    c.close()
+
+    results = load(list(range(GRPC_TOTAL)))
+    assert killed.is_set()
+    failed = [i for i, r in enumerate(results) if r != "ok"]
+    assert failed
+    lost_answers = [i for i, r in enumerate(results) if r == "ok"][::4][:50]
+    s.start(timeout=300)
+    retried = load(failed + lost_answers)
+    assert all(r == "ok" for r in retried), retried.count("failed")
+    with sqlite3.connect(s.data_dir / "openmaas.db") as conn:
+        rows, distinct_ids, distinct_keys, protocols = conn.execute(
+            "SELECT count(*), count(DISTINCT request_id), count(DISTINCT idempotency_key), group_concat(DISTINCT "
+            "protocol) FROM usage_records WHERE org_id = ?",
+            (org["id"],),
+        ).fetchone()
+    assert rows == distinct_ids == distinct_keys == GRPC_TOTAL, (rows, distinct_ids, distinct_keys, len(failed))
+    assert protocols == "grpc"

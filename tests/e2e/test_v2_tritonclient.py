@@ -256,3 +256,16 @@ def test_the_asyncio_client_with_compression(server: ServerProcess, headers: dic
             await client.close()
 
     asyncio.run(main())
+
+
+def test_query_parameters_triton_ignores_are_ignored(
+    triton: http.InferenceServerClient, headers: dict[str, str]
+) -> None:
+    """tritonclient passes ``query_params`` through; Triton ignores those it does not know, and so do we."""
+    params = {"test_1": "1", "timeout": "5"}
+    assert triton.get_model_metadata("digits-cnn", headers=dict(headers), query_params=params)["name"] == "digits-cnn"
+    inp = http.InferInput("image", [1, 1, 8, 8], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
+    result = triton.infer("digits-cnn", [inp], headers=dict(headers), query_params=params)
+    assert result.as_numpy("label").shape == (1,)
+    assert triton.get_inference_statistics("digits-cnn", headers=dict(headers), query_params=params)["model_stats"]

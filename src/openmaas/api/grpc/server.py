@@ -154,7 +154,10 @@ class InferenceService:
             idempotency_key=key,
             fingerprint=CallContext.fingerprint_of(b"grpc:ModelInfer", request.SerializeToString()) if key else None,
         )
-        return encode_infer(await self.gw.infer(who, mv, inference, "grpc", ctx))
+        response = encode_infer(await self.gw.infer(who, mv, inference, "grpc", ctx))
+        if ctx.response_headers:  # e.g. idempotent-replayed, x-ratelimit-*: as trailing metadata
+            context.set_trailing_metadata(tuple((k.lower(), v) for k, v in ctx.response_headers.items()))
+        return response
 
 
 def _metadata(context: Any, name: str) -> str | None:
