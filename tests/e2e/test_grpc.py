@@ -133,9 +133,12 @@ def test_grpc_calls_are_metered_once_each(
     x, _ = _digits()
     for _ in range(3):
         client.infer("digits-cnn", [_image_input(x[:2])], headers=headers)
+    # A client's own x-request-id is echoed, never the key of a usage record: two calls with one id, two records.
+    for _ in range(2):
+        client.infer("digits-cnn", [_image_input(x[:2])], headers={**headers, "x-request-id": "client-chosen"})
     records = admin.get("/api/usage/records", params={"org": org["name"]}).json()["records"]
-    assert len(records) == 3 and {r["protocol"] for r in records} == {"grpc"}
-    assert {r["items"] for r in records} == {2} and len({r["request_id"] for r in records}) == 3
+    assert len(records) == 5 and {r["protocol"] for r in records} == {"grpc"}
+    assert {r["items"] for r in records} == {2} and len({r["request_id"] for r in records}) == 5
 
 
 def test_streaming_answers_each_request_in_the_stream(client: grpcclient.InferenceServerClient, auth: dict) -> None:

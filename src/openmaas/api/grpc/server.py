@@ -150,13 +150,16 @@ class InferenceService:
         inference.deadline = time.monotonic() + remaining if remaining is not None else None
         key = _metadata(context, "idempotency-key")
         ctx = CallContext(
-            request_id=request_id_var.get() or secrets.token_hex(16),
+            # Always minted here (usage records are keyed by it); the id echoed may be the client's x-request-id.
+            request_id=secrets.token_hex(16),
             idempotency_key=key,
             fingerprint=CallContext.fingerprint_of(b"grpc:ModelInfer", request.SerializeToString()) if key else None,
         )
         response = encode_infer(await self.gw.infer(who, mv, inference, "grpc", ctx))
-        if ctx.response_headers:  # e.g. idempotent-replayed, x-ratelimit-*: as trailing metadata
-            context.set_trailing_metadata(tuple((k.lower(), v) for k, v in ctx.response_headers.items()))
+        # What HTTP sends as headers (idempotent-replayed, x-ratelimit-*) and the request id: trailing metadata,
+        # one message with the status (sending initial metadata of its own cost each call a round of its own).
+        trailing = [(k.lower(), v) for k, v in ctx.response_headers.items()]
+        context.set_trailing_metadata((("x-request-id", request_id_var.get() or ctx.request_id), *trailing))
         return response
 
 
@@ -199,7 +202,6 @@ class GrpcSurface:
         token = request_id_var.set(rid)
         status = "OK"
         try:
-            await context.send_initial_metadata((("x-request-id", rid),))
             yield rid
         except OpenMaaSError as e:
             status = _status(e.code).name
