@@ -17,6 +17,22 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("ope
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+class Children:
+    """``metric.labels(...)`` memoised: prometheus_client validates the values and takes a lock on every call,
+    which the request path paid several times a request. Label sets are bounded (models, versions, protocols,
+    statuses), as the exported series are anyway."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self._cache: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._cache.get(values)
+        if child is None:
+            child = self._cache[values] = self.metric.labels(*values)
+        return child
+
+
 class Metrics:
     """Every metric the platform exports, on a registry of its own (no process-global state)."""
 
@@ -130,6 +146,11 @@ class Metrics:
             ("protocol", "status"),
             registry=self.registry,
         )
+        # The labelled series the request path touches on every call, memoised (see Children).
+        self.requests_of = Children(self.requests)
+        self.latency_of = Children(self.latency)
+        self.in_flight_of = Children(self.in_flight)
+        self.http_requests_of = Children(self.http_requests)
 
 
 class JsonFormatter(logging.Formatter):

@@ -151,7 +151,7 @@ class RequestContextMiddleware:
         finally:
             elapsed_ms = (time.perf_counter() - started) * 1000
             status = status_holder[0]
-            self.metrics.http_requests.labels(protocol, str(status)).inc()
+            self.metrics.http_requests_of(protocol, str(status)).inc()
             log.info(
                 "request",
                 extra={"method": scope["method"], "path": path, "status": status, "ms": round(elapsed_ms, 2)},

@@ -100,7 +100,7 @@ class AdmissionControl:
         """Admit one call or raise the refusal; the caller meters the returned call and closes it."""
         slot = await self._claim_idempotency(principal, ctx)
         call = AdmittedCall(self, principal, mv, ctx, protocol, time.perf_counter(), slot)
-        self.metrics.in_flight.labels(mv.model).inc()
+        self.metrics.in_flight_of(mv.model).inc()
         try:
             call.grant = await self.limiter.admit(
                 principal.key_id, principal.limits, ctx.request_id, tokens=demand.tokens, items=demand.items
@@ -162,10 +162,10 @@ class AdmissionControl:
         """Free the call's idempotency key and count it."""
         if call.idempotency_slot is not None:
             self._in_flight.discard(call.idempotency_slot)
-        self.metrics.in_flight.labels(call.mv.model).dec()
+        self.metrics.in_flight_of(call.mv.model).dec()
         labels = (call.mv.model, str(call.mv.version), call.protocol, status)
-        self.metrics.requests.labels(*labels).inc()
-        self.metrics.latency.labels(*labels).observe(time.perf_counter() - call.started)
+        self.metrics.requests_of(*labels).inc()
+        self.metrics.latency_of(*labels).observe(time.perf_counter() - call.started)
 
     # -- the checks ---------------------------------------------------------------------------------------------
 

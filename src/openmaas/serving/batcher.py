@@ -197,6 +197,11 @@ class Batcher:
         #: Rows each busy copy is running now.
         self._running_rows: dict[int, int] = {}
         self._metrics = metrics
+        # This version's series, looked up once (labels() validates and locks on every call).
+        self._depth = metrics.queue_depth.labels(label)
+        self._queue_wait = metrics.queue_wait.labels(label)
+        self._batch_size = metrics.batch_size.labels(label)
+        self._compute = metrics.compute.labels(label)
         self._queue: deque[Pending] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -239,7 +244,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         item = Pending(inputs, rows, cost, time.monotonic(), deadline, loop.create_future(), compat_key(inputs))
         self._queue.append(item)
-        self._metrics.queue_depth.labels(self.label).set(len(self._queue))
+        self._depth.set(len(self._queue))
         self._wakeup.set()
         assert item.future is not None
         try:
@@ -302,11 +307,11 @@ class Batcher:
             share = fair_share(queued, running, copies, self.config.max_batch_size)
             batch = take_batch(self._queue, share, self.config.max_batch_tokens)
             batch = [p for p in batch if not p.cancelled]
-            self._metrics.queue_depth.labels(self.label).set(len(self._queue))
+            self._depth.set(len(self._queue))
             if not batch:
                 continue
             for p in batch:
-                self._metrics.queue_wait.labels(self.label).observe(now - p.enqueued)
+                self._queue_wait.observe(now - p.enqueued)
                 self.stats.queue.add(now - p.enqueued)
             # Most recently used copy first: at low load one copy (one thread pool) does all the work.
             worker = self._free.pop()
@@ -317,7 +322,7 @@ class Batcher:
             task.add_done_callback(self._running.discard)
 
     async def _run_batch(self, worker: int, batch: list[Pending], rows: int) -> None:
-        self._metrics.batch_size.labels(self.label).observe(rows)
+        self._batch_size.observe(rows)
         started = time.perf_counter()
         try:
             inputs = concat_inputs(batch)
@@ -339,7 +344,7 @@ class Batcher:
             return
         finally:
             elapsed = time.perf_counter() - started
-            self._metrics.compute.labels(self.label).inc(elapsed)
+            self._compute.inc(elapsed)
             self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * elapsed
             self._running_rows.pop(worker, None)
             self._free.append(worker)

@@ -217,7 +217,7 @@ class GrpcSurface:
             log.exception("unhandled error", extra={"path": name})
             await context.abort(grpc.StatusCode.INTERNAL, f"internal server error; request id {rid}")
         finally:
-            self.metrics.http_requests.labels("grpc", status).inc()
+            self.metrics.http_requests_of("grpc", status).inc()
             log.info(
                 "request",
                 extra={
