@@ -83,13 +83,16 @@ def run_load(
     proc.start()
     result = queue.get(timeout=warmup + duration + 120)
     proc.join()
-    lat = result["latencies"]
+    summary = summarise(result["latencies"], result["duration"], concurrency, len(result["errors"]))
+    return {**({"latencies": result["latencies"]} if keep else {}), **summary, "client_cores": result["client_cores"]}
+
+
+def summarise(latencies: list[float], duration: float, concurrency: int, errors: int) -> dict[str, float]:
+    """Requests per second and latency percentiles (ms) of one closed-loop run."""
     return {
-        **({"latencies": lat} if keep else {}),
         "concurrency": concurrency,
-        "rps": len(lat) / result["duration"],
-        "p50_ms": 1000 * percentile(lat, 50),
-        "p99_ms": 1000 * percentile(lat, 99),
-        "errors": len(result["errors"]),
-        "client_cores": result["client_cores"],
+        "rps": len(latencies) / duration,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p99_ms": 1000 * percentile(latencies, 99),
+        "errors": errors,
     }

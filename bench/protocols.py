@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from harness import free_port, http_request, machine, percentile, start_server, wait_until_ready
-from loadgen import run_load
+from harness import free_port, http_request, machine, start_server, wait_until_ready
+from loadgen import run_load, summarise
 
 KEY = "om_bench-key-0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -148,14 +148,7 @@ def run_grpc(port: int, concurrency: int, warmup: float, duration: float) -> dic
     proc.start()
     result = queue.get(timeout=warmup + duration + 120)
     proc.join()
-    lat = result["latencies"]
-    return {
-        "concurrency": concurrency,
-        "rps": len(lat) / result["duration"],
-        "p50_ms": 1000 * percentile(lat, 50),
-        "p99_ms": 1000 * percentile(lat, 99),
-        "errors": result["errors"],
-    }
+    return summarise(result["latencies"], result["duration"], concurrency, result["errors"])
 
 
 def main() -> None:

@@ -56,20 +56,16 @@ def serve(
     if data_dir is not None:
         overrides["data_dir"] = data_dir
     settings = Settings(**overrides)
-    if settings.port != 0 and not _port_is_free(settings.host, settings.port):
-        err.print(
-            f"[red]error:[/red] {settings.host}:{settings.port} is already in use (another OpenMaaS server?); "
-            "choose another port with --port or OPENMAAS_PORT",
-            soft_wrap=True,
-        )
-        raise typer.Exit(1)
-    if settings.grpc_port != 0 and not _port_is_free(settings.host, settings.grpc_port):
-        err.print(
-            f"[red]error:[/red] {settings.host}:{settings.grpc_port} (gRPC) is already in use; choose another with "
-            "OPENMAAS_GRPC_PORT, or 0 to turn gRPC off",
-            soft_wrap=True,
-        )
-        raise typer.Exit(1)
+    for port, what in (
+        (
+            settings.port,
+            "is already in use (another OpenMaaS server?); choose another port with --port or OPENMAAS_PORT",
+        ),
+        (settings.grpc_port, "(gRPC) is already in use; choose another with OPENMAAS_GRPC_PORT, or 0 to turn gRPC off"),
+    ):
+        if port != 0 and not _port_is_free(settings.host, port):
+            err.print(f"[red]error:[/red] {settings.host}:{port} {what}", soft_wrap=True)
+            raise typer.Exit(1)
     configure_logging(settings.log_level, settings.log_format)
     application = create_app(settings)
     uvicorn.run(
