@@ -64,7 +64,8 @@ def script_for(blocks: list[tuple[str, str]]) -> str:
                 if line.startswith("curl ") or (line.startswith("  ") and lines[-1].endswith("\\")):
                     lines.append(line)
                     if not line.endswith("\\"):
-                        lines[-1] = line + ' | tee /dev/stderr | python -c "$CHECK_JSON"'
+                        # The checker prints the answer (tee /dev/stderr would truncate a log file it points at).
+                        lines[-1] = line + ' | python -c "$CHECK_JSON"'
                 else:
                     lines.append(line)
         elif lang == "python":
@@ -76,10 +77,11 @@ def script_for(blocks: list[tuple[str, str]]) -> str:
 
 CHECK_JSON = """
 import json, sys
-body = json.load(sys.stdin)
+text = sys.stdin.read()
+print(text)
+body = json.loads(text)
 if isinstance(body, dict) and ("error" in body or body.get("status", 200) >= 400):
     sys.exit(f"the answer is an error: {body}")
-print()
 """
 
 
