@@ -558,3 +558,27 @@ def test_two_data_parallel_workers_reach_the_same_bars(org_client: httpx.Client,
     assert job["status"] == "succeeded", (job["error"], org_client.get(f"/api/jobs/{job['id']}/logs").text[-2000:])
     assert job["result"]["metrics"][metric] >= bar, job["result"]["metrics"]
     assert all(len(h["workers"]) == 2 for h in job["history"])
+
+
+def test_a_second_org_trains_the_same_name_into_its_own_namespace(
+    jobs_server: ServerProcess, org_client: httpx.Client, tmp_path: Path
+) -> None:
+    """The second organisation to train on wine.csv as "wine" used to be told the name was taken, after uploading
+    its data; each now gets its own org/wine, and calls its own by the bare name."""
+    with httpx.Client(base_url=jobs_server.url, headers=bearer(ADMIN), timeout=60) as admin:
+        other = new_org(admin, "trainers-too")
+        key = new_key(admin, other["name"], scopes=["inference", "manage"])["key"]
+    name = unique("wine")
+    params = {"epochs": 2, "hidden": [8]}
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+    with httpx.Client(base_url=jobs_server.url, headers=bearer(key), timeout=60) as second:
+        jobs = [(c, _submit_wine(c, tmp_path / label, name, params)) for label, c in (("a", org_client), ("b", second))]
+        owners = set()
+        for c, job_id in jobs:
+            job = _wait(c, job_id)
+            assert job["status"] == "succeeded", job
+            full = job["result"]["model"]
+            assert full.endswith(f"/{name}") and c.get(f"/api/models/{name}").json()["name"] == full
+            owners.add(full.split("/")[0])
+        assert len(owners) == 2 and other["name"] in owners
