@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from openmaas.artifacts import ArtifactStore
 from openmaas.entities.models import (
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # (format, path, options) -> signature, by loading the model once; raises InvalidRequest if it does not load.
 Inspector = Callable[[str, Path, RuntimeOptions], Signature]
 
+K = TypeVar("K")
+V = TypeVar("V")
 # How long a resolved "latest version" may be served from memory; bounds staleness across processes.
 _CACHE_TTL_S = 2.0
 
@@ -78,7 +80,7 @@ class ModelRegistry:
         self.inspector = inspector
         self._cache: dict[tuple[str, int | None], tuple[float, ModelVersion]] = {}
         self._models: dict[str, tuple[float, Model]] = {}
-        self._refs: dict[tuple[str, str | None], tuple[float, tuple[str, ...]]] = {}
+        self._refs: dict[str, tuple[float, tuple[str, ...]]] = {}
         self._lock = threading.Lock()
 
     def register(
@@ -126,15 +128,20 @@ class ModelRegistry:
 
     def resolve(self, name: str, version: int | None = None) -> ModelVersion:
         """The version to serve (latest when None), cached briefly for the request path."""
-        key = (name, version)
+        return self._cached(self._cache, (name, version), lambda: self.store.get_version(name, version))
+
+    def _cached(self, cache: dict[K, tuple[float, V]], key: K, load: Callable[[], V]) -> V:
+        """``load()``, kept in ``cache`` for _CACHE_TTL_S: the request path's lookups cost no query each call."""
         now = time.monotonic()
-        hit = self._cache.get(key)
+        hit = cache.get(key)
         if hit is not None and now - hit[0] < _CACHE_TTL_S:
             return hit[1]
-        mv = self.store.get_version(name, version)
+        value = load()
         with self._lock:
-            self._cache[key] = (now, mv)
-        return mv
+            if len(cache) > 10_000:
+                cache.clear()
+            cache[key] = (now, value)
+        return value
 
     def invalidate(self, name: str) -> None:
         with self._lock:
@@ -151,14 +158,11 @@ class ModelRegistry:
         organisation has made visible to the caller (public or shared with it); several such is a 400 that lists
         their full names. ModelNotFound when nothing visible matches, exactly as if nothing existed."""
         if "/" in ref:
-            try:
-                model = self.cached_model(ref)
-            except ModelNotFound:
-                raise ModelNotFound(ref) from None
-            if visible(model):
+            model = self._maybe(ref)
+            if model is not None and visible(model):
                 return model
             raise ModelNotFound(ref)
-        names = self._candidates(ref, namespace)
+        names = self._candidates(ref)
         preferred = ([qualify(namespace, ref)] if namespace else []) + [ref]
         for name in preferred:
             if name in names:
@@ -182,31 +186,14 @@ class ModelRegistry:
         except ModelNotFound:
             return None
 
-    def _candidates(self, ref: str, namespace: str | None) -> tuple[str, ...]:
+    def _candidates(self, ref: str) -> tuple[str, ...]:
         """Full names of the models a bare ``ref`` could mean (existing ones only), cached briefly: a miss in
         the caller's own namespace is the common case for platform models and must not cost a query each call."""
-        key = (ref, namespace)
-        now = time.monotonic()
-        hit = self._refs.get(key)
-        if hit is not None and now - hit[0] < _CACHE_TTL_S:
-            return hit[1]
-        names = tuple(self.store.names_for(ref))
-        with self._lock:
-            if len(self._refs) > 10_000:
-                self._refs.clear()
-            self._refs[key] = (now, names)
-        return names
+        return self._cached(self._refs, ref, lambda: tuple(self.store.names_for(ref)))
 
     def cached_model(self, name: str) -> Model:
         """The model (owner, visibility, shares), cached briefly for the request path."""
-        now = time.monotonic()
-        hit = self._models.get(name)
-        if hit is not None and now - hit[0] < _CACHE_TTL_S:
-            return hit[1]
-        model = self.store.get_model(name)
-        with self._lock:
-            self._models[name] = (now, model)
-        return model
+        return self._cached(self._models, name, lambda: self.store.get_model(name))
 
     def update_access(self, name: str, **changes: Any) -> Model:
         model = self.store.update_access(name, **changes)
