@@ -61,7 +61,11 @@ def _service(pick: Callable[[Services], T]) -> Callable[[Request], Awaitable[T]]
 
 def bearer_token(request: Request) -> str | None:
     """The token of an ``Authorization: Bearer`` header, if any."""
-    header = request.headers.get("authorization")
+    return bearer_of(request.headers.get("authorization"))
+
+
+def bearer_of(header: str | None) -> str | None:
+    """The token of an ``Authorization`` value ``Bearer <token>`` (HTTP header or gRPC metadata), if any."""
     if not header:
         return None
     scheme, _, token = header.partition(" ")

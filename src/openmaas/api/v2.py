@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
@@ -33,16 +31,6 @@ def health_router() -> APIRouter:
     return router
 
 
-def _timeout_parameter(parameters: dict[str, Any]) -> float | None:
-    """Triton's ``timeout`` request parameter, in microseconds, as seconds."""
-    raw = parameters.get("timeout")
-    if raw is None:
-        return None
-    if not isinstance(raw, int | float) or isinstance(raw, bool) or raw <= 0:
-        raise InvalidRequest("parameters.timeout must be a positive number of microseconds", param="timeout")
-    return float(raw) / 1_000_000
-
-
 async def infer_response(request: Request, model: str, version: str | None) -> Response:
     """POST /v2/models/{model}[/versions/{version}]/infer, JSON or binary tensors. Called by the FastAPI routes
     and by ``HotPath`` (which skips the framework: small models pay more for the request path than for the model)."""
@@ -63,7 +51,7 @@ async def infer_response(request: Request, model: str, version: str | None) -> R
     if not body:
         raise InvalidRequest("the request body is empty; send a JSON object with 'inputs'")
     decoded = decode_request(body, header_length)
-    decoded.request.deadline = deadline_from(request, _timeout_parameter(decoded.request.parameters))
+    decoded.request.deadline = deadline_from(request, views.timeout_parameter(decoded.request.parameters))
     ctx = call_context(request, (raw_length or "").encode(), body)
     mv = gw.model_version(who, model, number)
     result = await until_disconnect(request, gw.infer(who, mv, decoded.request, "v2", ctx))

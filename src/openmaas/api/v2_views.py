@@ -25,6 +25,16 @@ def version_number(version: str | None) -> int | None:
     return number
 
 
+def timeout_parameter(parameters: dict[str, Any]) -> float | None:
+    """Triton's ``timeout`` request parameter, in microseconds, as seconds."""
+    raw = parameters.get("timeout")
+    if raw is None:
+        return None
+    if not isinstance(raw, int | float) or isinstance(raw, bool) or raw <= 0:
+        raise InvalidRequest("parameters.timeout must be a positive number of microseconds", param="timeout")
+    return float(raw) / 1_000_000
+
+
 def model_metadata(gw: Gateway, mv: ModelVersion) -> dict[str, Any]:
     versions = [str(v.version) for v in gw.versions(mv.model)]
     return {

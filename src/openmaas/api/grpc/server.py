@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 
 from openmaas import __version__
 from openmaas.api import v2_views as views
+from openmaas.api.deps import bearer_of
 from openmaas.api.errors import GRPC_STATUS
 from openmaas.api.grpc import inference_pb2 as pb
 from openmaas.api.grpc.codec import decode_infer, encode_infer
@@ -34,8 +35,6 @@ from openmaas.telemetry import Metrics, request_id_var
 log = logging.getLogger("openmaas.access")
 SERVICE = "inference.GRPCInferenceService"
 
-Req = TypeVar("Req", bound=Message)
-Resp = TypeVar("Resp", bound=Message)
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Context], Awaitable[Any]]
 
@@ -52,11 +51,8 @@ class InferenceService:
         self.ready = ready
 
     async def principal(self, context: Context) -> Principal:
-        token = None
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str):
-                scheme, _, rest = value.partition(" ")
-                token = rest.strip() if scheme.lower() == "bearer" else value.strip()
+        """The caller, from ``authorization: Bearer <key>`` metadata, exactly as HTTP reads its header."""
+        token = bearer_of(_metadata(context, "authorization"))
         cached = self.gw.auth.cached(token)
         return cached if cached is not None else await self.gw.auth.authenticate_async(token)
 
@@ -143,11 +139,8 @@ class InferenceService:
     async def _infer(self, who: Principal, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         mv = self.gw.model_version(who, request.model_name, _version(request.model_version))
         inference = decode_infer(request)
-        remaining = context.time_remaining()
-        timeout = inference.parameters.get("timeout")
-        if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0:
-            remaining = min(remaining or float("inf"), timeout / 1_000_000)  # Triton's microseconds
-        inference.deadline = time.monotonic() + remaining if remaining is not None else None
+        limits = [t for t in (context.time_remaining(), views.timeout_parameter(inference.parameters)) if t is not None]
+        inference.deadline = time.monotonic() + min(limits) if limits else None
         key = _metadata(context, "idempotency-key")
         ctx = CallContext(
             # Always minted here (usage records are keyed by it); the id echoed may be the client's x-request-id.
