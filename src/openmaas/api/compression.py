@@ -6,6 +6,7 @@ never a memory spike; ``Inference-Header-Content-Length`` then refers to the inf
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 from starlette.types import Message, Send
@@ -29,21 +30,24 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
             f"Content-Encoding '{encoding}' is not supported: send gzip, deflate or an uncompressed body",
             param="Content-Encoding",
         )
-    attempts = [_GZIP] if encoding != "deflate" else [_ZLIB, _RAW]
-    for i, wbits in enumerate(attempts):
-        inflater = zlib.decompressobj(wbits)
-        try:
-            out = inflater.decompress(body, limit + 1)
-        except zlib.error:
-            if i + 1 < len(attempts):
-                continue
-            raise InvalidRequest(f"the request body is not valid {encoding} data", param="Content-Encoding") from None
-        if len(out) > limit or inflater.unconsumed_tail:
-            raise PayloadTooLarge(f"the request body inflates past the limit of {limit} bytes")
-        if not inflater.eof:
-            raise InvalidRequest(f"the request body's {encoding} data is truncated", param="Content-Encoding")
-        return out
-    raise AssertionError("unreachable")
+    try:
+        return _inflate(body, _ZLIB if encoding == "deflate" else _GZIP, encoding, limit)
+    except zlib.error:
+        if encoding == "deflate":  # some clients send raw deflate data under that name
+            with contextlib.suppress(zlib.error):
+                return _inflate(body, _RAW, encoding, limit)
+        raise InvalidRequest(f"the request body is not valid {encoding} data", param="Content-Encoding") from None
+
+
+def _inflate(body: bytes, wbits: int, encoding: str, limit: int) -> bytes:
+    """Inflate with one framing; zlib.error when the data is not in it."""
+    inflater = zlib.decompressobj(wbits)
+    out = inflater.decompress(body, limit + 1)
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"the request body inflates past the limit of {limit} bytes")
+    if not inflater.eof:
+        raise InvalidRequest(f"the request body's {encoding} data is truncated", param="Content-Encoding")
+    return out
 
 
 def chosen_encoding(accept: str) -> str | None:
@@ -73,39 +77,38 @@ def compress(body: bytes, encoding: str) -> bytes:
 
 def compressing(send: Send, encoding: str) -> Send:
     """``send``, compressing a whole (not streamed) response of at least MIN_RESPONSE_BYTES with ``encoding``."""
-    start: list[Message] = []
+    head: Message | None = None  # the response start, held back until the body shows whether to compress
+    passthrough = False  # a stream, an already encoded response, or what follows the first body message
 
     async def wrapped(message: Message) -> None:
+        nonlocal head, passthrough
         if message["type"] == "http.response.start":
-            headers = message.get("headers", [])
-            passthrough = any(
-                (k == b"content-encoding") or (k == b"content-type" and v.startswith(b"text/event-stream"))
-                for k, v in headers
-            )
-            if passthrough:
+            if any(
+                k == b"content-encoding" or (k == b"content-type" and v.startswith(b"text/event-stream"))
+                for k, v in message.get("headers", [])
+            ):
+                passthrough = True
                 await send(message)
-                start.append({"type": "passthrough"})
             else:
-                start.append(message)
+                head = message
             return
-        if message["type"] != "http.response.body" or not start or start[0].get("type") == "passthrough":
+        if passthrough or head is None or message["type"] != "http.response.body":
             await send(message)
             return
-        head = start.pop()
-        start.append({"type": "passthrough"})  # whatever follows goes as it is
+        start, head, passthrough = head, None, True
         body = message.get("body", b"")
         if message.get("more_body", False) or len(body) < MIN_RESPONSE_BYTES:
-            await send(head)
+            await send(start)
             await send(message)
             return
         packed = compress(body, encoding)
-        headers = [(k, v) for k, v in head.get("headers", []) if k != b"content-length"]
+        headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
         headers += [
             (b"content-encoding", encoding.encode()),
             (b"content-length", str(len(packed)).encode()),
             (b"vary", b"Accept-Encoding"),
         ]
-        await send({**head, "headers": headers})
+        await send({**start, "headers": headers})
         await send({"type": "http.response.body", "body": packed})
 
     return wrapped
