@@ -78,7 +78,7 @@ def _invoice_response(request: Request, inv: dict[str, Any], format: str | None)
             invoice_csv(inv), media_type="text/csv", headers={"Content-Disposition": f'attachment; filename="{name}"'}
         )
     if kind == "html":
-        return Response(invoice_html(inv, inv["org_name"]), media_type="text/html")
+        return Response(invoice_html(inv), media_type="text/html")
     if kind != "json":
         raise InvalidRequest("format must be json, csv or html", param="format")
     return JSONResponse(inv)
@@ -127,7 +127,8 @@ def invoice_csv(invoice: dict[str, Any]) -> str:
     return out.getvalue()
 
 
-def invoice_html(invoice: dict[str, Any], org_name: str) -> str:
+def invoice_html(invoice: dict[str, Any]) -> str:
+    org_name = invoice["org_name"]
     e = html.escape
     cur = e(invoice["currency"])
     rows = "\n".join(

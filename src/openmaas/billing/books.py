@@ -32,6 +32,14 @@ from openmaas.store.tables import (
 )
 
 
+def _number_and_total(lines: list[dict[str, Any]]) -> tuple[int, int]:
+    """Number an invoice's lines from 1; (total, the part already paid from the wallet)."""
+    for n, line in enumerate(lines, start=1):
+        line["n"] = n
+    total = sum(line["amount_micros"] for line in lines)
+    return total, sum(line["amount_micros"] for line in lines if line["prepaid"])
+
+
 class Books:
     def __init__(self, engine: Engine, plan: Callable[[str], Plan], currency: str, commission_bps: int) -> None:
         self._engine = engine
@@ -61,10 +69,7 @@ class Books:
         with self._engine.connect() as conn:
             lines = self._lines(conn, start, min(now, month_end), days, org_id=org_id).get(org_id, [])
             names = self._org_names(conn)
-        for n, line in enumerate(lines, start=1):
-            line["n"] = n
-        total = sum(line["amount_micros"] for line in lines)
-        prepaid = sum(line["amount_micros"] for line in lines if line["prepaid"])
+        total, prepaid = _number_and_total(lines)
         draft = {
             "id": None,
             "draft": True,
@@ -84,10 +89,7 @@ class Books:
         lines_by_org = self._lines(conn, start, end, days)
         now = datetime.now(UTC)
         for org, lines in sorted(lines_by_org.items()):
-            for n, line in enumerate(lines, start=1):
-                line["n"] = n
-            total = sum(line["amount_micros"] for line in lines)
-            prepaid = sum(line["amount_micros"] for line in lines if line["prepaid"])
+            total, prepaid = _number_and_total(lines)
             invoice_id = uuid.uuid4().hex
             conn.execute(
                 insert(InvoiceRow).values(

@@ -259,39 +259,33 @@ class BillingService:
         """What moved the wallet's balance, newest first: credits in, and what each pay-as-you-go call paid
         (holds for calls in flight are not movements: they change what is available, not the balance). Each
         movement carries the balance right after it; ``before`` pages back in time."""
-        credits_q = (
-            select(CreditRow.reference, CreditRow.amount_micros, LedgerEntryRow.created_at)
-            .join(LedgerEntryRow, LedgerEntryRow.txn_id == CreditRow.txn_id)
-            .where(CreditRow.org_id == org_id, LedgerEntryRow.account == ledger.wallet(org_id))
-        )
-        charges_q = select(ChargeRow.request_id, ChargeRow.model, ChargeRow.amount_micros, ChargeRow.created_at).where(
-            ChargeRow.org_id == org_id
-        )
-        newer = 0
+        credit_where = [CreditRow.org_id == org_id, LedgerEntryRow.account == ledger.wallet(org_id)]
+        charge_where = [ChargeRow.org_id == org_id]
+        if before is not None:
+            credit_where.append(LedgerEntryRow.created_at < before)
+            charge_where.append(ChargeRow.created_at < before)
+        credit_join = (LedgerEntryRow, LedgerEntryRow.txn_id == CreditRow.txn_id)
         with self._engine.connect() as conn:
-            if before is not None:
-                newer += int(
-                    conn.execute(
-                        select(func.coalesce(func.sum(CreditRow.amount_micros), 0))
-                        .join(LedgerEntryRow, LedgerEntryRow.txn_id == CreditRow.txn_id)
-                        .where(
-                            CreditRow.org_id == org_id,
-                            LedgerEntryRow.account == ledger.wallet(org_id),
-                            LedgerEntryRow.created_at >= before,
-                        )
-                    ).scalar_one()
-                )
-                newer -= int(
-                    conn.execute(
-                        select(func.coalesce(func.sum(ChargeRow.amount_micros), 0)).where(
-                            ChargeRow.org_id == org_id, ChargeRow.created_at >= before
-                        )
-                    ).scalar_one()
-                )
-                credits_q = credits_q.where(LedgerEntryRow.created_at < before)
-                charges_q = charges_q.where(ChargeRow.created_at < before)
-            credits = conn.execute(credits_q.order_by(LedgerEntryRow.created_at.desc()).limit(limit)).all()
-            charges = conn.execute(charges_q.order_by(ChargeRow.created_at.desc()).limit(limit)).all()
+            credits = conn.execute(
+                select(CreditRow.reference, CreditRow.amount_micros, LedgerEntryRow.created_at)
+                .join(*credit_join)
+                .where(*credit_where)
+                .order_by(LedgerEntryRow.created_at.desc())
+                .limit(limit)
+            ).all()
+            charges = conn.execute(
+                select(ChargeRow.request_id, ChargeRow.model, ChargeRow.amount_micros, ChargeRow.created_at)
+                .where(*charge_where)
+                .order_by(ChargeRow.created_at.desc())
+                .limit(limit)
+            ).all()
+            # The balance right after the newest movement listed: every credit minus every charge up to it.
+            credited = conn.execute(
+                select(func.coalesce(func.sum(CreditRow.amount_micros), 0)).join(*credit_join).where(*credit_where)
+            ).scalar_one()
+            charged = conn.execute(
+                select(func.coalesce(func.sum(ChargeRow.amount_micros), 0)).where(*charge_where)
+            ).scalar_one()
         items: list[dict[str, Any]] = [
             {"at": at, "kind": "credit", "amount_micros": int(amount), "reference": ref, "model": None}
             for ref, amount, at in credits
@@ -302,7 +296,7 @@ class BillingService:
         ]
         items.sort(key=lambda m: m["at"], reverse=True)
         items = items[:limit]
-        balance = self.wallet(org_id)["balance_micros"] - newer
+        balance = int(credited) - int(charged)
         for item in items:
             item["balance_after_micros"] = balance
             balance -= item["amount_micros"]
