@@ -84,20 +84,25 @@ def describe_gguf(path: Path) -> dict[str, Any]:
 def converted_folder(gguf_path: Path) -> Path:
     """The safetensors folder converted from ``gguf_path``, made on first use (in a child process) and kept beside
     the artifact."""
-    target = gguf_path.parent / "converted"
+    target = _target(gguf_path)
     with _conversion_lock(target):  # one conversion per file in this process; others wait for it
-        if (target / "config.json").is_file():
+        if is_converted(gguf_path):
             return target
         return _convert_into(gguf_path, target)
 
 
+def _target(gguf_path: Path) -> Path:
+    """Where the conversion of ``gguf_path`` goes: beside the artifact."""
+    return gguf_path.parent / "converted"
+
+
 def is_converted(gguf_path: Path) -> bool:
-    return (gguf_path.parent / "converted" / "config.json").is_file()
+    return (_target(gguf_path) / "config.json").is_file()
 
 
 def conversion_progress(gguf_path: Path) -> Preparation | None:
     """The conversion of ``gguf_path`` running in this process now, else None."""
-    state = _PROGRESS.get(gguf_path.parent / "converted")
+    state = _PROGRESS.get(_target(gguf_path))
     if state is None:
         return None
     step, fraction, started = state

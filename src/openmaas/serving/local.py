@@ -101,9 +101,7 @@ class LocalBackend:
         return path
 
     def estimate_tokens(self, mv: ModelVersion, request: InferenceRequest) -> TokenEstimate | None:
-        cls = runtime_class(mv.format)
-        path = self._path(mv)
-        counted = cls.token_estimate(request.inputs, path)
+        counted = runtime_class(mv.format).token_estimate(request.inputs, self._path(mv))
         return TokenEstimate(*counted) if counted is not None else None
 
     # -- the request paths -----------------------------------------------------------------------------------
@@ -205,10 +203,7 @@ class LocalBackend:
         return Batching(config.max_batch_size, config.max_queue_delay_ms, self.pool.instances(mv))
 
     def preparing(self, mv: ModelVersion) -> Preparation | None:
-        cls = runtime_class(mv.format)
-        if cls.preparing.__func__ is Runtime.preparing.__func__:  # type: ignore[attr-defined]
-            return None  # the format never needs preparing: no path lookup
-        return cls.preparing(self._path(mv))
+        return self.pool.preparing(mv)
 
     def stats(self) -> list[ModelStats]:
         out = [

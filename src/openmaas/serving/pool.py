@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from openmaas.entities.models import ModelVersion
+from openmaas.entities.models import ModelVersion, Preparation
 from openmaas.errors import ModelLoadFailed, ModelNotReady, Overloaded
 from openmaas.runtimes import Runtime, RuntimeOptions, RuntimeResult, create_runtime, runtime_class
 from openmaas.serving.batcher import BatchConfig, Batcher
@@ -284,13 +284,17 @@ class ResidencyPool:
             pending.add_done_callback(lambda t: None if t.cancelled() else t.exception())  # retrieved: no warning
         return await asyncio.shield(pending)
 
+    def preparing(self, mv: ModelVersion) -> Preparation | None:
+        """The one-time preparation of ``mv``'s artifact running now in this process, else None."""
+        cls = runtime_class(mv.format)
+        if cls.preparing.__func__ is Runtime.preparing.__func__:  # type: ignore[attr-defined]
+            return None  # the format never needs preparing: no path lookup
+        return cls.preparing(self._artifact_path(mv))
+
     def _refuse_while_preparing(self, mv: ModelVersion) -> None:
         """A version whose one-time preparation (a conversion) runs in the background cannot load yet: say so at
         once, with how far it is, instead of holding the call for the minute it takes."""
-        cls = runtime_class(mv.format)
-        if cls.preparing.__func__ is Runtime.preparing.__func__:  # type: ignore[attr-defined]
-            return
-        prep = cls.preparing(self._artifact_path(mv))
+        prep = self.preparing(mv)
         if prep is None:
             return
         left = prep.elapsed_s * (1 - prep.progress) / prep.progress if prep.progress > 0.05 else 30.0
