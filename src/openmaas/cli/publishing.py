@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.table import Table
 
-from openmaas.billing.money import format_micros
+from openmaas.billing.plans import PlanSpec, pricing
 from openmaas.cli.common import DEFAULT_URL, DataDirOpt, KeyOpt, UrlOpt, call, console
 
 Access = Literal["private", "shared", "public"]
@@ -84,13 +84,8 @@ def plans(
     currency = result["currency"]
     table = Table("plan", "kind", "unit", "price", title=f"Plans of {name} ({currency})")
     for p in result["plans"]:
-        spec = p
-        price = {
-            "usage": f"{format_micros(spec.get('price_micros', 0))} per {spec.get('block', 1)}",
-            "subscription": f"{format_micros(spec.get('monthly_fee_micros', 0))} a month",
-            "dedicated": f"{format_micros(spec.get('hourly_price_micros', 0))} an hour",
-        }.get(spec["kind"], "")
-        table.add_row(spec["name"], spec["kind"], spec.get("unit", ""), price)
+        spec = PlanSpec.model_validate({k: v for k, v in p.items() if k in PlanSpec.model_fields})
+        table.add_row(spec.name, spec.kind, spec.unit, pricing(spec, spec.kind, "")["text"])  # as invoices word it
     console.print(table)
 
 
