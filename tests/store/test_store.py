@@ -157,3 +157,27 @@ def test_migration_0006_puts_org_models_in_their_namespace_and_renames_what_refe
         jobs = {j.id: j for j in s.scalars(select(JobRow))}
     assert jobs["j1"].spec["output_model"] == "acme/wine" and jobs["j1"].result == {"model": "acme/wine"}
     assert jobs["j2"].spec["output_model"] == "acme/beer"  # queued: its model will be registered in acme's namespace
+
+    # Downgrading returns to global names while no two organisations share one...
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0005")
+    with engine.connect() as conn:
+        assert sorted(conn.execute(text("select name from models")).scalars()) == ["minilm", "wine"]
+        assert conn.execute(text("select model from usage_records where request_id = 'r1'")).scalar_one() == "wine"
+    with session_factory(engine)() as s:
+        assert s.get(JobRow, "j2").spec["output_model"] == "beer"
+    # ... and refuses, saying why, once they do.
+    upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(text(f"insert into orgs (id, name, created_at) values ('o2', 'beta', '{now}')"))
+        conn.execute(
+            text(
+                "insert into models (name, owner_org_id, visibility, review_state, created_at) values "
+                f"('beta/wine', 'o2', 'private', 'none', '{now}')"
+            )
+        )
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        with pytest.raises(RuntimeError, match="several organisations have models named wine"):
+            command.downgrade(cfg, "0005")
