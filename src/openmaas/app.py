@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from fastapi import FastAPI
 from sqlalchemy import Engine
@@ -40,13 +40,11 @@ from openmaas.jobs.service import JobService
 from openmaas.jobs.submission import JobSubmission
 from openmaas.metering.usage import UsageQueries
 from openmaas.metering.writer import GroupCommitWriter
+from openmaas.registry.evaluations import EvaluationService
 from openmaas.registry.inspect import inspect_in_subprocess
 from openmaas.registry.service import ModelRegistry
-from openmaas.runtimes import RuntimeOptions, runtime_class
 from openmaas.serving.backend import ServingBackend
-from openmaas.serving.batcher import BatchConfig
-from openmaas.serving.local import LocalBackend
-from openmaas.serving.pool import ResidencyPool
+from openmaas.serving.local import local_backend, runtime_options
 from openmaas.store import db
 from openmaas.store.registry import RegistryStore
 from openmaas.telemetry import Metrics
@@ -81,52 +79,14 @@ def build_platform(settings: Settings) -> Platform:
     engine = db.create_db_engine(settings.resolved_database_url)
     sessions = db.session_factory(engine)
     metrics = Metrics()
-    options = RuntimeOptions(
-        onnx_threads=settings.onnx_threads,
-        torch_threads=settings.torch_threads,
-        generation_batch=settings.generation_batch,
-        generation_context=settings.generation_context,
-        generation_max_tokens=settings.generation_max_tokens,
-        generation_queue=settings.generation_queue,
-    )
+    options = runtime_options(settings)
     # Uploaded models are loaded for inspection in a child process (crash isolation; see registry/inspect.py).
     registry = ModelRegistry(
         RegistryStore(sessions), LocalArtifactStore(settings.artifacts_dir), options, inspect_in_subprocess
     )
-    defaults = BatchConfig(
-        max_batch_size=settings.max_batch_size,
-        max_queue_delay_ms=settings.max_queue_delay_ms,
-        max_balance_wait_ms=settings.max_balance_wait_ms,
-        max_queue_size=settings.max_queue_size,
-        max_batch_tokens=settings.max_batch_tokens,
+    backend = local_backend(
+        settings, options, registry.artifact_path, lambda mv: registry.get_model(mv.model).serving, metrics
     )
-
-    def batch_config(mv: ModelVersion) -> BatchConfig:
-        overrides = registry.get_model(mv.model).serving.model_dump(exclude_none=True)
-        overrides.pop("pinned", None)
-        overrides.pop("instances", None)
-        return replace(defaults, **overrides)
-
-    def instances(mv: ModelVersion) -> int:
-        if runtime_class(mv.format).serves == "generation":
-            return 1  # one engine per model batches every request itself
-        configured = registry.get_model(mv.model).serving.instances
-        return configured if configured is not None else settings.model_instances
-
-    def pinned(mv: ModelVersion) -> bool:
-        configured = registry.get_model(mv.model).serving.pinned
-        return configured if configured is not None else mv.model in settings.pinned
-
-    pool = ResidencyPool(
-        registry.artifact_path,
-        options,
-        metrics,
-        budget_bytes=settings.model_memory_mb * 1024 * 1024 or None,
-        batch_config=batch_config,
-        pinned=pinned,
-        instances=instances,
-    )
-    backend = LocalBackend(pool, metrics)
     secret = load_or_create_secret(
         settings.secret_key.get_secret_value() if settings.secret_key else None,
         settings.data_dir / "secret.key",
@@ -176,6 +136,7 @@ def build_platform(settings: Settings) -> Platform:
         datasets=datasets,
         jobs=jobs,
         submissions=JobSubmission(jobs, datasets, registry),
+        evaluations=EvaluationService(sessions, LocalArtifactStore(settings.artifacts_dir)),
     )
     return Platform(
         settings, engine, metrics, backend, services, JobRunner(sessions, jobs_dir, worker_env, settings.max_jobs)

@@ -23,6 +23,7 @@ from openmaas.gateway.service import Gateway
 from openmaas.jobs.service import JobService
 from openmaas.jobs.submission import JobSubmission
 from openmaas.metering.usage import UsageQueries
+from openmaas.registry.evaluations import EvaluationService
 from openmaas.registry.service import ModelRegistry
 from openmaas.tenancy.service import TenancyService
 
@@ -43,6 +44,7 @@ class Services:
     datasets: DatasetService
     jobs: JobService
     submissions: JobSubmission
+    evaluations: EvaluationService
 
 
 def services(request: Request) -> Services:
@@ -94,6 +96,7 @@ AuditDep = Annotated[AuditLog, Depends(_service(lambda s: s.audit))]
 DatasetsDep = Annotated[DatasetService, Depends(_service(lambda s: s.datasets))]
 JobsDep = Annotated[JobService, Depends(_service(lambda s: s.jobs))]
 SubmissionsDep = Annotated[JobSubmission, Depends(_service(lambda s: s.submissions))]
+EvaluationsDep = Annotated[EvaluationService, Depends(_service(lambda s: s.evaluations))]
 PrincipalDep = Annotated[Principal, Depends(principal)]
 
 

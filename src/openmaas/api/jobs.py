@@ -86,7 +86,8 @@ def router(scratch: Path) -> APIRouter:
         request: Request, gw: GatewayDep, submissions: SubmissionsDep, who: PrincipalDep
     ) -> JSONResponse:
         """Submit a job, e.g. ``{"type": "train", "task": "tabular-classification", "dataset": ID,
-        "target": "label", "params": {...}, "output_model": "my-model"}``; it is checked now and queued."""
+        "target": "label", "params": {...}, "output_model": "my-model"}`` or ``{"type": "evaluate", "model":
+        "my-model", "version": 2, "dataset": ID}``; it is checked now and queued."""
         who.require("models.manage")
         try:
             body = orjson.loads(await request.body())
@@ -100,7 +101,7 @@ def router(scratch: Path) -> APIRouter:
             namespace=who.org_name,
             key_id=who.key_id,
             by_admin=who.is_platform_admin,
-            model_version=lambda name: gw.model_version(who, name),
+            model_version=lambda name, version=None: gw.model_version(who, name, version),
         )
         await gw.audit_async(
             actor(request, who), "job.create", f"job:{job['id']}", org_id=who.org_id, after=job["spec"]

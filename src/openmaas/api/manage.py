@@ -11,8 +11,9 @@ import orjson
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
 
-from openmaas.api.deps import GatewayDep, PrincipalDep, RegistryDep, TenancyDep, actor, principal
+from openmaas.api.deps import EvaluationsDep, GatewayDep, PrincipalDep, RegistryDep, TenancyDep, actor, principal
 from openmaas.api.responses import JSONResponse
 from openmaas.entities.models import (
     REQUIRED_FOR_PUBLICATION,
@@ -27,6 +28,7 @@ from openmaas.entities.models import (
 from openmaas.errors import Forbidden, InvalidRequest, NotFound
 from openmaas.gateway.auth import Principal
 from openmaas.gateway.service import Gateway
+from openmaas.registry.evaluations import EvaluationService
 from openmaas.registry.service import full_name_for
 from openmaas.registry.uploads import is_archive, unpack
 
@@ -63,15 +65,20 @@ def _require_owner(who: Principal, model: Model) -> None:
     who.require("models.manage")
 
 
-def _version_json(mv: ModelVersion) -> dict[str, Any]:
-    return mv.model_dump(mode="json")
+def _version_json(mv: ModelVersion, measured: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """A version with its card; ``measured``: the figures the platform measured (the newest report its owner ran),
+    kept apart from the card's ``metrics``, which are what the provider wrote."""
+    return {**mv.model_dump(mode="json"), "measured": measured.get(mv.version)}
 
 
-def _model_json(gw: Gateway, model: Model, *, with_versions: bool) -> dict[str, Any]:
+def _model_json(
+    gw: Gateway, model: Model, *, with_versions: bool, evaluations: EvaluationService | None = None
+) -> dict[str, Any]:
     out = model.model_dump(mode="json")
     if with_versions:
         versions = gw.versions(model.name)
-        out["versions"] = [_version_json(v) for v in versions]
+        measured = evaluations.measured(model.name) if evaluations is not None else {}
+        out["versions"] = [_version_json(v, measured) for v in versions]
         if versions:
             latest = versions[-1]
             prep = gw.preparing(latest)
@@ -133,12 +140,87 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
         return JSONResponse({"models": [_model_json(gw, m, with_versions=False) for m in models]})
 
     @r.get("/models/{name:model}")
-    async def get_model(name: str, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        return JSONResponse(_model_json(gw, gw.get_model(who, name), with_versions=True))
+    async def get_model(name: str, gw: GatewayDep, who: PrincipalDep, evaluations: EvaluationsDep) -> JSONResponse:
+        model = gw.get_model(who, name)
+        return JSONResponse(
+            await run_in_threadpool(lambda: _model_json(gw, model, with_versions=True, evaluations=evaluations))
+        )
 
     @r.get("/models/{name:model}/versions/{version}")
-    async def get_version(name: str, version: int, gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
-        return JSONResponse(_version_json(gw.model_version(who, name, version)))
+    async def get_version(
+        name: str, version: int, gw: GatewayDep, who: PrincipalDep, evaluations: EvaluationsDep
+    ) -> JSONResponse:
+        mv = gw.model_version(who, name, version)
+        return JSONResponse(_version_json(mv, await run_in_threadpool(evaluations.measured, mv.model)))
+
+    # -- evaluation reports ----------------------------------------------------------------------------------------
+
+    @r.get("/models/{name:model}/versions/{version}/evaluations")
+    async def list_evaluations(
+        name: str, version: int, gw: GatewayDep, who: PrincipalDep, evaluations: EvaluationsDep
+    ) -> JSONResponse:
+        """The version's evaluation reports, newest first: its owner's (shown on the card) and the caller's own."""
+        mv = gw.model_version(who, name, version)
+        reports = await run_in_threadpool(
+            lambda: evaluations.for_version(mv.model, mv.version, viewer=who.org_id, admin=who.is_platform_admin)
+        )
+        return JSONResponse({"model": mv.model, "version": mv.version, "evaluations": reports})
+
+    @r.get("/models/{name:model}/versions/{version}/evaluations/{evaluation_id}")
+    async def get_evaluation(
+        name: str, version: int, evaluation_id: str, gw: GatewayDep, who: PrincipalDep, evaluations: EvaluationsDep
+    ) -> JSONResponse:
+        mv = gw.model_version(who, name, version)
+        return JSONResponse(
+            await run_in_threadpool(
+                lambda: evaluations.get(
+                    mv.model, mv.version, evaluation_id, viewer=who.org_id, admin=who.is_platform_admin
+                )
+            )
+        )
+
+    @r.get("/models/{name:model}/versions/{version}/evaluations/{evaluation_id}/plots/{plot}.png")
+    async def evaluation_plot(
+        name: str,
+        version: int,
+        evaluation_id: str,
+        plot: str,
+        gw: GatewayDep,
+        who: PrincipalDep,
+        evaluations: EvaluationsDep,
+    ) -> Response:
+        """A plot of the report (confusion_matrix, roc, precision_recall, residuals) as PNG."""
+        mv = gw.model_version(who, name, version)
+        path = await run_in_threadpool(
+            lambda: evaluations.plot(
+                mv.model, mv.version, evaluation_id, plot, viewer=who.org_id, admin=who.is_platform_admin
+            )
+        )
+        return Response(
+            await run_in_threadpool(path.read_bytes),
+            media_type="image/png",
+            headers={"Cache-Control": "private, max-age=86400, immutable"},
+        )
+
+    @r.get("/models/{name:model}/compare")
+    async def compare_versions(
+        name: str,
+        gw: GatewayDep,
+        who: PrincipalDep,
+        evaluations: EvaluationsDep,
+        a: int = Query(description="The first version.", ge=1),
+        b: int = Query(description="The second version.", ge=1),
+    ) -> JSONResponse:
+        """Two versions' newest reports on the same data side by side, with deltas (b - a); ``comparable`` false,
+        with the reason, when they were never measured on the same rows of the same dataset."""
+        va, vb = gw.model_version(who, name, a), gw.model_version(who, name, b)
+        return JSONResponse(
+            await run_in_threadpool(
+                lambda: evaluations.compare(
+                    va.model, va.version, vb.version, viewer=who.org_id, admin=who.is_platform_admin
+                )
+            )
+        )
 
     @r.patch("/models/{name:model}")
     async def update_model(
@@ -258,6 +340,6 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
             org_id=owner,
             after={"version": mv.version, "format": mv.format, "sha256": mv.sha256},
         )
-        return JSONResponse(_version_json(mv), status_code=201, headers={"Location": f"/api/models/{mv.model}"})
+        return JSONResponse(_version_json(mv, {}), status_code=201, headers={"Location": f"/api/models/{mv.model}"})
 
     return r

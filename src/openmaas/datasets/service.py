@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from openmaas.artifacts import LocalArtifactStore
+from openmaas.datasets.audio import AudioSet, has_manifest, read_audio
 from openmaas.datasets.images import read_images
 from openmaas.datasets.parse import TABULAR_FORMATS, read_table
 from openmaas.entities.tables import Images, Table
@@ -25,10 +26,11 @@ def format_of(filename: str, declared: str | None) -> str:
     else:
         suffix = PurePath(filename).suffix.lower().lstrip(".")
         fmt = {"ndjson": "jsonl", "json": "jsonl", "zip": "images", "pq": "parquet"}.get(suffix, suffix)
-    if fmt not in (*TABULAR_FORMATS, "images"):
+    if fmt not in (*TABULAR_FORMATS, "images", "audio"):
         raise InvalidRequest(
-            f"cannot tell a supported dataset format from '{filename}'; send a .csv, .jsonl or .parquet file, or a .zip of "
-            "class_name/picture.png images (or say which with 'format')",
+            f"cannot tell a supported dataset format from '{filename}'; send a .csv, .jsonl or .parquet file, a .zip of "
+            "class_name/picture.png images, or a .zip of audio files with a file,text CSV manifest (or say which "
+            "with 'format')",
             param="format",
         )
     return fmt
@@ -56,7 +58,11 @@ class DatasetService:
 
     def upload(self, org_id: str | None, name: str, path: Path, fmt: str) -> dict[str, Any]:
         """Check ``path`` and store it; a file that does not parse is refused with the row/column at fault."""
-        if fmt == "images":
+        if fmt in ("images", "audio") and (fmt == "audio" or has_manifest(path)):
+            fmt = "audio"  # a zip with a CSV manifest holds speech, not class folders of pictures
+            clips = read_audio(path)
+            rows, schema = len(clips.files), clips.schema()
+        elif fmt == "images":
             images = read_images(path)
             rows, schema = len(images.labels), images.schema()
         else:
@@ -96,9 +102,20 @@ class DatasetService:
             return [_json(r) for r in s.scalars(q)]
 
     def table(self, dataset: dict[str, Any]) -> Table:
-        if dataset["format"] == "images":
-            raise InvalidRequest(f"dataset {dataset['id']} holds images; use an image task", param="dataset")
+        if dataset["format"] in ("images", "audio"):
+            raise InvalidRequest(
+                f"dataset {dataset['id']} holds {dataset['format']}, not a table; use a task for {dataset['format']}",
+                param="dataset",
+            )
         return read_table(self._artifacts.local_path(dataset["sha256"]), dataset["format"])
+
+    def audio(self, dataset: dict[str, Any]) -> AudioSet:
+        if dataset["format"] != "audio":
+            raise InvalidRequest(
+                f"dataset {dataset['id']} is not speech (a zip of audio files with a file,text CSV manifest)",
+                param="dataset",
+            )
+        return read_audio(self._artifacts.local_path(dataset["sha256"]))
 
     def images(self, dataset: dict[str, Any]) -> Images:
         if dataset["format"] != "images":

@@ -14,7 +14,9 @@ Visibility = Literal["private", "shared", "public"]
 # A model's own name (the part after its organisation's namespace).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Words that follow a model's name in URLs (/v2/models/{name}/ready ...): a model may not be called so.
-RESERVED_NAMES = frozenset({"ready", "versions", "infer", "load", "unload", "stats", "config", "plans", "review"})
+RESERVED_NAMES = frozenset(
+    {"ready", "versions", "infer", "load", "unload", "stats", "config", "plans", "review", "compare", "evaluations"}
+)
 ReviewState = Literal["none", "pending", "approved", "rejected"]
 # What a card must say before its model may be reviewed for publication.
 REQUIRED_FOR_PUBLICATION = ("intended_use", "training_data", "metrics", "limitations", "license", "privacy")
@@ -45,6 +47,11 @@ class ModelCard(BaseModel):
         default_factory=dict,
         description="Measured figures, by name (e.g. accuracy, f1_macro, r2), on held-out data; numbers only.",
         examples=[{"accuracy": 0.95}],
+    )
+    classes: list[str] = Field(
+        default_factory=list,
+        description="Classifiers: the class names in the order of the model's outputs (index 0 first).",
+        examples=[[]],
     )
     limitations: str = Field(
         default="", description="Where it fails or is biased; input limits (e.g. longest text it reads).", examples=[""]

@@ -41,7 +41,31 @@ class TrainSpec(BaseModel):
         return "classification" if self.task.endswith("classification") else "regression"
 
 
-JOB_SPECS: dict[str, type[BaseModel]] = {"train": TrainSpec}
+class EvaluateSpec(BaseModel):
+    """Score a registered version on a dataset, through the serving path, and store the report with it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["evaluate"] = "evaluate"
+    model: str = Field(min_length=1, max_length=200, description="The model to evaluate.")
+    version: int | None = Field(default=None, ge=1, description="Its version (default: the latest).")
+    dataset: str = Field(description="Dataset id.")
+    task: Literal["classification", "regression", "embedding", "text-generation", "speech"] | None = Field(
+        default=None, description="What to measure (default: from the version's card and signature)."
+    )
+    target: str = Field(default="label", min_length=1, description="The column holding the truth (tables).")
+    text_column: str = Field(default="text", min_length=1, description="The text column (text models).")
+    classes: list[str] | None = Field(
+        default=None, description="Class names in the model's output order, when its card does not name them."
+    )
+    reference_version: int | None = Field(
+        default=None, ge=1, description="Embeddings: the version of the same model to measure fidelity against."
+    )
+    max_rows: int | None = Field(default=None, ge=1, le=1_000_000, description="Evaluate the first rows only.")
+    batch_size: int = Field(default=32, ge=1, le=1024, description="Rows per call while scoring.")
+
+
+JOB_SPECS: dict[str, type[BaseModel]] = {"train": TrainSpec, "evaluate": EvaluateSpec}
 
 
 def parse_spec(body: dict[str, Any]) -> BaseModel:

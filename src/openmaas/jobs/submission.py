@@ -15,7 +15,7 @@ from openmaas.datasets.service import DatasetService
 from openmaas.entities.models import ModelVersion
 from openmaas.errors import InvalidRequest
 from openmaas.jobs.service import JobService
-from openmaas.jobs.specs import TrainSpec, parse_spec
+from openmaas.jobs.specs import EvaluateSpec, TrainSpec, parse_spec
 from openmaas.registry.service import ModelRegistry, full_name_for
 from openmaas.runtimes import runtime_class
 from openmaas.training import data as training_data
@@ -37,15 +37,31 @@ class JobSubmission:
         namespace: str | None = None,
         key_id: str | None,
         by_admin: bool,
-        model_version: Callable[[str], ModelVersion],
+        model_version: Callable[..., ModelVersion],
     ) -> dict[str, Any]:
-        """Check and queue the job ``body``; ``model_version`` resolves a model the submitter may see (404
-        otherwise). A trained model is named in the submitter's ``namespace`` (its organisation's name)."""
+        """Check and queue the job ``body``; ``model_version(name, version=None)`` resolves a model the submitter
+        may see (404 otherwise). A trained model is named in the submitter's ``namespace`` (its organisation's)."""
         spec = parse_spec(body)
         if isinstance(spec, TrainSpec):
             spec = spec.model_copy(update={"output_model": full_name_for(spec.output_model, namespace, "output_model")})
             await asyncio.to_thread(self.check_train, spec, org_id, by_admin, model_version)
+        elif isinstance(spec, EvaluateSpec):
+            spec = await asyncio.to_thread(self.check_evaluate, spec, org_id, by_admin, model_version)
         return await asyncio.to_thread(self._jobs.create, org_id, key_id, spec.model_dump(mode="json"))
+
+    def check_evaluate(
+        self, spec: EvaluateSpec, org_id: str | None, by_admin: bool, model_version: Callable[..., ModelVersion]
+    ) -> EvaluateSpec:
+        """The version (resolved now: a later version does not change what is measured), the dataset, and the
+        whole plan of inputs and truth the job will build; returns the spec with the full name and version."""
+        from openmaas.jobs import evaluate
+
+        mv = model_version(spec.model, spec.version)
+        reference = model_version(mv.model, spec.reference_version) if spec.reference_version else None
+        ds = self._datasets.get(org_id, spec.dataset, any_org=by_admin)
+        served_as = runtime_class(mv.format).serves
+        evaluate.plan(spec, mv, served_as, evaluate.load_data(self._datasets, ds), reference)
+        return spec.model_copy(update={"model": mv.model, "version": mv.version})
 
     def check_train(
         self, spec: TrainSpec, org_id: str | None, by_admin: bool, model_version: Callable[[str], ModelVersion]

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from openmaas.config import Settings
 from openmaas.errors import OpenMaaSError
+from openmaas.jobs.evaluate import Cancelled
 from openmaas.store import db
 from openmaas.store.tables import JobRow
 
@@ -168,7 +169,7 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
     # Single process, or after the parallel workers: this resumes from (or just reads) the checkpoint.
     model = loop.train(data, spec.params, spec.kind, n_classes, checkpoint, on_epoch, build, reporter.cancelled)
     if reporter.cancelled():
-        raise _Cancelled()
+        raise Cancelled()
     metrics = loop.evaluate(model, *data["test"], spec.kind)
     print(f"held-out metrics: {metrics}", flush=True)
     from openmaas.training.curves import draw_curves
@@ -233,6 +234,7 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
             training_data=f"dataset {dataset['id']} ({dataset['rows']} rows, sha256 {dataset['sha256']}); "
             f"parameters: {spec.params.model_dump_json()}",
             metrics=scalar,
+            classes=prepared.classes or [],
             limitations="Measured on a random held-out split of the same dataset only.",
         )
         mv = registry.register(
@@ -243,6 +245,7 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
             owner_org_id=job.org_id,
             visibility="private" if job.org_id else "public",
         )
+    report = _held_out_report(settings, sessions, reporter, job, spec, mv, datasets, dataset, prepared)
     return {
         "model": mv.model,
         "version": mv.version,
@@ -250,7 +253,66 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
         "features": prepared.features,
         "curves": f"/api/jobs/{job.id}/curves.png",
         "classes": prepared.classes,
+        "evaluation": report,
     }
+
+
+def _held_out_report(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    reporter: Reporter,
+    job: JobRow,
+    spec: Any,
+    mv: Any,
+    datasets: Any,
+    dataset: dict[str, Any],
+    prepared: Any,
+) -> str | None:
+    """The trained version's report on the held-out split, measured like an evaluation job (through the serving
+    path); returns its URL. A failure here is reported and leaves the trained model as registered."""
+    from openmaas.entities.tables import Images
+    from openmaas.jobs import evaluate
+    from openmaas.jobs.specs import EvaluateSpec
+    from openmaas.runtimes import runtime_class
+    from openmaas.training import data as training_data
+
+    _, _, test_rows = training_data.split_rows(prepared, spec.params, spec.kind)
+    split = f"held-out {spec.params.test_split:g} (seed {spec.params.seed})"
+    try:
+        data = evaluate.load_data(datasets, dataset)
+        held_out = (
+            Images(data.x[test_rows], [data.labels[i] for i in test_rows], data.classes, data.mode)
+            if isinstance(data, Images)
+            else evaluate.subset(data, test_rows)  # type: ignore[arg-type]
+        )
+        ev_spec = EvaluateSpec(
+            model=mv.model,
+            version=mv.version,
+            dataset=dataset["id"],
+            task=spec.kind,
+            target=spec.target,
+            text_column=spec.text_column,
+            classes=prepared.classes,
+        )
+        the_plan = evaluate.plan(ev_spec, mv, runtime_class(mv.format).serves, held_out)
+        stored = evaluate_registered(
+            settings, sessions, reporter, job, mv, the_plan, dataset, split, 64, lambda f: None
+        )
+    except Cancelled:
+        raise
+    except Exception as e:  # the model is trained and registered; say why it has no report
+        traceback.print_exc()
+        print(f"warning: the held-out report could not be measured: {e}", flush=True)
+        return None
+    print(f"held-out report: {stored['id']} (accuracy/r2 as served: {_headline(stored)})", flush=True)
+    return f"/api/models/{mv.model}/versions/{mv.version}/evaluations/{stored['id']}"
+
+
+def _headline(report: dict[str, Any]) -> str:
+    from openmaas.evaluation.metrics import headline
+
+    main = headline(report["task"], report["metrics"])
+    return f"{main[0]} {report['metrics'][main[0]]:.4f}" if main else "-"
 
 
 def _train_data_parallel(
@@ -302,11 +364,116 @@ def _train_data_parallel(
     start_processes(rank_main, nprocs=workers, join=True, start_method="fork")  # type: ignore[no-untyped-call]
 
 
-class _Cancelled(Exception):
-    pass
+def _backend_factory(settings: Settings, sessions: sessionmaker[Session]) -> Callable[[], Any]:
+    """The serving backend the server would build, in this worker (with the job threads, at job priority)."""
+    from dataclasses import replace
+
+    from openmaas.artifacts import LocalArtifactStore
+    from openmaas.serving.local import local_backend, runtime_options
+    from openmaas.store.registry import RegistryStore
+    from openmaas.telemetry import Metrics
+
+    artifacts = LocalArtifactStore(settings.artifacts_dir)
+    store = RegistryStore(sessions)
+    options = replace(runtime_options(settings), torch_threads=settings.job_threads, onnx_threads=settings.job_threads)
+    return lambda: local_backend(
+        settings,
+        options,
+        lambda mv: artifacts.local_path(mv.sha256),
+        lambda mv: store.get_model(mv.model).serving,
+        Metrics(),
+    )
 
 
-RUNNERS = {"train": run_train}
+def evaluate_registered(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    reporter: Reporter,
+    job: JobRow,
+    mv: Any,
+    the_plan: Any,
+    dataset: dict[str, Any],
+    split: str,
+    batch: int,
+    report_progress: Callable[[float], None],
+) -> dict[str, Any]:
+    """Measure ``mv`` on ``the_plan`` through the serving path and store the report with the version."""
+    from openmaas.artifacts import LocalArtifactStore
+    from openmaas.evaluation import machine
+    from openmaas.jobs import evaluate
+    from openmaas.registry.evaluations import EvaluationService
+
+    report = evaluate.run(
+        _backend_factory(settings, sessions), mv, the_plan, batch, report_progress, reporter.cancelled
+    )
+    evaluations = EvaluationService(sessions, LocalArtifactStore(settings.artifacts_dir))
+    return evaluations.add(
+        mv.model,
+        mv.version,
+        org_id=job.org_id,
+        job_id=job.id,
+        task=report.task,
+        dataset=evaluate.dataset_info(dataset, split, the_plan.rows),
+        metrics=report.metrics,
+        performance=report.performance,
+        machine=machine.describe(settings.job_threads),
+        plots=report.plots,
+    )
+
+
+def run_evaluate(
+    settings: Settings, sessions: sessionmaker[Session], reporter: Reporter, job: JobRow
+) -> dict[str, Any]:
+    from openmaas.artifacts import LocalArtifactStore
+    from openmaas.datasets.service import DatasetService
+    from openmaas.jobs import evaluate
+    from openmaas.jobs.specs import EvaluateSpec
+    from openmaas.registry.evaluations import EvaluationService
+    from openmaas.runtimes import runtime_class
+    from openmaas.store.registry import RegistryStore
+
+    spec = EvaluateSpec.model_validate(job.spec)
+    artifacts = LocalArtifactStore(settings.artifacts_dir)
+    store = RegistryStore(sessions)
+    mv = store.get_version(spec.model, spec.version)
+    done = EvaluationService(sessions, artifacts).for_job(job.id)
+    if done is not None:  # a restarted job whose report was stored before the worker died
+        print(f"the report of this job is already stored ({done['id']})", flush=True)
+        report = done
+    else:
+        datasets = DatasetService(sessions, artifacts, settings.data_dir / "cache")
+        dataset = datasets.get(job.org_id, spec.dataset, any_org=job.org_id is None)
+        reference = store.get_version(spec.model, spec.reference_version) if spec.reference_version else None
+        the_plan = evaluate.plan(
+            spec, mv, runtime_class(mv.format).serves, evaluate.load_data(datasets, dataset), reference
+        )
+        print(
+            f"evaluating {mv.model} version {mv.version} as {the_plan.task} on dataset {dataset['name']} "
+            f"({the_plan.rows} rows, sha256 {dataset['sha256'][:12]})",
+            flush=True,
+        )
+        report = evaluate_registered(
+            settings, sessions, reporter, job, mv, the_plan, dataset, "all", spec.batch_size, reporter.progress
+        )
+    figures = {k: v for k, v in report["metrics"].items() if isinstance(v, int | float)}
+    print(f"metrics: {figures}", flush=True)
+    print(
+        "performance: " + ", ".join(f"{k} {v:.4g}" for k, v in report["performance"].items() if isinstance(v, float)),
+        flush=True,
+    )
+    return {
+        "model": mv.model,
+        "version": mv.version,
+        "evaluation": report["id"],
+        "task": report["task"],
+        "metrics": figures,
+        "performance": {k: v for k, v in report["performance"].items() if isinstance(v, int | float)},
+        "report": f"/api/models/{mv.model}/versions/{mv.version}/evaluations/{report['id']}",
+        "plots": report["plots"],
+    }
+
+
+RUNNERS = {"train": run_train, "evaluate": run_evaluate}
 
 
 def main(job_id: str) -> int:
@@ -319,7 +486,7 @@ def main(job_id: str) -> int:
     started = time.monotonic()
     try:
         result = RUNNERS[job.type](settings, sessions, reporter, job)
-    except _Cancelled:
+    except Cancelled:
         reporter.finish("cancelled", error="cancelled while running")
         return 0
     except OpenMaaSError as e:

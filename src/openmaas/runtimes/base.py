@@ -102,6 +102,10 @@ class Runtime(ABC):
     def memory_bytes(self) -> int:
         """Estimated resident memory of the loaded model."""
 
+    def parameters(self) -> int | None:
+        """Weights the loaded model holds (for evaluation reports); None where the format does not tell."""
+        return None
+
     def set_threads(self, threads: int) -> None:  # noqa: B027 - optional hook, default does nothing
         """Use ``threads`` intra-op threads from now on (called on the copy's own thread; optional)."""
 

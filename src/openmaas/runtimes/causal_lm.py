@@ -61,6 +61,8 @@ class CausalLMRuntime(Runtime):
         self.chat_template = PLAIN_CHAT_TEMPLATE
         self.chat_stop: tuple[str, ...] = PLAIN_CHAT_STOPS
         self._bytes = 0
+        self._parameters = 0
+        self._model: Any = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -93,6 +95,8 @@ class CausalLMRuntime(Runtime):
         if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
             eos_ids.add(end_of_turn)
         self._bytes = int(sum(p.numel() * p.element_size() for p in model.parameters()))
+        self._parameters = int(sum(p.numel() for p in model.parameters()))
+        self._model = model
         self.engine = Engine(
             model, self.tokenizer, self._lock, eos_ids, self.options.generation_batch, self.options.torch_threads
         )
@@ -151,11 +155,29 @@ class CausalLMRuntime(Runtime):
     def memory_bytes(self) -> int:
         return self._bytes
 
+    def parameters(self) -> int | None:
+        return self._parameters
+
+    def log_likelihood(self, text: str) -> tuple[float, int]:
+        """Negative log-likelihood (nats, summed) of ``text``'s tokens after the first, and how many were
+        predicted; the text is cut at the context window. For evaluation (perplexity), not for serving."""
+        import torch
+
+        with self._lock:
+            ids = list(self.tokenizer(text)["input_ids"])[: self.context_window]
+            if len(ids) < 2:
+                return 0.0, 0
+            batch = torch.tensor([ids])
+            with torch.no_grad():
+                loss = self._model(input_ids=batch, labels=batch).loss
+        return float(loss) * (len(ids) - 1), len(ids) - 1
+
     def unload(self) -> None:
         if self.engine is not None:
             self.engine.stop()
         self.engine = None
         self.tokenizer = None
+        self._model = None
 
 
 async def _collect(request: Generation) -> tuple[str, int]:

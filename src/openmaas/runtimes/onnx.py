@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
@@ -83,5 +84,26 @@ class OnnxRuntime(Runtime):
     def memory_bytes(self) -> int:
         return self.path.stat().st_size
 
+    def parameters(self) -> int | None:
+        return onnx_parameters(self.path)
+
     def unload(self) -> None:
         self._session = None
+
+
+def onnx_parameters(path: Path) -> int:
+    """Elements of an ONNX graph's weights, read from the file without running it: its initializers, constant
+    tensors, and the float arrays that ONNX-ML operators (scalers, linear models, trees) keep as attributes."""
+    import math
+
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    total = sum(math.prod(t.dims) for t in graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                total += math.prod(attr.t.dims)
+            elif attr.type == onnx.AttributeProto.FLOATS:
+                total += len(attr.floats)
+    return total

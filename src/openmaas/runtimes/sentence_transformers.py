@@ -153,6 +153,17 @@ class SentenceTransformerRuntime(Runtime):
             return 0
         return int(sum(p.numel() * p.element_size() for p in model.parameters()))
 
+    def parameters(self) -> int | None:
+        if self._model is None:
+            return None
+        encoder = int(sum(p.numel() for p in self._model.parameters()))
+        head = self.path / HEAD_FILE
+        if head.is_file():
+            from openmaas.runtimes.onnx import onnx_parameters
+
+            encoder += onnx_parameters(head)
+        return encoder
+
     def unload(self) -> None:
         self._model = None
         self._head = None

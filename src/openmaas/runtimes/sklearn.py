@@ -67,5 +67,40 @@ class SkopsRuntime(Runtime):
     def memory_bytes(self) -> int:
         return self.path.stat().st_size
 
+    def parameters(self) -> int | None:
+        """Numbers the fitted estimator predicts with (weights, intercepts, scalers' statistics, support vectors,
+        tree nodes), through pipelines and ensembles; diagnostics such as ``singular_`` are not parameters."""
+        return _parameters(self._estimator, 0) if self._estimator is not None else None
+
     def unload(self) -> None:
         self._estimator = None
+
+
+# Fitted attributes that predictions are computed from.
+_WEIGHTS = frozenset(
+    {"coef_", "intercept_", "coefs_", "intercepts_", "mean_", "scale_", "components_", "cluster_centers_",
+     "support_vectors_", "dual_coef_", "theta_", "feature_log_prob_", "class_log_prior_", "min_", "center_"}
+)  # fmt: skip
+
+
+def _parameters(obj: Any, depth: int) -> int:
+    if depth > 5 or obj is None:
+        return 0
+    if isinstance(obj, np.ndarray):
+        return int(obj.size) if obj.dtype.kind in "fiu" else sum(_parameters(o, depth + 1) for o in obj.flat)
+    if isinstance(obj, float | int | np.number) and not isinstance(obj, bool):
+        return 1
+    if isinstance(obj, list | tuple):
+        return sum(_parameters(o, depth + 1) for o in obj)
+    if hasattr(obj, "node_count") and hasattr(obj, "threshold"):  # a fitted tree: a threshold and values a node
+        return int(obj.node_count) * (2 + int(np.prod(obj.value.shape[1:])))
+    if not hasattr(obj, "get_params"):
+        return 0
+    total = 0
+    for name, value in vars(obj).items():
+        if name in _WEIGHTS:
+            total += _parameters(value, depth + 1)
+        elif name in ("steps", "estimators_", "tree_", "transformers_", "estimator_"):
+            parts = [v[1] if isinstance(v, tuple) else v for v in (value if isinstance(value, list) else [value])]
+            total += sum(_parameters(v, depth + 1) for v in parts)
+    return total

@@ -10,16 +10,17 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
 
+from openmaas.config import Settings
 from openmaas.entities.generation import SamplingParams, TokenEvent
-from openmaas.entities.models import ModelVersion, Preparation
+from openmaas.entities.models import ModelVersion, Preparation, ServingConfig
 from openmaas.entities.speech import Transcript
 from openmaas.errors import InvalidRequest
-from openmaas.runtimes import Runtime, runtime_class
+from openmaas.runtimes import Runtime, RuntimeOptions, runtime_class
 from openmaas.runtimes.causal_lm import CausalLMRuntime
 from openmaas.runtimes.engine import Generation
 from openmaas.runtimes.whisper import SAMPLE_RATE, AudioError, WhisperRuntime, decode_audio
@@ -33,12 +34,75 @@ from openmaas.serving.backend import (
     TensorResult,
     TokenEstimate,
 )
+from openmaas.serving.batcher import BatchConfig
 from openmaas.serving.pool import ResidencyPool, Resident
 from openmaas.serving.stats import InferenceCounters
 from openmaas.serving.types import InferenceRequest
 from openmaas.telemetry import Metrics
 
 log = logging.getLogger(__name__)
+
+
+def runtime_options(settings: Settings) -> RuntimeOptions:
+    return RuntimeOptions(
+        onnx_threads=settings.onnx_threads,
+        torch_threads=settings.torch_threads,
+        generation_batch=settings.generation_batch,
+        generation_context=settings.generation_context,
+        generation_max_tokens=settings.generation_max_tokens,
+        generation_queue=settings.generation_queue,
+    )
+
+
+def local_backend(
+    settings: Settings,
+    options: RuntimeOptions,
+    artifact_path: Callable[[ModelVersion], Path],
+    serving_config: Callable[[ModelVersion], ServingConfig],
+    metrics: Metrics,
+) -> LocalBackend:
+    """The backend the server runs (and an evaluation job runs in its worker): each model's batching, copies
+    and pin from its ``serving_config``, the rest from settings."""
+    defaults = BatchConfig(
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_ms=settings.max_queue_delay_ms,
+        max_balance_wait_ms=settings.max_balance_wait_ms,
+        max_queue_size=settings.max_queue_size,
+        max_batch_tokens=settings.max_batch_tokens,
+    )
+
+    def batch_config(mv: ModelVersion) -> BatchConfig:
+        overrides = serving_config(mv).model_dump(exclude_none=True)
+        overrides.pop("pinned", None)
+        overrides.pop("instances", None)
+        return replace(defaults, **overrides)
+
+    def instances(mv: ModelVersion) -> int:
+        if runtime_class(mv.format).serves == "generation":
+            return 1  # one engine per model batches every request itself
+        configured = serving_config(mv).instances
+        return configured if configured is not None else settings.model_instances
+
+    def pinned(mv: ModelVersion) -> bool:
+        configured = serving_config(mv).pinned
+        return configured if configured is not None else mv.model in settings.pinned
+
+    pool = ResidencyPool(
+        artifact_path,
+        options,
+        metrics,
+        budget_bytes=settings.model_memory_mb * 1024 * 1024 or None,
+        batch_config=batch_config,
+        pinned=pinned,
+        instances=instances,
+    )
+    return LocalBackend(pool, metrics)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    parameters: int | None
+    memory_bytes: int
 
 
 @dataclass(eq=False)
@@ -169,6 +233,29 @@ class LocalBackend:
             return await instance.call(
                 functools.partial(runtime.transcribe, clip.samples, language, prompt, temperature)
             )
+        finally:
+            await self.pool.release(resident)
+
+    # -- measuring (evaluation jobs run a backend of their own in the worker) ---------------------------------
+
+    async def footprint(self, mv: ModelVersion) -> Footprint:
+        """The loaded version's weights and measured memory (loads it if needed)."""
+        resident = await self.pool.acquire(mv)
+        try:
+            runtime = resident.instances[0].runtime
+            return Footprint(await resident.instances[0].call(runtime.parameters), resident.memory_bytes)
+        finally:
+            await self.pool.release(resident)
+
+    async def log_likelihoods(self, mv: ModelVersion, texts: list[str]) -> list[tuple[float, int]]:
+        """Each text's summed negative log-likelihood and predicted tokens under a language model."""
+        resident = await self.pool.acquire(mv)
+        try:
+            instance = resident.instances[0]
+            runtime = instance.runtime
+            if not isinstance(runtime, CausalLMRuntime):
+                raise InvalidRequest(f"model '{mv.model}' is not a language model", param="model")
+            return [await instance.call(functools.partial(runtime.log_likelihood, t)) for t in texts]
         finally:
             await self.pool.release(resident)
 

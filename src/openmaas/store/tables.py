@@ -391,3 +391,31 @@ class JobRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+# -- evaluations ---------------------------------------------------------------------------------------------------
+
+
+class EvaluationRow(Base):
+    """One measured report of a model version on a dataset (an evaluation job, or training's held-out split)."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    # Who ran it (None: the platform); the model's owner's reports are shown on its card.
+    org_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    task: Mapped[str] = mapped_column(String(32), nullable=False)
+    # The dataset's id, name, rows and sha256, and which rows were used ("all", or a held-out split).
+    dataset: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    # Reports with the same key measured the same rows: only those are compared.
+    dataset_key: Mapped[str] = mapped_column(String(160), nullable=False)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    performance: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    machine: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    # Plot name -> sha256 of its PNG in the artifact store.
+    plots: Mapped[dict[str, str]] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)

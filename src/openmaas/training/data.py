@@ -93,16 +93,7 @@ def split(prepared: Prepared, params: TrainParams, kind: Kind) -> dict[str, tupl
 
     Categorical columns are one-hot encoded with the categories seen in the training split (a category seen only
     elsewhere encodes as all zeros, as it will when served); the encoded columns follow the numeric ones."""
-    from sklearn.model_selection import train_test_split
-
-    rows = np.arange(len(prepared.y))
-    strat = prepared.y if kind == "classification" else None
-    rest, test = train_test_split(rows, test_size=params.test_split, random_state=params.seed, stratify=strat)
-    strat = prepared.y[rest] if kind == "classification" else None
-    try:
-        train, val = train_test_split(rest, test_size=params.validation_split, random_state=params.seed, stratify=strat)
-    except ValueError:  # a class too small to stratify the validation split: split without
-        train, val = train_test_split(rest, test_size=params.validation_split, random_state=params.seed)
+    train, val, test = split_rows(prepared, params, kind)
     if prepared.raw is not None:
         prepared.categories = {
             c: sorted(set(prepared.raw[train, j].tolist())) for j, c in enumerate(prepared.categorical)
@@ -119,6 +110,21 @@ def split(prepared: Prepared, params: TrainParams, kind: Kind) -> dict[str, tupl
         return np.concatenate(parts, axis=1).astype(np.float32)
 
     return {name: (features(idx), prepared.y[idx]) for name, idx in (("train", train), ("val", val), ("test", test))}
+
+
+def split_rows(prepared: Prepared, params: TrainParams, kind: Kind) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row indices of the train / validation / test splits (the held-out report evaluates the test rows)."""
+    from sklearn.model_selection import train_test_split
+
+    rows = np.arange(len(prepared.y))
+    strat = prepared.y if kind == "classification" else None
+    rest, test = train_test_split(rows, test_size=params.test_split, random_state=params.seed, stratify=strat)
+    strat = prepared.y[rest] if kind == "classification" else None
+    try:
+        train, val = train_test_split(rest, test_size=params.validation_split, random_state=params.seed, stratify=strat)
+    except ValueError:  # a class too small to stratify the validation split: split without
+        train, val = train_test_split(rest, test_size=params.validation_split, random_state=params.seed)
+    return train, val, test
 
 
 def prepare_text(table: Table, text_column: str, target: str) -> tuple[list[str], np.ndarray, list[str]]:

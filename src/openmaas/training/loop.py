@@ -203,37 +203,13 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
 
 
 def evaluate(model: Net, x: np.ndarray, y: np.ndarray, kind: Kind) -> dict[str, Any]:
-    """Held-out metrics: accuracy, precision, recall, F1 (macro), ROC-AUC, log loss, confusion; or MSE, MAE, R²."""
-    from sklearn import metrics
+    """Held-out metrics of the network in memory, by the evaluation jobs' code (``evaluation.metrics``)."""
+    from openmaas.evaluation import metrics
 
     model.eval()
     with torch.no_grad():
         out = model(torch.from_numpy(x))
     if kind == "regression":
-        pred = out[:, 0].numpy()
-        return {
-            "mse": float(metrics.mean_squared_error(y, pred)),
-            "mae": float(metrics.mean_absolute_error(y, pred)),
-            "r2": float(metrics.r2_score(y, pred)),
-        }
+        return metrics.regression(y, out[:, 0].numpy().astype(np.float64))
     probs = torch.softmax(out, dim=1).numpy()
-    pred = probs.argmax(axis=1)
-    labels = list(range(probs.shape[1]))
-    result: dict[str, Any] = {
-        "accuracy": float(metrics.accuracy_score(y, pred)),
-        "precision_macro": float(metrics.precision_score(y, pred, average="macro", zero_division=0)),
-        "recall_macro": float(metrics.recall_score(y, pred, average="macro", zero_division=0)),
-        "f1_macro": float(metrics.f1_score(y, pred, average="macro", zero_division=0)),
-        "log_loss": float(metrics.log_loss(y, probs, labels=labels)),
-        "confusion_matrix": metrics.confusion_matrix(y, pred, labels=labels).tolist(),
-    }
-    try:
-        if probs.shape[1] == 2:
-            result["roc_auc"] = float(metrics.roc_auc_score(y, probs[:, 1]))
-        else:
-            result["roc_auc"] = float(
-                metrics.roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=labels)
-            )
-    except ValueError:  # a class missing from the held-out split
-        result["roc_auc"] = None
-    return result
+    return metrics.classification(y, probs, [str(i) for i in range(probs.shape[1])])
