@@ -314,3 +314,70 @@ def test_bad_evaluation_requests_are_refused_before_anything_is_queued(org: http
         assert r.status_code == status, (body, r.text)
         assert words in r.json()["detail"], (body, r.json()["detail"])
     assert len(org.get("/api/jobs").json()["jobs"]) == before
+
+
+def test_the_cli_evaluates_with_a_report_and_compares(server: ServerProcess, admin_key: str, tmp_path: Path) -> None:
+    import os
+    import sys
+
+    from openmaas.catalogue.tabular import diabetes_split
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("OPENMAAS_")}
+        env = {**clean, "COLUMNS": "200", "OPENMAAS_URL": server.url, "OPENMAAS_API_KEY": admin_key}
+        return subprocess.run(
+            [sys.executable, "-m", "openmaas", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=tmp_path,
+        )
+
+    _, x_te, _, y_te = diabetes_split()
+    data = _csv(
+        tmp_path / "diabetes.csv",
+        [f"x{i}" for i in range(10)] + ["progression"],
+        [[*map(float, x), float(y)] for x, y in zip(x_te, y_te, strict=True)],
+    )
+    done = cli("evaluate", "diabetes-linreg", "--data", str(data), "--target", "progression")
+    assert done.returncode == 0, done.stderr
+    assert "regression, on dataset diabetes.csv (111 rows, all rows)" in done.stdout
+    assert "r2" in done.stdout and "latency_p50_ms" in done.stdout and "measured on" in done.stdout
+    assert "/plots/residuals.png" in done.stdout
+
+    listed = cli("models", "evaluations", "diabetes-linreg")
+    assert listed.returncode == 0 and "diabetes.csv" in listed.stdout, listed.stderr
+    same = cli("models", "compare", "diabetes-linreg", "1", "1")
+    assert same.returncode == 0, same.stderr
+    assert "r2: version 1 is the same (+0.0000)" in same.stdout
+
+    done = cli("evaluate", "diabetes-linreg", "--data", str(data))  # no 'label' column: refused, one line
+    assert done.returncode == 1 and "target column 'label' is not in the dataset" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_language_model_perplexity_tells_text_from_word_salad(admin: httpx.Client, tmp_path: Path) -> None:
+    import random
+
+    deadline = time.monotonic() + 600  # the shared server converts the GGUF file at start
+    while not admin.get("/api/models/gemma-3-270m").json().get("ready") and time.monotonic() < deadline:
+        time.sleep(2)
+    sentences = [
+        "The weather was cold, so she wore a warm coat and a scarf.",
+        "He opened the door and walked into the kitchen to make some tea.",
+        "Many people enjoy reading books before they go to sleep at night.",
+        "The children played football in the park until it started to rain.",
+    ]
+    rng = random.Random(0)
+    salad = [" ".join(rng.sample(s.split(), len(s.split()))) for s in sentences]
+    figures = []
+    for name, texts in (("prose", sentences), ("salad", salad)):
+        ds = _upload(admin, _csv(tmp_path / f"{name}.csv", ["text"], [[t] for t in texts]))
+        report = _report(admin, _run(admin, {"model": "gemma-3-270m", "dataset": ds["id"]}, timeout=600))
+        assert report["task"] == "text-generation" and report["metrics"]["texts"] == 4
+        assert report["metrics"]["tokens"] > 40
+        assert report["performance"]["parameters"] > 200_000_000  # Gemma 3 270M
+        figures.append(report["metrics"]["perplexity"])
+    prose, shuffled = figures
+    assert 1 < prose < 100 and shuffled > 3 * prose, figures

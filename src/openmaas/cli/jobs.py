@@ -30,7 +30,8 @@ def datasets_upload(
     """Upload a dataset (checked on upload)."""
     data = {k: v for k, v in {"name": name, "format": format}.items() if v}
     ds = call(url, api_key, data_dir, lambda c: c.upload("/api/datasets", file, data))
-    console.print(f"Dataset [bold]{ds['id']}[/bold]: {ds['rows']} rows, {len(ds['schema']['columns'])} columns")
+    shape = f", {len(ds['schema']['columns'])} columns" if "columns" in ds["schema"] else ""
+    console.print(f"Dataset [bold]{ds['id']}[/bold]: {ds['format']}, {ds['rows']} rows{shape}")
 
 
 @datasets_app.command("list")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from openmaas.cli import publishing, tenancy
+from openmaas.cli import evaluation, publishing, tenancy
 from openmaas.cli.billing import billing_app
 from openmaas.cli.client import ApiError
 from openmaas.cli.common import DEFAULT_URL, DataDirOpt, KeyOpt, UrlOpt, client, console, err, fail
@@ -23,6 +23,9 @@ app.add_typer(billing_app, name="billing")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
 app.command("train")(train)
+app.command("evaluate")(evaluation.evaluate)
+models_app.command("evaluations")(evaluation.evaluations)
+models_app.command("compare")(evaluation.compare)
 models_app.command("visibility")(publishing.visibility)
 models_app.command("share")(publishing.share)
 models_app.command("pending")(publishing.pending)
