@@ -165,6 +165,7 @@ class Report:
     metrics: dict[str, Any]
     performance: dict[str, Any]
     plots: dict[str, bytes]
+    outputs: np.ndarray | None = None
 
 
 async def _run(backend: LocalBackend, mv: ModelVersion, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -243,6 +244,7 @@ async def measure(
     metrics: dict[str, Any] = {}
     performance: dict[str, Any] = {}
     drawn: dict[str, bytes] = {}
+    outputs: np.ndarray | None = None  # what was scored (probabilities, predictions, embeddings), for fidelity
     title = f"{mv.model} v{mv.version}"
 
     def part(lo: float, hi: float) -> Callable[[float], None]:
@@ -251,7 +253,7 @@ async def measure(
     if plan.labelled is not None:
         labelled = plan.labelled
         if plan.task == "classification":
-            probs = await _score(backend, mv, labelled.inputs, "probabilities", batch, part(0, 0.8))
+            probs = outputs = await _score(backend, mv, labelled.inputs, "probabilities", batch, part(0, 0.8))
             assert labelled.classes is not None
             metrics = ev_metrics.classification(labelled.y, probs, labelled.classes)
             drawn["confusion_matrix"] = plots.confusion(metrics["confusion_matrix"], labelled.classes, title)
@@ -260,19 +262,20 @@ async def measure(
                 drawn["precision_recall"] = plots.precision_recall(labelled.y, probs, labelled.classes, title)
         else:
             output = ev_inputs.regression_output(mv.signature)
-            pred = (await _score(backend, mv, labelled.inputs, output, batch, part(0, 0.8))).reshape(-1)
+            pred = outputs = (await _score(backend, mv, labelled.inputs, output, batch, part(0, 0.8))).reshape(-1)
             metrics = ev_metrics.regression(labelled.y, pred.astype(np.float64))
             drawn["residuals"] = plots.residuals(labelled.y, pred.astype(np.float64), title)
         metrics["rows"] = labelled.rows
         progress(0.8, True)
         performance = await _speed(backend, mv, labelled.inputs)
     elif plan.task == "embedding":
-        if plan.reference is not None and plan.texts is not None:
-            ours = await _embed(backend, mv, plan.texts, batch, part(0, 0.3))
-            theirs = await _embed(backend, plan.reference, plan.texts, batch, part(0.3, 0.6))
-            metrics.update(ev_metrics.fidelity(ours, theirs))
-            metrics["reference_version"] = plan.reference.version
+        if plan.texts is not None:
+            outputs = await _embed(backend, mv, plan.texts, batch, part(0, 0.3))
             metrics["texts"] = len(plan.texts)
+            if plan.reference is not None:
+                theirs = await _embed(backend, plan.reference, plan.texts, batch, part(0.3, 0.6))
+                metrics.update(ev_metrics.fidelity(outputs, theirs))
+                metrics["reference_version"] = plan.reference.version
         if plan.pairs is not None:
             first, second, scores = plan.pairs
             a = await _embed(backend, mv, first, batch, part(0.6, 0.7))
@@ -337,7 +340,7 @@ async def measure(
         }
     )
     progress(1.0, True)
-    return Report(plan.task, metrics, performance, drawn)
+    return Report(plan.task, metrics, performance, drawn, outputs)
 
 
 def dataset_info(dataset: dict[str, Any], split: str, rows: int) -> dict[str, Any]:
@@ -350,21 +353,6 @@ def dataset_info(dataset: dict[str, Any], split: str, rows: int) -> dict[str, An
     }
 
 
-async def evaluate_with(
-    backend: LocalBackend,
-    mv: ModelVersion,
-    the_plan: Plan,
-    batch: int,
-    report: Callable[[float], None],
-    cancelled: Callable[[], bool],
-) -> Report:
-    progress = _Progress(report, cancelled)
-    try:
-        return await measure(backend, mv, the_plan, batch, progress)
-    finally:
-        await backend.close()
-
-
 def run(
     backend_factory: Callable[[], LocalBackend],
     mv: ModelVersion,
@@ -374,8 +362,32 @@ def run(
     cancelled: Callable[[], bool],
 ) -> Report:
     """Measure on an event loop of its own (the worker has no other)."""
+    return run_many(backend_factory, [(mv, the_plan)], batch, report, cancelled)[0]
 
-    async def main() -> Report:
-        return await evaluate_with(backend_factory(), mv, the_plan, batch, report, cancelled)
+
+def run_many(
+    backend_factory: Callable[[], LocalBackend],
+    items: list[tuple[ModelVersion, Plan]],
+    batch: int,
+    report: Callable[[float], None],
+    cancelled: Callable[[], bool],
+) -> list[Report]:
+    """Measure several versions one after the other on one backend; progress is shared out between them."""
+    progress = _Progress(report, cancelled)
+
+    async def main() -> list[Report]:
+        backend = backend_factory()
+        out = []
+        try:
+            for i, (mv, the_plan) in enumerate(items):
+
+                def share(f: float, force: bool = False, i: int = i) -> None:
+                    progress((i + f) / len(items), force)
+
+                out.append(await measure(backend, mv, the_plan, batch, share))
+                await backend.unload(mv.model, mv.version)
+        finally:
+            await backend.close()
+        return out
 
     return asyncio.run(main())

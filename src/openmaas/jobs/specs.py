@@ -65,7 +65,42 @@ class EvaluateSpec(BaseModel):
     batch_size: int = Field(default=32, ge=1, le=1024, description="Rows per call while scoring.")
 
 
-JOB_SPECS: dict[str, type[BaseModel]] = {"train": TrainSpec, "evaluate": EvaluateSpec}
+class QuantizeSpec(BaseModel):
+    """Quantise a registered version to int8 and register the result (within the metric budget) as a new version,
+    or as a new model named ``output_model``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["quantize"] = "quantize"
+    model: str = Field(min_length=1, max_length=200, description="The model to quantise.")
+    version: int | None = Field(default=None, ge=1, description="Its version (default: the latest).")
+    method: Literal["dynamic-int8", "static-int8"] = Field(
+        default="dynamic-int8",
+        description="dynamic-int8: text encoders (weights int8, embedding table included); static-int8: ONNX "
+        "classifiers and regressors (weights and activations int8, calibrated on calibration_dataset).",
+    )
+    calibration_dataset: str | None = Field(default=None, description="static-int8: rows to calibrate ranges on.")
+    eval_dataset: str | None = Field(
+        default=None,
+        description="Data to measure the task metric and fidelity on (classifiers: required; text encoders: "
+        "texts in text_column, or labelled pairs text1,text2,score; default: 600 built-in English sentences).",
+    )
+    target: str = Field(default="label", min_length=1, description="The truth column of eval_dataset (tables).")
+    text_column: str = Field(default="text", min_length=1, description="Texts of eval_dataset (text encoders).")
+    output_model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Register as this model instead of a new version (default: a new version of a model you own, "
+        "else '<name>-int8' in your namespace).",
+    )
+    max_metric_drop: float = Field(
+        default=0.01, ge=0, le=1, description="Largest absolute drop of the task metric that is accepted."
+    )
+    force: bool = Field(default=False, description="Register even when the result is outside the budget.")
+
+
+JOB_SPECS: dict[str, type[BaseModel]] = {"train": TrainSpec, "evaluate": EvaluateSpec, "quantize": QuantizeSpec}
 
 
 def parse_spec(body: dict[str, Any]) -> BaseModel:

@@ -15,7 +15,7 @@ from openmaas.datasets.service import DatasetService
 from openmaas.entities.models import ModelVersion
 from openmaas.errors import InvalidRequest
 from openmaas.jobs.service import JobService
-from openmaas.jobs.specs import EvaluateSpec, TrainSpec, parse_spec
+from openmaas.jobs.specs import EvaluateSpec, QuantizeSpec, TrainSpec, parse_spec
 from openmaas.registry.service import ModelRegistry, full_name_for
 from openmaas.runtimes import runtime_class
 from openmaas.training import data as training_data
@@ -47,6 +47,8 @@ class JobSubmission:
             await asyncio.to_thread(self.check_train, spec, org_id, by_admin, model_version)
         elif isinstance(spec, EvaluateSpec):
             spec = await asyncio.to_thread(self.check_evaluate, spec, org_id, by_admin, model_version)
+        elif isinstance(spec, QuantizeSpec):
+            spec = await asyncio.to_thread(self.check_quantize, spec, org_id, namespace, by_admin, model_version)
         return await asyncio.to_thread(self._jobs.create, org_id, key_id, spec.model_dump(mode="json"))
 
     def check_evaluate(
@@ -62,6 +64,27 @@ class JobSubmission:
         served_as = runtime_class(mv.format).serves
         evaluate.plan(spec, mv, served_as, evaluate.load_data(self._datasets, ds), reference)
         return spec.model_copy(update={"model": mv.model, "version": mv.version})
+
+    def check_quantize(
+        self,
+        spec: QuantizeSpec,
+        org_id: str | None,
+        namespace: str | None,
+        by_admin: bool,
+        model_version: Callable[..., ModelVersion],
+    ) -> QuantizeSpec:
+        """A format the method quantises, the datasets it reads (calibration rows that fit the model's inputs), and
+        where the result goes: a new version of a model the submitter owns, else a model in its namespace."""
+        from openmaas.jobs import compress
+
+        mv = model_version(spec.model, spec.version)
+        compress.prepare(spec, mv, self._datasets, org_id, by_admin)
+        owner = self._registry.get_model(mv.model).owner_org_id
+        output = compress.output_name(spec, mv, owner, org_id, namespace, by_admin)
+        if output is not None and self._registry.exists(output):
+            if self._registry.get_model(output).owner_org_id != org_id:
+                raise InvalidRequest(f"model name '{output}' is taken; choose another", param="output_model")
+        return spec.model_copy(update={"model": mv.model, "version": mv.version, "output_model": output})
 
     def check_train(
         self, spec: TrainSpec, org_id: str | None, by_admin: bool, model_version: Callable[[str], ModelVersion]

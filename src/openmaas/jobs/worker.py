@@ -7,6 +7,7 @@ the job table, and ends the job as succeeded or failed with a message that says 
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from openmaas.config import Settings
 from openmaas.errors import OpenMaaSError
+from openmaas.jobs.compress import OutsideBudget
 from openmaas.jobs.evaluate import Cancelled
 from openmaas.store import db
 from openmaas.store.tables import JobRow
@@ -473,7 +475,120 @@ def run_evaluate(
     }
 
 
-RUNNERS = {"train": run_train, "evaluate": run_evaluate}
+def run_quantize(
+    settings: Settings, sessions: sessionmaker[Session], reporter: Reporter, job: JobRow
+) -> dict[str, Any]:
+    from sqlalchemy import func
+
+    from openmaas.artifacts import LocalArtifactStore
+    from openmaas.datasets.service import DatasetService
+    from openmaas.evaluation import machine
+    from openmaas.jobs import compress, evaluate
+    from openmaas.jobs.specs import QuantizeSpec
+    from openmaas.registry.evaluations import EvaluationService
+    from openmaas.registry.inspect import inspect_in_process
+    from openmaas.registry.service import ModelRegistry
+    from openmaas.runtimes import RuntimeOptions
+    from openmaas.store.registry import RegistryStore
+    from openmaas.store.tables import ModelVersionRow
+
+    spec = QuantizeSpec.model_validate(job.spec)
+    artifacts = LocalArtifactStore(settings.artifacts_dir)
+    store = RegistryStore(sessions)
+    mv = store.get_version(spec.model, spec.version)
+    work = settings.data_dir / "jobs" / job.id
+    work.mkdir(parents=True, exist_ok=True)
+    done = compress.read_marker(work)
+    if done is not None:  # registered before the worker died: the same result, not a second version
+        print(f"already registered as {done['model']} version {done['version']}", flush=True)
+        return done
+    datasets = DatasetService(sessions, artifacts, settings.data_dir / "cache")
+    prepared = compress.prepare(spec, mv, datasets, job.org_id, job.org_id is None)
+    print(f"quantizing {mv.model} version {mv.version} ({mv.format}) with {spec.method}", flush=True)
+    reporter.progress(0.02)
+    path, fmt = compress.build_candidate(spec, artifacts.local_path(mv.sha256), work, prepared.calibration)
+    if reporter.cancelled():
+        raise Cancelled()
+    artifact = artifacts.put(path)
+    candidate = compress.candidate_version(
+        mv, artifact.sha256, artifact.size_bytes, fmt, inspect_in_process(fmt, path, RuntimeOptions())
+    )
+    print(
+        f"quantized: {artifact.size_bytes:,} bytes (from {mv.size_bytes:,}); measuring both on "
+        f"{prepared.dataset['name']} ({prepared.eval_plan.rows} rows)",
+        flush=True,
+    )
+    reporter.progress(0.3)
+    original, result = evaluate.run_many(
+        _backend_factory(settings, sessions),
+        [(mv, prepared.eval_plan), (candidate, prepared.eval_plan)],
+        32,
+        lambda f: reporter.progress(0.3 + 0.65 * f),
+        reporter.cancelled,
+    )
+    report = compress.compression_report(spec, prepared, original, result, mv)
+    print(
+        f"{report['metric']}: {report['original'][report['metric']]:.4f} -> {report['compressed'][report['metric']]:.4f} "
+        f"(drop {report['metric_drop']:.4f}, budget {report['budget']}); {report['smaller_by']:.2f}x smaller; "
+        f"fidelity {report['fidelity']}; {report['verdict']}",
+        flush=True,
+    )
+    if report["verdict"] != "within budget" and not spec.force:
+        with sessions() as s:
+            used = s.scalar(
+                select(func.count())
+                .select_from(ModelVersionRow)
+                .where(ModelVersionRow.artifact_sha256 == artifact.sha256)
+            )
+        if not used:
+            artifacts.delete(artifact.sha256)
+        raise compress.OutsideBudget(
+            f"{report['metric']} dropped by {report['metric_drop']:.4f}, more than max_metric_drop "
+            f'{spec.max_metric_drop}: nothing was registered (send "force": true to register it anyway)',
+            {"report": report},
+        )
+    registry = ModelRegistry(store, artifacts, RuntimeOptions(), inspect_in_process)
+    name = spec.output_model or mv.model
+    owner = store.get_model(mv.model).owner_org_id if spec.output_model is None else job.org_id
+    new = registry.register(
+        path,
+        name,
+        format=fmt,
+        card=compress.derived_card(mv.card, mv, report, job.id),
+        owner_org_id=owner,
+        visibility="private" if owner else "public",
+    )
+    evaluations = EvaluationService(sessions, artifacts)
+    dataset = compress.dataset_record(prepared)
+    described = machine.describe(settings.job_threads)
+    urls = {}
+    for which, version, measured in (("original", mv, original), ("compressed", new, result)):
+        stored = evaluations.add(
+            version.model,
+            version.version,
+            org_id=job.org_id,
+            job_id=job.id,
+            task=measured.task,
+            dataset=dataset,
+            metrics=measured.metrics,
+            performance=measured.performance,
+            machine=described,
+            plots=measured.plots,
+        )
+        urls[which] = f"/api/models/{version.model}/versions/{version.version}/evaluations/{stored['id']}"
+    out = {
+        "model": new.model,
+        "version": new.version,
+        "metrics": {report["metric"]: report["compressed"][report["metric"]]},
+        "report": report,
+        "evaluations": urls,
+    }
+    compress.write_marker(work, out)
+    shutil.rmtree(work / "int8", ignore_errors=True)
+    return out
+
+
+RUNNERS = {"train": run_train, "evaluate": run_evaluate, "quantize": run_quantize}
 
 
 def main(job_id: str) -> int:
@@ -489,6 +604,10 @@ def main(job_id: str) -> int:
     except Cancelled:
         reporter.finish("cancelled", error="cancelled while running")
         return 0
+    except OutsideBudget as e:
+        print(f"failed: {e.message}", flush=True)
+        reporter.finish("failed", error=e.message, result=e.result)
+        return 1
     except OpenMaaSError as e:
         print(f"failed: {e.message}", flush=True)
         reporter.finish("failed", error=e.message)

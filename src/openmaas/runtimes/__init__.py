@@ -7,13 +7,22 @@ from pathlib import Path
 from openmaas.runtimes.base import Runtime, RuntimeOptions, RuntimeResult
 from openmaas.runtimes.causal_lm import CausalLMRuntime, GGUFRuntime
 from openmaas.runtimes.onnx import OnnxRuntime
+from openmaas.runtimes.onnx_embedding import OnnxEmbeddingRuntime
 from openmaas.runtimes.sentence_transformers import SentenceTransformerRuntime
 from openmaas.runtimes.sklearn import SkopsRuntime
 from openmaas.runtimes.whisper import WhisperRuntime
 
 RUNTIMES: dict[str, type[Runtime]] = {
     cls.format: cls
-    for cls in (OnnxRuntime, SentenceTransformerRuntime, SkopsRuntime, CausalLMRuntime, GGUFRuntime, WhisperRuntime)
+    for cls in (
+        OnnxRuntime,
+        OnnxEmbeddingRuntime,
+        SentenceTransformerRuntime,
+        SkopsRuntime,
+        CausalLMRuntime,
+        GGUFRuntime,
+        WhisperRuntime,
+    )
 }
 
 

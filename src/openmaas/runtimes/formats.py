@@ -11,12 +11,12 @@ from openmaas.errors import UnsafeFormat, UnsupportedFormat
 SAFE_FORMATS_HELP = (
     "Accepted formats: an ONNX file (.onnx), a Hugging Face or sentence-transformers folder with "
     "safetensors weights (upload it as .zip or .tar.gz; a causal language model is served for text generation), "
-    "a GGUF language model (.gguf), a Whisper model in CTranslate2 format (a folder), or a scikit-learn model "
+    "an ONNX text encoder folder (model.onnx, tokenizer.json, openmaas_embedding.json), a GGUF language model (.gguf), a Whisper model in CTranslate2 format (a folder), or a scikit-learn model "
     "saved with skops (.skops)."
 )
 PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".joblib", ".pt", ".pth", ".ckpt", ".bin", ".npy", ".npz"})
 #: The formats a runtime serves (each runtime class names its own); anything else is refused at registration.
-FORMATS = ("onnx", "sentence-transformers", "skops", "transformers", "gguf", "whisper")
+FORMATS = ("onnx", "onnx-embedding", "sentence-transformers", "skops", "transformers", "gguf", "whisper")
 
 
 def looks_like_pickle(path: Path) -> bool:
@@ -88,6 +88,10 @@ def _detect_dir(path: Path) -> str:
             if len(pickles) == 1
             else f"the folder holds pickle-based files ({names}); each"
         )
+    from openmaas.runtimes.onnx_embedding import is_onnx_embedding
+
+    if is_onnx_embedding(path):
+        return "onnx-embedding"
     if not any(p.suffix == ".safetensors" for p in files):
         raise UnsupportedFormat(f"the folder has no .safetensors weights. {SAFE_FORMATS_HELP}", param="file")
     if (path / "modules.json").is_file() or (path / "config_sentence_transformers.json").is_file():

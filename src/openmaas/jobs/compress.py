@@ -1,0 +1,284 @@
+"""Compression jobs: quantise a registered version, measure original and result through the serving path on the
+same data, and register the result only within the metric budget (or with ``force``).
+
+``check_quantize`` runs at submission (in the server) and refuses what the job would fail on; ``run_quantize``
+runs in the job worker. The candidate is measured from the artifact store before anything is registered, so a
+result outside the budget (or a crash) leaves no version behind; each version's report is stored as an
+evaluation on the same data, so ``models compare`` puts them side by side afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from openmaas.datasets.service import DatasetService
+from openmaas.entities.models import ModelCard, ModelVersion, split_name
+from openmaas.entities.tables import Table
+from openmaas.errors import InvalidRequest, OpenMaaSError
+from openmaas.evaluation import inputs as ev_inputs
+from openmaas.evaluation import metrics as ev_metrics
+from openmaas.evaluation.sentences import english_sentences
+from openmaas.jobs import evaluate
+from openmaas.jobs.specs import EvaluateSpec, QuantizeSpec
+from openmaas.registry.service import full_name_for
+
+#: Which formats each method quantises, in words for a refusal.
+SUPPORTED = {
+    "dynamic-int8": ("sentence-transformers", "text encoders (sentence-transformers folders)"),
+    "static-int8": ("onnx", "ONNX classifiers and regressors"),
+}
+BUILTIN_TEXTS = "builtin:english-sentences-600"
+
+
+class OutsideBudget(OpenMaaSError):
+    """The result lost more of the task metric than the budget allows; ``result`` is the report."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def supported_words() -> str:
+    return "; ".join(f"{method} for {words}" for method, (_, words) in SUPPORTED.items())
+
+
+@dataclass
+class Prepared:
+    """What a quantisation job measures with: the evaluation plan, its dataset's description, calibration rows."""
+
+    eval_plan: evaluate.Plan
+    dataset: dict[str, Any]
+    calibration: dict[str, np.ndarray] | None
+    metric: str
+
+
+def _table(
+    datasets: DatasetService, org_id: str | None, dataset_id: str, by_admin: bool, param: str
+) -> tuple[dict[str, Any], Table]:
+    ds = datasets.get(org_id, dataset_id, any_org=by_admin)
+    if ds["format"] in ("images", "audio"):
+        raise InvalidRequest(
+            f"{param} must be a table (CSV, JSONL or Parquet); dataset {dataset_id} holds {ds['format']}", param=param
+        )
+    return ds, datasets.table(ds)
+
+
+def prepare(
+    spec: QuantizeSpec, mv: ModelVersion, datasets: DatasetService, org_id: str | None, by_admin: bool
+) -> Prepared:
+    """Everything the job will read, checked against the version (InvalidRequest naming what is wrong)."""
+    fmt = SUPPORTED[spec.method][0]
+    if mv.format != fmt:
+        raise InvalidRequest(
+            f"{spec.method} does not quantise '{mv.model}' (a {mv.format} model); supported: {supported_words()}",
+            param="method",
+        )
+    if spec.method == "dynamic-int8":
+        if mv.signature.output("probabilities") is not None:
+            raise InvalidRequest(
+                f"'{mv.model}' is a text classifier (an encoder with a head); quantise its encoder model instead",
+                param="model",
+            )
+        if spec.calibration_dataset is not None:
+            raise InvalidRequest(
+                "dynamic-int8 needs no calibration_dataset (it is for static-int8)", param="calibration_dataset"
+            )
+        if spec.eval_dataset is None:
+            texts = english_sentences()
+            digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+            info = {"id": BUILTIN_TEXTS, "name": "600 built-in English sentences", "sha256": digest}
+            plan = evaluate.Plan("embedding", len(texts), texts=texts)
+            return Prepared(plan, info, None, "cosine_mean")
+        ds, table = _table(datasets, org_id, spec.eval_dataset, by_admin, "eval_dataset")
+        pairs = ev_inputs.pairs(table)
+        given = ev_inputs.texts(table, spec.text_column) if spec.text_column in table.columns else None
+        if pairs is None and given is None:
+            raise InvalidRequest(
+                f"eval_dataset needs a '{spec.text_column}' column (texts) or labelled pairs (text1, text2, score)",
+                param="eval_dataset",
+            )
+        measured_texts = given if given is not None else pairs[0] if pairs is not None else []
+        plan = evaluate.Plan("embedding", table.rows, texts=measured_texts, pairs=pairs)
+        return Prepared(plan, ds, None, "spearman" if pairs is not None else "cosine_mean")
+    if spec.calibration_dataset is None:
+        raise InvalidRequest(
+            "static-int8 calibrates activation ranges on data: send calibration_dataset", param="calibration_dataset"
+        )
+    if spec.eval_dataset is None:
+        raise InvalidRequest(
+            "send eval_dataset (rows with the truth in 'target') to measure the metric the budget is checked on",
+            param="eval_dataset",
+        )
+    _, calibration_table = _table(datasets, org_id, spec.calibration_dataset, by_admin, "calibration_dataset")
+    try:
+        calibration = ev_inputs.table_inputs(mv.signature, calibration_table, [spec.target])
+    except InvalidRequest as e:
+        raise InvalidRequest(f"calibration_dataset: {e.message}", param="calibration_dataset") from None
+    ds = datasets.get(org_id, spec.eval_dataset, any_org=by_admin)
+    ev_spec = EvaluateSpec(model=mv.model, version=mv.version, dataset=spec.eval_dataset, target=spec.target)
+    plan = evaluate.plan(ev_spec, mv, "tensor", evaluate.load_data(datasets, ds))
+    return Prepared(plan, ds, calibration, "accuracy" if plan.task == "classification" else "r2")
+
+
+def output_name(
+    spec: QuantizeSpec, mv: ModelVersion, owner: str | None, org_id: str | None, namespace: str | None, by_admin: bool
+) -> str | None:
+    """The full name to register as (None: a new version of the model itself, which its owner may add)."""
+    if spec.output_model is not None:
+        return full_name_for(spec.output_model, namespace, "output_model")
+    if owner == org_id or (by_admin and owner is None):
+        return None
+    return full_name_for(f"{split_name(mv.model)[1]}-int8", namespace, "output_model")
+
+
+# -- in the worker -----------------------------------------------------------------------------------------------
+
+
+def build_candidate(
+    spec: QuantizeSpec, source: Path, work: Path, calibration: dict[str, np.ndarray] | None
+) -> tuple[Path, str]:
+    """The quantised artifact (folder or file) in ``work`` and its format."""
+    from openmaas.compression import quantize
+
+    if spec.method == "dynamic-int8":
+        fp32, int8 = work / "fp32", work / "int8"
+        shutil.rmtree(fp32, ignore_errors=True)
+        shutil.rmtree(int8, ignore_errors=True)
+        quantize.export_encoder(source, fp32)
+        quantize.quantize_dynamic_folder(fp32, int8)
+        shutil.rmtree(fp32, ignore_errors=True)
+        return int8, "onnx-embedding"
+    assert calibration is not None
+    out = work / "model-int8.onnx"
+    quantize.quantize_static_file(source, out, calibration)
+    return out, "onnx"
+
+
+def _figures(report: evaluate.Report, metric: str) -> dict[str, Any]:
+    perf = report.performance
+    return {
+        "size_bytes": perf["size_bytes"],
+        "parameters": perf["parameters"],
+        "latency_p50_ms": perf["latency_p50_ms"],
+        "latency_p95_ms": perf["latency_p95_ms"],
+        "throughput_batch_32": perf["throughput_by_batch"].get("32"),
+        metric: report.metrics.get(metric),
+    }
+
+
+def fidelity(task: str, original: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
+    """How closely the result follows the original on the same rows: prediction agreement (classifiers), cosine
+    (embeddings), or the error between the predictions (regressors)."""
+    if task == "classification":
+        return {"agreement": float((original.argmax(axis=1) == candidate.argmax(axis=1)).mean())}
+    if task == "embedding":
+        return ev_metrics.fidelity(candidate, original)
+    diff = candidate.astype(np.float64) - original.astype(np.float64)
+    return {"prediction_mae": float(np.abs(diff).mean()), "prediction_max_error": float(np.abs(diff).max())}
+
+
+def compression_report(
+    spec: QuantizeSpec, prepared: Prepared, original: evaluate.Report, candidate: evaluate.Report, mv: ModelVersion
+) -> dict[str, Any]:
+    metric = prepared.metric
+    a, b = _figures(original, metric), _figures(candidate, metric)
+    assert original.outputs is not None
+    assert candidate.outputs is not None
+    faithful = fidelity(prepared.eval_plan.task, original.outputs, candidate.outputs)
+    if metric == "cosine_mean":  # no labelled data: the metric is the fidelity to the original itself
+        a[metric], b[metric] = 1.0, faithful["cosine_mean"]
+    drop = float(a[metric]) - float(b[metric])
+    within = drop <= spec.max_metric_drop + 1e-12
+
+    def ratio(x: Any, y: Any) -> float | None:
+        return float(x) / float(y) if x and y else None
+
+    return {
+        "method": spec.method,
+        "source": {"model": mv.model, "version": mv.version},
+        "dataset": prepared.dataset,
+        "metric": metric,
+        "original": a,
+        "compressed": b,
+        "deltas": {k: (float(b[k]) - float(a[k])) if a[k] is not None and b[k] is not None else None for k in a},
+        "smaller_by": ratio(a["size_bytes"], b["size_bytes"]),
+        "faster_at_batch_32_by": ratio(b["throughput_batch_32"], a["throughput_batch_32"]),
+        "latency_p50_ratio": ratio(b["latency_p50_ms"], a["latency_p50_ms"]),
+        "fidelity": faithful,
+        "metric_drop": drop,
+        "budget": spec.max_metric_drop,
+        "verdict": "within budget" if within else "outside budget",
+        "forced": bool(spec.force and not within),
+    }
+
+
+def derived_card(card: ModelCard, mv: ModelVersion, report: dict[str, Any], job_id: str) -> ModelCard:
+    metric = report["metric"]
+    note = (
+        f"{report['method']} quantisation of {mv.model} version {mv.version} by job {job_id}: "
+        f"{report['smaller_by']:.2f}x smaller"
+        + (
+            f", {report['faster_at_batch_32_by']:.2f}x the throughput at batch 32"
+            if report["faster_at_batch_32_by"]
+            else ""
+        )
+        + f"; {metric} {report['compressed'][metric]:.4f} against {report['original'][metric]:.4f} on "
+        f"{report['dataset']['name']}. "
+    )
+    measured = {f"quantized_{metric}": float(report["compressed"][metric])}
+    return card.model_copy(
+        update={
+            "description": note + card.description,
+            "metrics": {**card.metrics, **measured},
+            "limitations": (card.limitations + " " if card.limitations else "")
+            + "int8 weights: outputs differ slightly from the original's (see the compression report).",
+        }
+    )
+
+
+def dataset_record(prepared: Prepared) -> dict[str, Any]:
+    return evaluate.dataset_info({**prepared.dataset, "name": prepared.dataset["name"]}, "all", prepared.eval_plan.rows)
+
+
+def marker(work: Path) -> Path:
+    return work / "registered.json"
+
+
+def read_marker(work: Path) -> dict[str, Any] | None:
+    try:
+        found: dict[str, Any] = json.loads(marker(work).read_text())
+    except (OSError, ValueError):
+        return None
+    return found
+
+
+def write_marker(work: Path, result: dict[str, Any]) -> None:
+    tmp = marker(work).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(marker(work))
+
+
+def candidate_version(mv: ModelVersion, sha256: str, size: int, fmt: str, signature: Any) -> ModelVersion:
+    """The quantised artifact as a version that serving can load but the registry does not know (version 0)."""
+    return ModelVersion(
+        model=mv.model,
+        version=0,
+        format=fmt,
+        sha256=sha256,
+        size_bytes=size,
+        signature=signature,
+        card=mv.card,
+        created_at=datetime.now(UTC),
+    )
+
+
+ProgressFn = Callable[[float], None]

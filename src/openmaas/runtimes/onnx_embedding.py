@@ -1,0 +1,133 @@
+"""Text embeddings from an ONNX encoder: a folder with ``model.onnx`` (the encoder with its pooling and
+normalisation in the graph, e.g. int8-quantised by a compression job), the tokenizer (``tokenizer.json``) and
+``openmaas_embedding.json`` (window, dimension, how it was made).
+
+Served exactly like the sentence-transformers model it came from: input ``text`` BYTES [-1], output ``embedding``
+FP32 [-1, dim], the same tokenizer and window, and the tokens each text used counted the same way (its attention
+mask)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from openmaas.entities.tensors import Signature, TensorSpec
+from openmaas.runtimes.base import Runtime, RuntimeResult
+from openmaas.runtimes.onnx import onnx_parameters
+
+CONFIG_FILE = "openmaas_embedding.json"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def is_onnx_embedding(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file() and (path / TOKENIZER_FILE).is_file()
+
+
+@functools.lru_cache(maxsize=256)
+def _config(path: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((path / CONFIG_FILE).read_text())
+    return loaded
+
+
+class OnnxEmbeddingRuntime(Runtime):
+    format = "onnx-embedding"
+    serves = "embedding"
+    platform = "onnxruntime_onnx"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._session: Any = None
+        self._tokenizer: Any = None
+        self._inputs: list[str] = []
+        self._window = 0
+        self._dim = 0
+
+    @classmethod
+    def static_signature(cls, path: Path) -> Signature | None:
+        return _signature(int(_config(path)["dimension"]))
+
+    @classmethod
+    def token_estimate(cls, batch: Mapping[str, np.ndarray], path: Path) -> tuple[int, int] | None:
+        """As the sentence-transformers runtime: about 4 bytes a token, at most one a byte, at most the window."""
+        text = batch.get("text")
+        if text is None:
+            return None
+        window = int(_config(path)["max_seq_length"])
+        items = text.reshape(-1)
+        return (
+            int(sum(min(len(t) // 4 + 2, window) for t in items)),
+            int(sum(min(len(t) + 2, window) for t in items)),
+        )
+
+    def load(self) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        config = _config(self.path)
+        self._window = int(config["max_seq_length"])
+        self._dim = int(config["dimension"])
+        tokenizer = Tokenizer.from_file(str(self.path / TOKENIZER_FILE))
+        tokenizer.enable_truncation(self._window)
+        tokenizer.enable_padding(pad_id=int(config.get("pad_token_id", 0)))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.options.onnx_threads
+        opts.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(self.path / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+        self._inputs = [i.name for i in session.get_inputs()]
+        self._tokenizer, self._session = tokenizer, session
+
+    @property
+    def signature(self) -> Signature:
+        return _signature(self._dim or int(_config(self.path)["dimension"]))
+
+    def embed(self, texts: list[str], max_batch_tokens: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings (N, dim) and the tokens each text used; texts run longest first in chunks whose padded size
+        stays within ``max_batch_tokens`` (as the sentence-transformers runtime does)."""
+        if self._session is None:
+            raise RuntimeError("the ONNX embedding model is not loaded")
+        encoded = self._tokenizer.encode_batch(texts)  # padded to the longest of all: lengths from the masks
+        lengths = np.array([sum(e.attention_mask) for e in encoded], dtype=np.int64)
+        order = np.argsort(-lengths, kind="stable")
+        out = np.empty((len(texts), self._dim), dtype=np.float32)
+        start = 0
+        while start < len(texts):
+            longest = int(lengths[order[start]])
+            size = max(1, max_batch_tokens // max(1, longest))
+            idx = order[start : start + size]
+            width = int(lengths[idx].max())
+            feeds = {
+                "input_ids": np.array([encoded[i].ids[:width] for i in idx], dtype=np.int64),
+                "attention_mask": np.array([encoded[i].attention_mask[:width] for i in idx], dtype=np.int64),
+                "token_type_ids": np.array([encoded[i].type_ids[:width] for i in idx], dtype=np.int64),
+            }
+            out[idx] = self._session.run(None, {k: feeds[k] for k in self._inputs})[0]
+            start += size
+        return out, lengths
+
+    def infer(self, batch: Mapping[str, np.ndarray]) -> RuntimeResult:
+        texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in batch["text"].reshape(-1)]
+        embeddings, tokens = self.embed(texts)
+        return RuntimeResult(outputs={"embedding": embeddings}, tokens=tokens)
+
+    def memory_bytes(self) -> int:
+        return (self.path / MODEL_FILE).stat().st_size
+
+    def parameters(self) -> int | None:
+        return onnx_parameters(self.path / MODEL_FILE)
+
+    def unload(self) -> None:
+        self._session = None
+        self._tokenizer = None
+
+
+def _signature(dim: int) -> Signature:
+    return Signature(
+        inputs=[TensorSpec(name="text", datatype="BYTES", shape=[-1])],
+        outputs=[TensorSpec(name="embedding", datatype="FP32", shape=[-1, dim])],
+    )
