@@ -81,9 +81,9 @@ class JobSubmission:
         compress.prepare(spec, mv, self._datasets, org_id, by_admin)
         owner = self._registry.get_model(mv.model).owner_org_id
         output = compress.output_name(spec, mv, owner, org_id, namespace, by_admin)
-        if output is not None and self._registry.exists(output):
-            if self._registry.get_model(output).owner_org_id != org_id:
-                raise InvalidRequest(f"model name '{output}' is taken; choose another", param="output_model")
+        taken = output is not None and self._registry.exists(output)
+        if taken and self._registry.get_model(str(output)).owner_org_id != org_id:
+            raise InvalidRequest(f"model name '{output}' is taken; choose another", param="output_model")
         return spec.model_copy(update={"model": mv.model, "version": mv.version, "output_model": output})
 
     def check_train(
