@@ -53,6 +53,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/training_latency.py --append docs/benchmarks.md
 	$(BIN)/python bench/generation.py --append docs/benchmarks.md
 	$(BIN)/python bench/protocols.py --append docs/benchmarks.md
+	$(BIN)/python bench/compression.py --append docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -237,3 +237,104 @@ def test_a_quantize_job_resumes_after_its_server_is_killed(
             assert [v["version"] for v in c.get("/api/models/mlp").json()["versions"]] == [1, 2]
     finally:
         server.stop()
+
+
+def _digits_all(tmp_path: Path) -> Path:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rows = [[*map(float, img), int(t)] for img, t in zip(digits.data, digits.target, strict=True)]
+    return _csv(tmp_path / "digits.csv", [f"p{i}" for i in range(64)] + ["label"], rows)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_digits_pruning_with_fine_tuning(org: tuple[httpx.Client, str, str], tmp_path: Path, structured: bool) -> None:
+    c, org_name, _ = org
+    body = {
+        "model": "digits-cnn",
+        "dataset": _upload(c, _digits_all(tmp_path)),
+        "sparsity": 0.5 if structured else 0.8,
+        "structured": structured,
+        "fine_tune_epochs": 15,
+        "output_model": f"digits-pruned-{'s' if structured else 'u'}",
+    }
+    r = c.post("/api/jobs", json={"type": "prune", **body})
+    assert r.status_code == 202, r.text
+    job = _wait(c, r.json()["id"])
+    assert job["status"] == "succeeded", (job["error"], c.get(f"/api/jobs/{job['id']}/logs").text[-3000:])
+    report = job["result"]["report"]
+    assert report["metric"] == "accuracy" and report["dataset"]["split"] == "held-out 0.2 (seed 42)"
+    assert report["compressed"]["accuracy"] >= report["original"]["accuracy"] - (0.01 if structured else 0.005)
+    assert len(job["history"]) >= 1  # the fine-tuning epochs are reported like training's
+    if structured:
+        assert report["flops"]["fewer_by"] >= 2.0, report["flops"]
+        assert report["fewer_parameters_by"] >= 2.0 and report["smaller_by"] >= 2.0, report
+        assert "note" not in report
+    else:
+        assert report["weights_zero"] >= 0.79
+        assert "neither smaller nor faster" in report["note"]
+        assert report["gzip_bytes"]["pruned"] < 0.6 * report["gzip_bytes"]["original"], report["gzip_bytes"]
+        assert report["smaller_by"] == pytest.approx(1.0, abs=0.05)  # dense: the same file size
+    served = c.post(
+        f"/v2/models/{org_name}/{body['output_model']}/infer",
+        json={"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}]},
+    )
+    assert served.status_code == 200, served.text
+
+
+def test_digits_distillation_into_a_small_student(org: tuple[httpx.Client, str, str], tmp_path: Path) -> None:
+    """Trained on the teacher's training rows, measured on the teacher's own held-out quarter (as the card's
+    accuracy was): a student with over 10x fewer parameters within a point of the teacher."""
+    from openmaas.catalogue.digits import held_out_split
+
+    c, org_name, _ = org
+    x_tr, x_te, y_tr, y_te = held_out_split()
+    header = [f"p{i}" for i in range(64)] + ["label"]
+
+    def table(name: str, x: np.ndarray, y: np.ndarray) -> str:
+        rows = [[*map(float, img.reshape(-1)), int(t)] for img, t in zip(x, y, strict=True)]
+        return _upload(c, _csv(tmp_path / name, header, rows))
+
+    body = {
+        "teacher": "digits-cnn",
+        "dataset": table("train.csv", x_tr, y_tr),
+        "eval_dataset": table("held_out.csv", x_te, y_te),
+        "student": {"channels": [8, 16]},
+        "output_model": "digits-student",
+    }
+    r = c.post("/api/jobs", json={"type": "distill", **body})
+    assert r.status_code == 202, r.text
+    job = _wait(c, r.json()["id"])
+    assert job["status"] == "succeeded", (job["error"], c.get(f"/api/jobs/{job['id']}/logs").text[-3000:])
+    report = job["result"]["report"]
+    assert report["dataset"]["rows"] == len(y_te) and report["dataset"]["split"] == "all"
+    assert report["fewer_parameters_by"] >= 10, report
+    assert report["compressed"]["accuracy"] >= report["original"]["accuracy"] - 0.01, report
+    assert report["fidelity"]["agreement"] >= 0.95
+    model = c.get(f"/api/models/{org_name}/digits-student").json()
+    assert model["versions"][0]["card"]["classes"] == [str(i) for i in range(10)]
+
+
+def test_pruning_and_distillation_refusals(org: tuple[httpx.Client, str, str], tmp_path: Path) -> None:
+    c, _, _ = org
+    digits = _upload(c, _digits_all(tmp_path))
+    tiny = _upload(c, _csv(tmp_path / "tiny.csv", [f"p{i}" for i in range(64)] + ["label"], [[0.0] * 64 + [1]] * 5))
+    before = len(c.get("/api/jobs").json()["jobs"])
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"type": "prune", "model": "digits-cnn", "dataset": digits, "sparsity": 0.99}, "sparsity"),
+        ({"type": "prune", "model": "digits-cnn", "dataset": digits, "sparsity": -0.1}, "sparsity"),
+        ({"type": "prune", "model": "whisper-tiny-en", "dataset": digits, "sparsity": 0.5}, "a whisper model"),
+        ({"type": "prune", "model": "breast-cancer-logreg", "dataset": digits, "sparsity": 0.5}, "is not read back"),
+        ({"type": "prune", "model": "digits-cnn", "dataset": tiny, "sparsity": 0.5}, "20 or more"),
+        (
+            {"type": "distill", "teacher": "digits-cnn", "dataset": digits, "classes": ["cat", "dog"]},
+            "2 class names were given but the model scores 10 classes",
+        ),
+        ({"type": "distill", "teacher": "digits-cnn", "dataset": digits, "student": {"layers": [3]}}, "student"),
+        ({"type": "distill", "teacher": "gemma-3-270m", "dataset": digits}, "a gguf model"),
+    ]
+    for body, words in cases:
+        r = c.post("/api/jobs", json=body)
+        assert r.status_code == 400, (body, r.text)
+        assert words in r.json()["detail"], (body, r.json()["detail"])
+    assert len(c.get("/api/jobs").json()["jobs"]) == before

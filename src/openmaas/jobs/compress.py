@@ -130,14 +130,103 @@ def prepare(
 
 
 def output_name(
-    spec: QuantizeSpec, mv: ModelVersion, owner: str | None, org_id: str | None, namespace: str | None, by_admin: bool
+    spec: Any,
+    mv: ModelVersion,
+    owner: str | None,
+    org_id: str | None,
+    namespace: str | None,
+    by_admin: bool,
+    suffix: str = "int8",
 ) -> str | None:
     """The full name to register as (None: a new version of the model itself, which its owner may add)."""
     if spec.output_model is not None:
         return full_name_for(spec.output_model, namespace, "output_model")
     if owner == org_id or (by_admin and owner is None):
         return None
-    return full_name_for(f"{split_name(mv.model)[1]}-int8", namespace, "output_model")
+    return full_name_for(f"{split_name(mv.model)[1]}-{suffix}", namespace, "output_model")
+
+
+# -- pruning and distillation: ONNX classifiers read back into PyTorch -------------------------------------------
+
+
+@dataclass
+class Split:
+    """A classifier's dataset as its input tensor, split train / validation / test (the report's rows)."""
+
+    input_name: str
+    shape: tuple[int, ...]
+    data: dict[str, tuple[np.ndarray, np.ndarray]]
+    classes: list[str]
+
+
+def prepare_network(
+    spec: Any, mv: ModelVersion, artifact: Path, datasets: DatasetService, org_id: str | None, by_admin: bool
+) -> tuple[Prepared, Split]:
+    """Check that the version is an ONNX classifier whose graph reads back into PyTorch, and split ``dataset``
+    into its input and labels (InvalidRequest naming what is wrong)."""
+    from sklearn.model_selection import train_test_split
+
+    from openmaas.compression import networks
+
+    words = "pruning and distillation take ONNX classifiers (the networks training produces, the digits CNN)"
+    if mv.format != "onnx":
+        raise InvalidRequest(f"{words}; '{mv.model}' is a {mv.format} model", param="model")
+    if mv.signature.output("probabilities") is None:
+        raise InvalidRequest(f"{words}; '{mv.model}' has no probabilities output", param="model")
+    try:
+        networks.from_onnx(artifact.read_bytes())
+    except networks.UnsupportedGraph as e:
+        raise InvalidRequest(f"{words}: {e}", param="model") from None
+    ds = datasets.get(org_id, spec.dataset, any_org=by_admin)
+    classes = spec.classes or mv.card.classes or None
+    ev_spec = EvaluateSpec(
+        model=mv.model,
+        version=mv.version,
+        dataset=spec.dataset,
+        task="classification",
+        target=spec.target,
+        classes=classes,
+    )
+    labelled = evaluate.plan(ev_spec, mv, "tensor", evaluate.load_data(datasets, ds)).labelled
+    assert labelled is not None
+    assert labelled.classes is not None
+    if len(labelled.inputs) != 1:
+        raise InvalidRequest(f"{words}: the model must take one input", param="model")
+    name, x = next(iter(labelled.inputs.items()))
+    rows = np.arange(len(x))
+    if len(rows) < 20:
+        raise InvalidRequest(
+            f"the dataset has {len(rows)} rows; fine-tuning and a held-out test need 20 or more", param="dataset"
+        )
+
+    def two(idx: np.ndarray, size: float) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            a, b = train_test_split(idx, test_size=size, random_state=spec.seed, stratify=labelled.y[idx])
+        except ValueError:  # a class too small to stratify
+            a, b = train_test_split(idx, test_size=size, random_state=spec.seed)
+        return a, b
+
+    if spec.eval_dataset is None:
+        rest, test = two(rows, 0.2)
+        train, val = two(rest, 0.15)
+        data = {k: (x[idx], labelled.y[idx]) for k, idx in (("train", train), ("val", val), ("test", test))}
+        info = {**ds, "split": f"held-out 0.2 (seed {spec.seed})"}
+    else:
+        train, val = two(rows, 0.15)
+        data = {k: (x[idx], labelled.y[idx]) for k, idx in (("train", train), ("val", val))}
+        info = datasets.get(org_id, spec.eval_dataset, any_org=by_admin)
+        ev_spec = ev_spec.model_copy(update={"dataset": spec.eval_dataset, "classes": labelled.classes})
+        held = evaluate.plan(ev_spec, mv, "tensor", evaluate.load_data(datasets, info)).labelled
+        assert held is not None
+        data["test"] = (held.inputs[name], held.y)
+        info = {**info, "split": "all"}
+    x_test, y_test = data["test"]
+    plan = evaluate.Plan(
+        "classification",
+        len(x_test),
+        labelled=ev_inputs.Labelled({name: x_test}, y_test, labelled.classes, len(x_test)),
+    )
+    return Prepared(plan, info, None, "accuracy"), Split(name, tuple(x.shape[1:]), data, labelled.classes)
 
 
 # -- in the worker -----------------------------------------------------------------------------------------------
@@ -187,8 +276,16 @@ def fidelity(task: str, original: np.ndarray, candidate: np.ndarray) -> dict[str
 
 
 def compression_report(
-    spec: QuantizeSpec, prepared: Prepared, original: evaluate.Report, candidate: evaluate.Report, mv: ModelVersion
+    spec: Any,
+    prepared: Prepared,
+    original: evaluate.Report,
+    candidate: evaluate.Report,
+    mv: ModelVersion,
+    method: str,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Original against result on the same rows: sizes, speed, the metric, fidelity, deltas and the verdict
+    against ``spec.max_metric_drop`` (``spec.force`` registers a result outside it)."""
     metric = prepared.metric
     a, b = _figures(original, metric), _figures(candidate, metric)
     assert original.outputs is not None
@@ -203,7 +300,7 @@ def compression_report(
         return float(x) / float(y) if x and y else None
 
     return {
-        "method": spec.method,
+        "method": method,
         "source": {"model": mv.model, "version": mv.version},
         "dataset": prepared.dataset,
         "metric": metric,
@@ -211,6 +308,7 @@ def compression_report(
         "compressed": b,
         "deltas": {k: (float(b[k]) - float(a[k])) if a[k] is not None and b[k] is not None else None for k in a},
         "smaller_by": ratio(a["size_bytes"], b["size_bytes"]),
+        "fewer_parameters_by": ratio(a["parameters"], b["parameters"]),
         "faster_at_batch_32_by": ratio(b["throughput_batch_32"], a["throughput_batch_32"]),
         "latency_p50_ratio": ratio(b["latency_p50_ms"], a["latency_p50_ms"]),
         "fidelity": faithful,
@@ -218,13 +316,15 @@ def compression_report(
         "budget": spec.max_metric_drop,
         "verdict": "within budget" if within else "outside budget",
         "forced": bool(spec.force and not within),
+        **(extra or {}),
     }
 
 
 def derived_card(card: ModelCard, mv: ModelVersion, report: dict[str, Any], job_id: str) -> ModelCard:
     metric = report["metric"]
+    what = {"prune": "pruning", "distill": "distillation"}.get(report["method"], "quantisation")
     note = (
-        f"{report['method']} quantisation of {mv.model} version {mv.version} by job {job_id}: "
+        f"{report['method']} {what} of {mv.model} version {mv.version} by job {job_id}: "
         f"{report['smaller_by']:.2f}x smaller"
         + (
             f", {report['faster_at_batch_32_by']:.2f}x the throughput at batch 32"
@@ -234,13 +334,13 @@ def derived_card(card: ModelCard, mv: ModelVersion, report: dict[str, Any], job_
         + f"; {metric} {report['compressed'][metric]:.4f} against {report['original'][metric]:.4f} on "
         f"{report['dataset']['name']}. "
     )
-    measured = {f"quantized_{metric}": float(report["compressed"][metric])}
+    measured = {f"{report['method'].replace('-', '_')}_{metric}": float(report["compressed"][metric])}
     return card.model_copy(
         update={
             "description": note + card.description,
             "metrics": {**card.metrics, **measured},
             "limitations": (card.limitations + " " if card.limitations else "")
-            + "int8 weights: outputs differ slightly from the original's (see the compression report).",
+            + "Compressed: outputs differ slightly from the original's (see the compression report).",
         }
     )
 

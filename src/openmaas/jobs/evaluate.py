@@ -353,6 +353,21 @@ def dataset_info(dataset: dict[str, Any], split: str, rows: int) -> dict[str, An
     }
 
 
+def scores(
+    backend_factory: Callable[[], LocalBackend], mv: ModelVersion, inputs: dict[str, np.ndarray], output: str
+) -> np.ndarray:
+    """One output of ``mv`` for every row of ``inputs``, through the serving path (a teacher's soft targets)."""
+
+    async def main() -> np.ndarray:
+        backend = backend_factory()
+        try:
+            return await _score(backend, mv, inputs, output, 64, lambda f: None)
+        finally:
+            await backend.close()
+
+    return asyncio.run(main())
+
+
 def run(
     backend_factory: Callable[[], LocalBackend],
     mv: ModelVersion,

@@ -100,7 +100,87 @@ class QuantizeSpec(BaseModel):
     force: bool = Field(default=False, description="Register even when the result is outside the budget.")
 
 
-JOB_SPECS: dict[str, type[BaseModel]] = {"train": TrainSpec, "evaluate": EvaluateSpec, "quantize": QuantizeSpec}
+class _Budget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    output_model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Register as this model (default: a new version of a model you own, else '<name>-<method>' "
+        "in your namespace).",
+    )
+    max_metric_drop: float = Field(default=0.01, ge=0, le=1, description="Largest accepted accuracy drop (absolute).")
+    force: bool = Field(default=False, description="Register even when the result is outside the budget.")
+
+
+class PruneSpec(_Budget):
+    """Magnitude pruning of an ONNX classifier's Conv and Linear layers, then fine-tuning on ``dataset``."""
+
+    type: Literal["prune"] = "prune"
+    model: str = Field(min_length=1, max_length=200)
+    version: int | None = Field(default=None, ge=1)
+    dataset: str = Field(description="Labelled rows: fine-tuning, validation and the held-out test split.")
+    eval_dataset: str | None = Field(
+        default=None, description="Rows to measure both on (default: a held-out fifth of dataset)."
+    )
+    target: str = Field(default="label", min_length=1)
+    classes: list[str] | None = Field(default=None, description="Class names in output order (default: the card's).")
+    sparsity: float = Field(ge=0.0, le=0.95, description="Fraction of weights (unstructured) or channels removed.")
+    structured: bool = Field(
+        default=False,
+        description="false: zero single weights (the dense file is not smaller or faster); true: remove whole "
+        "channels and units, so the served graph is smaller and faster.",
+    )
+    fine_tune_epochs: int = Field(default=20, ge=0, le=1000)
+    learning_rate: float = Field(default=0.001, gt=0, le=1)
+    seed: int = 42
+
+
+class DistillSpec(_Budget):
+    """A smaller student trained on a teacher classifier's soft targets (and the labels)."""
+
+    type: Literal["distill"] = "distill"
+    teacher: str = Field(min_length=1, max_length=200)
+    teacher_version: int | None = Field(default=None, ge=1)
+    dataset: str = Field(description="Labelled rows: training, validation and the held-out test split.")
+    eval_dataset: str | None = Field(
+        default=None,
+        description="Rows to measure teacher and student on, e.g. the teacher's own held-out data (default: a "
+        "held-out fifth of dataset).",
+    )
+    target: str = Field(default="label", min_length=1)
+    classes: list[str] | None = Field(
+        default=None, description="The student's classes: must be the teacher's (default: the teacher's)."
+    )
+    student: dict[str, list[int]] = Field(
+        default_factory=lambda: {"hidden": [32]},
+        description='{"hidden": [units, ...]} for an MLP, or {"channels": [c, ...]} for a CNN on image inputs.',
+    )
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    alpha: float = Field(default=0.9, ge=0, le=1, description="Weight of the soft targets against the labels.")
+    epochs: int = Field(default=200, ge=1, le=10_000)
+    patience: int = Field(default=40, ge=1, description="Epochs without a better validation accuracy before stopping.")
+    learning_rate: float = Field(default=0.003, gt=0, le=1)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _one_student_shape(self) -> DistillSpec:
+        keys = set(self.student)
+        if not keys or not keys <= {"hidden", "channels"} or len(keys) != 1:
+            raise ValueError('student is {"hidden": [units, ...]} or {"channels": [channels, ...]}')
+        if any(not 1 <= w <= 4096 for w in next(iter(self.student.values()))):
+            raise ValueError("student widths must be 1..4096")
+        return self
+
+
+JOB_SPECS: dict[str, type[BaseModel]] = {
+    "train": TrainSpec,
+    "evaluate": EvaluateSpec,
+    "quantize": QuantizeSpec,
+    "prune": PruneSpec,
+    "distill": DistillSpec,
+}
 
 
 def parse_spec(body: dict[str, Any]) -> BaseModel:

@@ -15,7 +15,7 @@ from openmaas.datasets.service import DatasetService
 from openmaas.entities.models import ModelVersion
 from openmaas.errors import InvalidRequest
 from openmaas.jobs.service import JobService
-from openmaas.jobs.specs import EvaluateSpec, QuantizeSpec, TrainSpec, parse_spec
+from openmaas.jobs.specs import DistillSpec, EvaluateSpec, PruneSpec, QuantizeSpec, TrainSpec, parse_spec
 from openmaas.registry.service import ModelRegistry, full_name_for
 from openmaas.runtimes import runtime_class
 from openmaas.training import data as training_data
@@ -49,6 +49,8 @@ class JobSubmission:
             spec = await asyncio.to_thread(self.check_evaluate, spec, org_id, by_admin, model_version)
         elif isinstance(spec, QuantizeSpec):
             spec = await asyncio.to_thread(self.check_quantize, spec, org_id, namespace, by_admin, model_version)
+        elif isinstance(spec, PruneSpec | DistillSpec):
+            spec = await asyncio.to_thread(self.check_network, spec, org_id, namespace, by_admin, model_version)
         return await asyncio.to_thread(self._jobs.create, org_id, key_id, spec.model_dump(mode="json"))
 
     def check_evaluate(
@@ -85,6 +87,39 @@ class JobSubmission:
         if taken and self._registry.get_model(str(output)).owner_org_id != org_id:
             raise InvalidRequest(f"model name '{output}' is taken; choose another", param="output_model")
         return spec.model_copy(update={"model": mv.model, "version": mv.version, "output_model": output})
+
+    def check_network(
+        self,
+        spec: PruneSpec | DistillSpec,
+        org_id: str | None,
+        namespace: str | None,
+        by_admin: bool,
+        model_version: Callable[..., ModelVersion],
+    ) -> PruneSpec | DistillSpec:
+        """Pruning and distillation: an ONNX classifier whose graph reads back, a labelled dataset that fits it, a
+        student with the teacher's classes, and where the result goes."""
+        from openmaas.jobs import compress
+
+        if isinstance(spec, PruneSpec):
+            mv = model_version(spec.model, spec.version)
+        else:
+            mv = model_version(spec.teacher, spec.teacher_version)
+            if spec.classes and mv.card.classes and list(spec.classes) != list(mv.card.classes):
+                raise InvalidRequest(
+                    f"the student's classes ({', '.join(spec.classes[:10])}) are not the teacher's "
+                    f"({', '.join(mv.card.classes[:10])}): a student learns its teacher's label set",
+                    param="classes",
+                )
+        compress.prepare_network(spec, mv, self._registry.artifact_path(mv), self._datasets, org_id, by_admin)
+        owner = self._registry.get_model(mv.model).owner_org_id
+        suffix = "pruned" if isinstance(spec, PruneSpec) else "distilled"
+        output = compress.output_name(spec, mv, owner, org_id, namespace, by_admin, suffix)
+        taken = output is not None and self._registry.exists(output)
+        if taken and self._registry.get_model(str(output)).owner_org_id != org_id:
+            raise InvalidRequest(f"model name '{output}' is taken; choose another", param="output_model")
+        named = {"model": mv.model, "version": mv.version} if isinstance(spec, PruneSpec) else {
+            "teacher": mv.model, "teacher_version": mv.version}  # fmt: skip
+        return spec.model_copy(update={**named, "output_model": output})
 
     def check_train(
         self, spec: TrainSpec, org_id: str | None, by_admin: bool, model_version: Callable[[str], ModelVersion]

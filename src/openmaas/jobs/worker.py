@@ -475,38 +475,55 @@ def run_evaluate(
     }
 
 
-def run_quantize(
-    settings: Settings, sessions: sessionmaker[Session], reporter: Reporter, job: JobRow
-) -> dict[str, Any]:
-    from sqlalchemy import func
+def _compression_setup(
+    settings: Settings, sessions: sessionmaker[Session], job: JobRow, model: str, version: int | None
+) -> Any:
+    from types import SimpleNamespace
 
     from openmaas.artifacts import LocalArtifactStore
     from openmaas.datasets.service import DatasetService
+    from openmaas.store.registry import RegistryStore
+
+    artifacts = LocalArtifactStore(settings.artifacts_dir)
+    store = RegistryStore(sessions)
+    work = settings.data_dir / "jobs" / job.id
+    work.mkdir(parents=True, exist_ok=True)
+    return SimpleNamespace(
+        artifacts=artifacts,
+        store=store,
+        mv=store.get_version(model, version),
+        work=work,
+        datasets=DatasetService(sessions, artifacts, settings.data_dir / "cache"),
+    )
+
+
+def _finish_compression(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    reporter: Reporter,
+    job: JobRow,
+    spec: Any,
+    env: Any,
+    prepared: Any,
+    path: Path,
+    fmt: str,
+    method: str,
+    extra: Callable[[Any], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Measure the original and the result (from the artifact store, unregistered) on the same rows through the
+    serving path, then register the result within the budget (or forced) with both reports; else fail with the
+    report and leave nothing behind."""
+    from sqlalchemy import func
+
     from openmaas.evaluation import machine
     from openmaas.jobs import compress, evaluate
-    from openmaas.jobs.specs import QuantizeSpec
     from openmaas.registry.evaluations import EvaluationService
     from openmaas.registry.inspect import inspect_in_process
     from openmaas.registry.service import ModelRegistry
     from openmaas.runtimes import RuntimeOptions
-    from openmaas.store.registry import RegistryStore
     from openmaas.store.tables import ModelVersionRow
 
-    spec = QuantizeSpec.model_validate(job.spec)
-    artifacts = LocalArtifactStore(settings.artifacts_dir)
-    store = RegistryStore(sessions)
-    mv = store.get_version(spec.model, spec.version)
-    work = settings.data_dir / "jobs" / job.id
-    work.mkdir(parents=True, exist_ok=True)
-    done = compress.read_marker(work)
-    if done is not None:  # registered before the worker died: the same result, not a second version
-        print(f"already registered as {done['model']} version {done['version']}", flush=True)
-        return done
-    datasets = DatasetService(sessions, artifacts, settings.data_dir / "cache")
-    prepared = compress.prepare(spec, mv, datasets, job.org_id, job.org_id is None)
-    print(f"quantizing {mv.model} version {mv.version} ({mv.format}) with {spec.method}", flush=True)
-    reporter.progress(0.02)
-    path, fmt = compress.build_candidate(spec, artifacts.local_path(mv.sha256), work, prepared.calibration)
+    mv, artifacts, store = env.mv, env.artifacts, env.store
     if reporter.cancelled():
         raise Cancelled()
     artifact = artifacts.put(path)
@@ -514,21 +531,22 @@ def run_quantize(
         mv, artifact.sha256, artifact.size_bytes, fmt, inspect_in_process(fmt, path, RuntimeOptions())
     )
     print(
-        f"quantized: {artifact.size_bytes:,} bytes (from {mv.size_bytes:,}); measuring both on "
+        f"{method}: {artifact.size_bytes:,} bytes (from {mv.size_bytes:,}); measuring both on "
         f"{prepared.dataset['name']} ({prepared.eval_plan.rows} rows)",
         flush=True,
     )
-    reporter.progress(0.3)
+    start = float(reporter.row().progress)
     original, result = evaluate.run_many(
         _backend_factory(settings, sessions),
         [(mv, prepared.eval_plan), (candidate, prepared.eval_plan)],
         32,
-        lambda f: reporter.progress(0.3 + 0.65 * f),
+        lambda f: reporter.progress(start + (0.98 - start) * f),
         reporter.cancelled,
     )
-    report = compress.compression_report(spec, prepared, original, result, mv)
+    report = compress.compression_report(spec, prepared, original, result, mv, method, extra(result) if extra else None)
+    metric = report["metric"]
     print(
-        f"{report['metric']}: {report['original'][report['metric']]:.4f} -> {report['compressed'][report['metric']]:.4f} "
+        f"{metric}: {report['original'][metric]:.4f} -> {report['compressed'][metric]:.4f} "
         f"(drop {report['metric_drop']:.4f}, budget {report['budget']}); {report['smaller_by']:.2f}x smaller; "
         f"fidelity {report['fidelity']}; {report['verdict']}",
         flush=True,
@@ -543,20 +561,18 @@ def run_quantize(
         if not used:
             artifacts.delete(artifact.sha256)
         raise compress.OutsideBudget(
-            f"{report['metric']} dropped by {report['metric_drop']:.4f}, more than max_metric_drop "
-            f'{spec.max_metric_drop}: nothing was registered (send "force": true to register it anyway)',
+            f"{metric} dropped by {report['metric_drop']:.4f}, more than max_metric_drop {spec.max_metric_drop}: "
+            'nothing was registered (send "force": true to register it anyway)',
             {"report": report},
         )
     registry = ModelRegistry(store, artifacts, RuntimeOptions(), inspect_in_process)
     name = spec.output_model or mv.model
     owner = store.get_model(mv.model).owner_org_id if spec.output_model is None else job.org_id
+    card = compress.derived_card(mv.card, mv, report, job.id)
+    if prepared.eval_plan.labelled is not None and prepared.eval_plan.labelled.classes:
+        card = card.model_copy(update={"classes": prepared.eval_plan.labelled.classes})
     new = registry.register(
-        path,
-        name,
-        format=fmt,
-        card=compress.derived_card(mv.card, mv, report, job.id),
-        owner_org_id=owner,
-        visibility="private" if owner else "public",
+        path, name, format=fmt, card=card, owner_org_id=owner, visibility="private" if owner else "public"
     )
     evaluations = EvaluationService(sessions, artifacts)
     dataset = compress.dataset_record(prepared)
@@ -579,16 +595,193 @@ def run_quantize(
     out = {
         "model": new.model,
         "version": new.version,
-        "metrics": {report["metric"]: report["compressed"][report["metric"]]},
+        "metrics": {metric: report["compressed"][metric]},
         "report": report,
         "evaluations": urls,
     }
-    compress.write_marker(work, out)
-    shutil.rmtree(work / "int8", ignore_errors=True)
+    compress.write_marker(env.work, out)
     return out
 
 
-RUNNERS = {"train": run_train, "evaluate": run_evaluate, "quantize": run_quantize}
+def run_quantize(
+    settings: Settings, sessions: sessionmaker[Session], reporter: Reporter, job: JobRow
+) -> dict[str, Any]:
+    from openmaas.jobs import compress
+    from openmaas.jobs.specs import QuantizeSpec
+
+    spec = QuantizeSpec.model_validate(job.spec)
+    env = _compression_setup(settings, sessions, job, spec.model, spec.version)
+    done = compress.read_marker(env.work)
+    if done is not None:  # registered before the worker died: the same result, not a second version
+        print(f"already registered as {done['model']} version {done['version']}", flush=True)
+        return done
+    mv = env.mv
+    prepared = compress.prepare(spec, mv, env.datasets, job.org_id, job.org_id is None)
+    print(f"quantizing {mv.model} version {mv.version} ({mv.format}) with {spec.method}", flush=True)
+    reporter.progress(0.02)
+    path, fmt = compress.build_candidate(spec, env.artifacts.local_path(mv.sha256), env.work, prepared.calibration)
+    reporter.progress(0.3)
+    out = _finish_compression(settings, sessions, reporter, job, spec, env, prepared, path, fmt, spec.method)
+    shutil.rmtree(env.work / "int8", ignore_errors=True)
+    return out
+
+
+def _fine_tune(
+    reporter: Reporter,
+    split: Any,
+    build: Callable[[], Any],
+    params: Any,
+    checkpoint: Path,
+    lo: float,
+    hi: float,
+    soft: Any = None,
+) -> Any:
+    from openmaas.training import loop
+
+    def on_epoch(r: loop.EpochReport) -> None:
+        print(
+            f"epoch {r.epoch}/{r.epochs} loss {r.loss:.4f} val_loss {r.val_loss:.4f} val_accuracy {r.val_metric:.4f}",
+            flush=True,
+        )
+        reporter.progress(lo + (hi - lo) * r.epoch / r.epochs, r.to_json())
+
+    model = loop.train(
+        split.data, params, "classification", len(split.classes), checkpoint, on_epoch, build, reporter.cancelled,
+        soft_targets=soft,
+    )  # fmt: skip
+    if reporter.cancelled():
+        raise Cancelled()
+    return model
+
+
+def run_prune(settings: Settings, sessions: sessionmaker[Session], reporter: Reporter, job: JobRow) -> dict[str, Any]:
+    import torch
+
+    from openmaas.compression import networks
+    from openmaas.jobs import compress
+    from openmaas.jobs.specs import PruneSpec
+    from openmaas.training.export import export_onnx
+    from openmaas.training.optim import TrainParams
+
+    torch.set_num_threads(settings.job_threads)
+    spec = PruneSpec.model_validate(job.spec)
+    env = _compression_setup(settings, sessions, job, spec.model, spec.version)
+    done = compress.read_marker(env.work)
+    if done is not None:
+        print(f"already registered as {done['model']} version {done['version']}", flush=True)
+        return done
+    mv = env.mv
+    source = env.artifacts.local_path(mv.sha256)
+    prepared, split = compress.prepare_network(spec, mv, source, env.datasets, job.org_id, job.org_id is None)
+    example = torch.from_numpy(split.data["train"][0][:2])
+    original = networks.from_onnx(source.read_bytes())
+    flops_before, params_before = networks.flops_and_parameters(original, example)
+    kind = "structured" if spec.structured else "unstructured"
+    print(
+        f"pruning {mv.model} version {mv.version}: {kind}, sparsity {spec.sparsity}, then {spec.fine_tune_epochs} "
+        f"epochs of fine-tuning on {len(split.data['train'][0])} rows",
+        flush=True,
+    )
+
+    def build() -> networks.Classifier:  # deterministic: a resumed job rebuilds the same pruned network
+        model = networks.from_onnx(source.read_bytes())
+        if spec.structured:
+            networks.prune_structured(model, spec.sparsity, example)
+        else:
+            networks.prune_unstructured(model, spec.sparsity)
+        return model
+
+    params = TrainParams(
+        epochs=max(1, spec.fine_tune_epochs), learning_rate=spec.learning_rate, seed=spec.seed, patience=5,
+        monitor="val_metric",
+    )  # fmt: skip
+    reporter.progress(0.02)
+    if spec.fine_tune_epochs:
+        model = _fine_tune(reporter, split, build, params, env.work / "checkpoint.pt", 0.02, 0.6)
+    else:
+        model = build()
+    if not spec.structured:
+        networks.finish_unstructured(model)
+    model.eval()
+    flops_after, params_after = networks.flops_and_parameters(model, example)
+    path = env.work / "pruned.onnx"
+    export_onnx(model, split.shape, "classification", path, split.input_name)
+    dense = source.read_bytes()
+    pruned = path.read_bytes()
+    sparsity = networks.sparsity_of(model)
+
+    def extra(_: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "pruning": kind,
+            "sparsity_asked": spec.sparsity,
+            "weights_zero": sparsity,
+            "flops": {"original": flops_before, "pruned": flops_after, "fewer_by": flops_before / max(1, flops_after)},
+            "nonzero_parameters": {"original": params_before, "pruned": round(params_after * (1 - sparsity))},
+            "fine_tune_epochs": spec.fine_tune_epochs,
+        }
+        if not spec.structured:
+            out["note"] = (
+                "unstructured pruning zeroes single weights: the served ONNX file is dense, so it is neither "
+                "smaller nor faster than the original; only compressed storage gains (gzip sizes below). Use "
+                '"structured": true to remove whole channels and units.'
+            )
+            out["gzip_bytes"] = {"original": networks.gzip_size(dense), "pruned": networks.gzip_size(pruned)}
+        return out
+
+    return _finish_compression(settings, sessions, reporter, job, spec, env, prepared, path, "onnx", "prune", extra)
+
+
+def run_distill(settings: Settings, sessions: sessionmaker[Session], reporter: Reporter, job: JobRow) -> dict[str, Any]:
+    import torch
+
+    from openmaas.compression import networks
+    from openmaas.jobs import compress, evaluate
+    from openmaas.jobs.specs import DistillSpec
+    from openmaas.training.export import export_onnx
+    from openmaas.training.optim import TrainParams
+
+    torch.set_num_threads(settings.job_threads)
+    spec = DistillSpec.model_validate(job.spec)
+    env = _compression_setup(settings, sessions, job, spec.teacher, spec.teacher_version)
+    done = compress.read_marker(env.work)
+    if done is not None:
+        print(f"already registered as {done['model']} version {done['version']}", flush=True)
+        return done
+    mv = env.mv
+    source = env.artifacts.local_path(mv.sha256)
+    prepared, split = compress.prepare_network(spec, mv, source, env.datasets, job.org_id, job.org_id is None)
+    x_train = split.data["train"][0]
+    print(
+        f"distilling {mv.model} version {mv.version} into a student {spec.student} on {len(x_train)} rows", flush=True
+    )
+    soft = evaluate.scores(_backend_factory(settings, sessions), mv, {split.input_name: x_train}, "probabilities")
+    reporter.progress(0.05)
+
+    def build() -> networks.Classifier:
+        return networks.student(split.shape, len(split.classes), spec.student, x_train)
+
+    params = TrainParams(
+        epochs=spec.epochs, learning_rate=spec.learning_rate, seed=spec.seed, monitor="val_metric",
+        patience=spec.patience,
+    )  # fmt: skip
+    model = _fine_tune(
+        reporter, split, build, params, env.work / "checkpoint.pt", 0.05, 0.6, (soft, spec.temperature, spec.alpha)
+    ).eval()
+    path = env.work / "student.onnx"
+    export_onnx(model, split.shape, "classification", path, split.input_name)
+    extra = {"student": spec.student, "temperature": spec.temperature, "alpha": spec.alpha, "epochs": spec.epochs}
+    return _finish_compression(
+        settings, sessions, reporter, job, spec, env, prepared, path, "onnx", "distill", lambda _: extra
+    )
+
+
+RUNNERS = {
+    "train": run_train,
+    "evaluate": run_evaluate,
+    "quantize": run_quantize,
+    "prune": run_prune,
+    "distill": run_distill,
+}
 
 
 def main(job_id: str) -> int:

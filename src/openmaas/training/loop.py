@@ -72,6 +72,7 @@ def train(
     cancelled: Callable[[], bool] = lambda: False,
     rank: int = 0,
     world: int = 1,
+    soft_targets: tuple[np.ndarray, float, float] | None = None,
 ) -> Net:
     """Train, saving a checkpoint after every epoch; an existing checkpoint is resumed from.
 
@@ -79,7 +80,10 @@ def train(
     way; a function instead builds it once the seed is set, so its initial weights follow ``params.seed`` (and are
     the same on every data-parallel rank). With ``world`` > 1 this is one of that many
     data-parallel processes (a gloo process group is already set up): each takes its share of every global batch,
-    gradients are averaged across them, and rank 0 validates, checkpoints, reports and decides when to stop."""
+    gradients are averaged across them, and rank 0 validates, checkpoints, reports and decides when to stop.
+
+    ``soft_targets`` (distillation): a teacher's probabilities for each training row, a temperature T and a weight
+    alpha; the loss is alpha * T² * KL(teacher at T || student at T) + (1 - alpha) * cross-entropy."""
     import torch.distributed as dist
 
     torch.manual_seed(params.seed)
@@ -110,6 +114,11 @@ def train(
         return torch.from_numpy(((y - y_scale[0]) / y_scale[1]).astype(np.float32))
 
     yt = target(y_train)
+    soft, temperature, alpha = None, 1.0, 0.0
+    if soft_targets is not None:
+        probs, temperature, alpha = soft_targets
+        sharp = np.clip(probs.astype(np.float64), 1e-12, 1.0) ** (1.0 / temperature)  # softmax(logits / T)
+        soft = torch.from_numpy((sharp / sharp.sum(axis=1, keepdims=True)).astype(np.float32))
     xv, yv = torch.from_numpy(data["val"][0]), target(data["val"][1])
     weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
     for epoch in range(start, params.epochs):
@@ -128,6 +137,11 @@ def train(
             if len(idx):
                 out = model.scaled(xt[idx])
                 loss = loss_fn(out, yt[idx]) if kind == "classification" else loss_fn(out[:, 0], yt[idx])
+                if soft is not None:
+                    kd = nn.functional.kl_div(
+                        nn.functional.log_softmax(out / temperature, dim=1), soft[idx], reduction="batchmean"
+                    )
+                    loss = alpha * temperature * temperature * kd + (1 - alpha) * loss
                 if params.l1:
                     loss = loss + params.l1 * sum(w.abs().sum() for w in weights)
                 loss.backward()
