@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test test-all lint bench install dev clean readme-check grpc
+.PHONY: serve test test-slow test-all lint bench install dev clean readme-check grpc
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -31,6 +31,10 @@ serve: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# The slow suite (real models quantised and scored end to end); CI runs it after `make test`.
+test-slow: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
 test-all: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -54,6 +58,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/generation.py --append docs/benchmarks.md
 	$(BIN)/python bench/protocols.py --append docs/benchmarks.md
 	$(BIN)/python bench/compression.py --append docs/benchmarks.md
+	$(BIN)/python bench/compression_digits.py --append docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

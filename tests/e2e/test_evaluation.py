@@ -357,6 +357,7 @@ def test_the_cli_evaluates_with_a_report_and_compares(server: ServerProcess, adm
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # loads Gemma in a job worker twice: about 80 s
 def test_language_model_perplexity_tells_text_from_word_salad(admin: httpx.Client, tmp_path: Path) -> None:
     import random
 

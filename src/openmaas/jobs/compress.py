@@ -72,6 +72,59 @@ def _table(
     return ds, datasets.table(ds)
 
 
+def embedding_eval(
+    eval_dataset: str | None, text_column: str, datasets: DatasetService, org_id: str | None, by_admin: bool
+) -> Prepared:
+    """What a text encoder and its compressed version are measured on: labelled pairs (Spearman), texts (cosine
+    to the original), or 600 built-in English sentences."""
+    if eval_dataset is None:
+        texts = english_sentences()
+        digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+        info = {"id": BUILTIN_TEXTS, "name": "600 built-in English sentences", "sha256": digest}
+        return Prepared(evaluate.Plan("embedding", len(texts), texts=texts), info, None, "cosine_mean")
+    ds, table = _table(datasets, org_id, eval_dataset, by_admin, "eval_dataset")
+    pairs = ev_inputs.pairs(table)
+    given = ev_inputs.texts(table, text_column) if text_column in table.columns else None
+    if pairs is None and given is None:
+        raise InvalidRequest(
+            f"eval_dataset needs a '{text_column}' column (texts) or labelled pairs (text1, text2, score)",
+            param="eval_dataset",
+        )
+    measured_texts = given if given is not None else pairs[0] if pairs is not None else []
+    plan = evaluate.Plan("embedding", table.rows, texts=measured_texts, pairs=pairs)
+    return Prepared(plan, ds, None, "spearman" if pairs is not None else "cosine_mean")
+
+
+def is_encoder(mv: ModelVersion) -> bool:
+    """A text encoder alone (no classifier head): distilled into fewer layers, quantised with its embeddings."""
+    return mv.format == "sentence-transformers" and mv.signature.output("probabilities") is None
+
+
+def prepare_encoder_distillation(
+    spec: Any, mv: ModelVersion, artifact: Path, datasets: DatasetService, org_id: str | None, by_admin: bool
+) -> tuple[Prepared, list[str]]:
+    """The texts the student learns on and what both are measured on (InvalidRequest naming what is wrong)."""
+    if "layers" not in spec.student:
+        raise InvalidRequest(
+            f"'{mv.model}' is a text encoder: its student is {{\"layers\": N}} (N of its transformer layers)",
+            param="student",
+        )
+    try:
+        total = int(json.loads((artifact / "config.json").read_text())["num_hidden_layers"])
+    except (OSError, ValueError, KeyError):
+        raise InvalidRequest(
+            f"'{mv.model}' does not say how many layers it has (config.json)", param="teacher"
+        ) from None
+    layers = int(spec.student["layers"])
+    if layers >= total:
+        raise InvalidRequest(f"the teacher has {total} layers; a student keeps 1 to {total - 1}", param="student")
+    _, table = _table(datasets, org_id, spec.dataset, by_admin, "dataset")
+    texts = ev_inputs.texts(table, spec.text_column)
+    if len(texts) < 20:
+        raise InvalidRequest(f"the dataset has {len(texts)} texts; a student needs 20 or more", param="dataset")
+    return embedding_eval(spec.eval_dataset, spec.text_column, datasets, org_id, by_admin), texts
+
+
 def prepare(
     spec: QuantizeSpec, mv: ModelVersion, datasets: DatasetService, org_id: str | None, by_admin: bool
 ) -> Prepared:
@@ -83,32 +136,25 @@ def prepare(
             param="method",
         )
     if spec.method == "dynamic-int8":
-        if mv.signature.output("probabilities") is not None:
-            raise InvalidRequest(
-                f"'{mv.model}' is a text classifier (an encoder with a head); quantise its encoder model instead",
-                param="model",
-            )
         if spec.calibration_dataset is not None:
             raise InvalidRequest(
                 "dynamic-int8 needs no calibration_dataset (it is for static-int8)", param="calibration_dataset"
             )
-        if spec.eval_dataset is None:
-            texts = english_sentences()
-            digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
-            info = {"id": BUILTIN_TEXTS, "name": "600 built-in English sentences", "sha256": digest}
-            plan = evaluate.Plan("embedding", len(texts), texts=texts)
-            return Prepared(plan, info, None, "cosine_mean")
-        ds, table = _table(datasets, org_id, spec.eval_dataset, by_admin, "eval_dataset")
-        pairs = ev_inputs.pairs(table)
-        given = ev_inputs.texts(table, spec.text_column) if spec.text_column in table.columns else None
-        if pairs is None and given is None:
-            raise InvalidRequest(
-                f"eval_dataset needs a '{spec.text_column}' column (texts) or labelled pairs (text1, text2, score)",
-                param="eval_dataset",
-            )
-        measured_texts = given if given is not None else pairs[0] if pairs is not None else []
-        plan = evaluate.Plan("embedding", table.rows, texts=measured_texts, pairs=pairs)
-        return Prepared(plan, ds, None, "spearman" if pairs is not None else "cosine_mean")
+        if mv.signature.output("probabilities") is not None:  # a text classifier: the encoder's head is kept
+            if spec.eval_dataset is None:
+                raise InvalidRequest(
+                    f"'{mv.model}' is a text classifier: send eval_dataset (texts in text_column, classes in "
+                    "target) to measure the accuracy the budget is checked on",
+                    param="eval_dataset",
+                )
+            ds = datasets.get(org_id, spec.eval_dataset, any_org=by_admin)
+            ev_spec = EvaluateSpec(
+                model=mv.model, version=mv.version, dataset=spec.eval_dataset, task="classification",
+                target=spec.target, text_column=spec.text_column,
+            )  # fmt: skip
+            plan = evaluate.plan(ev_spec, mv, "embedding", evaluate.load_data(datasets, ds))
+            return Prepared(plan, ds, None, "accuracy")
+        return embedding_eval(spec.eval_dataset, spec.text_column, datasets, org_id, by_admin)
     if spec.calibration_dataset is None:
         raise InvalidRequest(
             "static-int8 calibrates activation ranges on data: send calibration_dataset", param="calibration_dataset"
@@ -168,7 +214,13 @@ def prepare_network(
 
     from openmaas.compression import networks
 
-    words = "pruning and distillation take ONNX classifiers (the networks training produces, the digits CNN)"
+    words = "pruning and distillation take ONNX classifiers (the networks training produces, the digits CNN)" + (
+        "; distillation also text encoders (sentence-transformers)" if hasattr(spec, "teacher") else ""
+    )
+    if "layers" in getattr(spec, "student", {}):
+        raise InvalidRequest(
+            "{\"layers\": N} is a text encoder's student; a classifier's is hidden or channels", param="student"
+        )
     if mv.format != "onnx":
         raise InvalidRequest(f"{words}; '{mv.model}' is a {mv.format} model", param="model")
     if mv.signature.output("probabilities") is None:
@@ -245,6 +297,10 @@ def build_candidate(
         quantize.export_encoder(source, fp32)
         quantize.quantize_dynamic_folder(fp32, int8)
         shutil.rmtree(fp32, ignore_errors=True)
+        from openmaas.runtimes.sentence_transformers import HEAD_FILE
+
+        if (source / HEAD_FILE).is_file():  # a text classifier keeps its head (already small, on fp32 embeddings)
+            shutil.copy(source / HEAD_FILE, int8 / HEAD_FILE)
         return int8, "onnx-embedding"
     assert calibration is not None
     out = work / "model-int8.onnx"

@@ -47,6 +47,17 @@ class _Worker:
     cancel_seen_at: float | None = None
 
 
+def exit_reason(code: int) -> str:
+    """Why a job failed when its worker ended without reporting (a crash, the kernel's out-of-memory killer)."""
+    if code < 0:
+        import signal
+
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        hint = " (most often the kernel's out-of-memory killer: the job needed more memory than was free)"
+        return f"the worker was killed by {name}{hint if -code == signal.SIGKILL else ''}; see the job's logs"
+    return f"the worker exited with code {code} without finishing; see the job's logs"
+
+
 class JobRunner:
     def __init__(self, sessions: sessionmaker[Session], jobs_dir: Path, env: dict[str, str], max_jobs: int) -> None:
         self._sessions = sessions
@@ -158,7 +169,7 @@ class JobRunner:
                 row.status, row.error = "cancelled", "cancelled while running"
             else:
                 row.status = "failed"
-                row.error = f"the worker exited with code {code} without finishing; see the job's logs"
+                row.error = exit_reason(code)
             row.finished_at = datetime.now(UTC)
             s.commit()
         log.info("job ended", extra={"job": job_id, "code": code})

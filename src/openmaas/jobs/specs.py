@@ -138,24 +138,30 @@ class PruneSpec(_Budget):
 
 
 class DistillSpec(_Budget):
-    """A smaller student trained on a teacher classifier's soft targets (and the labels)."""
+    """A smaller student: a classifier trained on a teacher's soft targets (and the labels), or a text encoder with
+    fewer layers trained to reproduce the teacher's embeddings."""
 
     type: Literal["distill"] = "distill"
     teacher: str = Field(min_length=1, max_length=200)
     teacher_version: int | None = Field(default=None, ge=1)
-    dataset: str = Field(description="Labelled rows: training, validation and the held-out test split.")
+    dataset: str = Field(
+        description="Classifiers: labelled rows (training, validation, held-out test). Text encoders: the texts "
+        "(text_column) the student learns the teacher's embeddings on."
+    )
     eval_dataset: str | None = Field(
         default=None,
         description="Rows to measure teacher and student on, e.g. the teacher's own held-out data (default: a "
-        "held-out fifth of dataset).",
+        "held-out fifth of dataset; text encoders: 600 built-in English sentences, or pairs text1,text2,score).",
     )
+    text_column: str = Field(default="text", min_length=1, description="Text encoders: the texts of dataset.")
     target: str = Field(default="label", min_length=1)
     classes: list[str] | None = Field(
         default=None, description="The student's classes: must be the teacher's (default: the teacher's)."
     )
-    student: dict[str, list[int]] = Field(
-        default_factory=lambda: {"hidden": [32]},
-        description='{"hidden": [units, ...]} for an MLP, or {"channels": [c, ...]} for a CNN on image inputs.',
+    student: dict[str, list[int] | int] = Field(
+        default_factory=lambda: {"hidden": [32]},  # type: ignore[arg-type]
+        description='Classifiers: {"hidden": [units, ...]} for an MLP, or {"channels": [c, ...]} for a CNN on image '
+        'inputs. Text encoders: {"layers": N}, the teacher with N of its transformer layers.',
     )
     temperature: float = Field(default=4.0, gt=0, le=100)
     alpha: float = Field(default=0.9, ge=0, le=1, description="Weight of the soft targets against the labels.")
@@ -167,10 +173,14 @@ class DistillSpec(_Budget):
     @model_validator(mode="after")
     def _one_student_shape(self) -> DistillSpec:
         keys = set(self.student)
-        if not keys or not keys <= {"hidden", "channels"} or len(keys) != 1:
-            raise ValueError('student is {"hidden": [units, ...]} or {"channels": [channels, ...]}')
-        if any(not 1 <= w <= 4096 for w in next(iter(self.student.values()))):
-            raise ValueError("student widths must be 1..4096")
+        if len(keys) != 1 or not keys <= {"hidden", "channels", "layers"}:
+            raise ValueError('student is {"hidden": [units, ...]}, {"channels": [channels, ...]} or {"layers": N}')
+        value = next(iter(self.student.values()))
+        if "layers" in keys:
+            if not isinstance(value, int) or not 1 <= value <= 48:
+                raise ValueError("student layers must be a number of transformer layers, 1..48")
+        elif not isinstance(value, list) or any(not 1 <= w <= 4096 for w in value):
+            raise ValueError("student widths must be a list of numbers 1..4096")
         return self
 
 

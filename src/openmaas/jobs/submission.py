@@ -110,7 +110,11 @@ class JobSubmission:
                     f"({', '.join(mv.card.classes[:10])}): a student learns its teacher's label set",
                     param="classes",
                 )
-        compress.prepare_network(spec, mv, self._registry.artifact_path(mv), self._datasets, org_id, by_admin)
+        artifact = self._registry.artifact_path(mv)
+        if isinstance(spec, DistillSpec) and compress.is_encoder(mv):
+            compress.prepare_encoder_distillation(spec, mv, artifact, self._datasets, org_id, by_admin)
+        else:
+            compress.prepare_network(spec, mv, artifact, self._datasets, org_id, by_admin)
         owner = self._registry.get_model(mv.model).owner_org_id
         suffix = "pruned" if isinstance(spec, PruneSpec) else "distilled"
         output = compress.output_name(spec, mv, owner, org_id, namespace, by_admin, suffix)

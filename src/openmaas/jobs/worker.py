@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -247,6 +248,7 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
             owner_org_id=job.org_id,
             visibility="private" if job.org_id else "public",
         )
+    _audit_registration(settings, sessions, job, mv, {"dataset": dataset["id"], "sha256": dataset["sha256"]})
     report = _held_out_report(settings, sessions, reporter, job, spec, mv, datasets, dataset, prepared)
     return {
         "model": mv.model,
@@ -475,6 +477,42 @@ def run_evaluate(
     }
 
 
+def _audit_registration(
+    settings: Settings, sessions: sessionmaker[Session], job: JobRow, new: Any, made_from: dict[str, Any]
+) -> None:
+    """Who made what from what: the job's registration in the audit chain, by the key that submitted the job."""
+    from openmaas.audit import AuditLog
+    from openmaas.audit.log import Actor
+
+    if settings.secret_key is not None:
+        secret = settings.secret_key.get_secret_value().encode()
+    else:
+        secret = (settings.data_dir / "secret.key").read_bytes().strip()
+    from sqlalchemy.exc import IntegrityError
+
+    log_ = AuditLog(sessions, secret)
+    for attempt in range(5):  # the server may append the same sequence number at the same moment: try the next
+        try:
+            log_.append(
+                Actor(kind="job", key_id=job.key_id),
+                "model.register",
+                f"model:{new.model}",
+                org_id=job.org_id,
+                after={
+                    "version": new.version,
+                    "format": new.format,
+                    "sha256": new.sha256,
+                    "job": job.id,
+                    "job_type": job.type,
+                    "from": made_from,
+                },
+            )
+            return
+        except IntegrityError:
+            time.sleep(0.05 * (attempt + 1))
+    print("warning: the registration could not be written to the audit log", flush=True)
+
+
 def _compression_setup(
     settings: Settings, sessions: sessionmaker[Session], job: JobRow, model: str, version: int | None
 ) -> Any:
@@ -574,6 +612,7 @@ def _finish_compression(
     new = registry.register(
         path, name, format=fmt, card=card, owner_org_id=owner, visibility="private" if owner else "public"
     )
+    _audit_registration(settings, sessions, job, new, {"model": mv.model, "version": mv.version, "method": method})
     evaluations = EvaluationService(sessions, artifacts)
     dataset = compress.dataset_record(prepared)
     described = machine.describe(settings.job_threads)
@@ -749,6 +788,8 @@ def run_distill(settings: Settings, sessions: sessionmaker[Session], reporter: R
         return done
     mv = env.mv
     source = env.artifacts.local_path(mv.sha256)
+    if compress.is_encoder(mv):
+        return _distill_encoder(settings, sessions, reporter, job, spec, env, source)
     prepared, split = compress.prepare_network(spec, mv, source, env.datasets, job.org_id, job.org_id is None)
     x_train = split.data["train"][0]
     print(
@@ -773,6 +814,53 @@ def run_distill(settings: Settings, sessions: sessionmaker[Session], reporter: R
     return _finish_compression(
         settings, sessions, reporter, job, spec, env, prepared, path, "onnx", "distill", lambda _: extra
     )
+
+
+def _distill_encoder(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    reporter: Reporter,
+    job: JobRow,
+    spec: Any,
+    env: Any,
+    source: Path,
+) -> dict[str, Any]:
+    """A text encoder with fewer layers, trained towards the teacher's embeddings (taken through serving)."""
+    import torch
+
+    from openmaas.compression import encoders
+    from openmaas.jobs import compress, evaluate
+
+    torch.set_num_threads(settings.job_threads)
+    mv = env.mv
+    prepared, texts = compress.prepare_encoder_distillation(
+        spec, mv, source, env.datasets, job.org_id, job.org_id is None
+    )
+    layers = int(spec.student["layers"])
+    print(f"distilling {mv.model} version {mv.version} into {layers} layers on {len(texts)} texts", flush=True)
+    array = np.array([t.encode("utf-8") for t in texts], dtype=object)
+    targets = evaluate.scores(_backend_factory(settings, sessions), mv, {"text": array}, "embedding")
+    reporter.progress(0.05)
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        print(f"epoch {epoch}/{spec.epochs} cosine loss {loss:.5f}", flush=True)
+        reporter.progress(0.05 + 0.55 * epoch / spec.epochs, {"epoch": epoch, "loss": round(loss, 6)})
+
+    out = env.work / "student"
+    shutil.rmtree(out, ignore_errors=True)
+    encoders.distil(
+        source, out, layers, texts, targets, epochs=spec.epochs, learning_rate=spec.learning_rate, seed=spec.seed,
+        on_epoch=on_epoch, cancelled=reporter.cancelled,
+    )  # fmt: skip
+    if reporter.cancelled():
+        raise Cancelled()
+    extra = {"student": spec.student, "epochs": spec.epochs, "texts": len(texts)}
+    result = _finish_compression(
+        settings, sessions, reporter, job, spec, env, prepared, out, "sentence-transformers", "distill",
+        lambda _: extra,
+    )  # fmt: skip
+    shutil.rmtree(out, ignore_errors=True)
+    return result
 
 
 RUNNERS = {

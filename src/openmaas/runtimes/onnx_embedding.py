@@ -19,6 +19,7 @@ import numpy as np
 from openmaas.entities.tensors import Signature, TensorSpec
 from openmaas.runtimes.base import Runtime, RuntimeResult
 from openmaas.runtimes.onnx import onnx_parameters
+from openmaas.runtimes.sentence_transformers import HEAD_FILE
 
 CONFIG_FILE = "openmaas_embedding.json"
 MODEL_FILE = "model.onnx"
@@ -45,12 +46,13 @@ class OnnxEmbeddingRuntime(Runtime):
         self._session: Any = None
         self._tokenizer: Any = None
         self._inputs: list[str] = []
+        self._head: Any = None
         self._window = 0
         self._dim = 0
 
     @classmethod
     def static_signature(cls, path: Path) -> Signature | None:
-        return _signature(int(_config(path)["dimension"]))
+        return _signature(int(_config(path)["dimension"]), _head_classes(path))
 
     @classmethod
     def token_estimate(cls, batch: Mapping[str, np.ndarray], path: Path) -> tuple[int, int] | None:
@@ -80,11 +82,15 @@ class OnnxEmbeddingRuntime(Runtime):
         opts.inter_op_num_threads = 1
         session = ort.InferenceSession(str(self.path / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
         self._inputs = [i.name for i in session.get_inputs()]
+        if (self.path / HEAD_FILE).is_file():  # a text classifier: the head trained on these embeddings
+            head_opts = ort.SessionOptions()
+            head_opts.intra_op_num_threads = 1
+            self._head = ort.InferenceSession(str(self.path / HEAD_FILE), head_opts, providers=["CPUExecutionProvider"])
         self._tokenizer, self._session = tokenizer, session
 
     @property
     def signature(self) -> Signature:
-        return _signature(self._dim or int(_config(self.path)["dimension"]))
+        return _signature(self._dim or int(_config(self.path)["dimension"]), _head_classes(self.path))
 
     def embed(self, texts: list[str], max_batch_tokens: int = 16384) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings (N, dim) and the tokens each text used; texts run longest first in chunks whose padded size
@@ -113,21 +119,42 @@ class OnnxEmbeddingRuntime(Runtime):
     def infer(self, batch: Mapping[str, np.ndarray]) -> RuntimeResult:
         texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in batch["text"].reshape(-1)]
         embeddings, tokens = self.embed(texts)
-        return RuntimeResult(outputs={"embedding": embeddings}, tokens=tokens)
+        outputs = {"embedding": embeddings}
+        if self._head is not None:
+            probabilities, label = self._head.run(None, {"x": embeddings})
+            outputs.update(probabilities=probabilities, label=label)
+        return RuntimeResult(outputs=outputs, tokens=tokens)
 
     def memory_bytes(self) -> int:
         return (self.path / MODEL_FILE).stat().st_size
 
     def parameters(self) -> int | None:
-        return onnx_parameters(self.path / MODEL_FILE)
+        head = onnx_parameters(self.path / HEAD_FILE) if (self.path / HEAD_FILE).is_file() else 0
+        return onnx_parameters(self.path / MODEL_FILE) + head
 
     def unload(self) -> None:
         self._session = None
+        self._head = None
         self._tokenizer = None
 
 
-def _signature(dim: int) -> Signature:
-    return Signature(
-        inputs=[TensorSpec(name="text", datatype="BYTES", shape=[-1])],
-        outputs=[TensorSpec(name="embedding", datatype="FP32", shape=[-1, dim])],
-    )
+@functools.lru_cache(maxsize=256)
+def _head_classes(path: Path) -> int | None:
+    """Classes the folder's classifier head scores (None: an encoder alone)."""
+    head = path / HEAD_FILE
+    if not head.is_file():
+        return None
+    import onnx
+
+    output = onnx.load(str(head), load_external_data=False).graph.output[0]
+    return int(output.type.tensor_type.shape.dim[1].dim_value)
+
+
+def _signature(dim: int, classes: int | None = None) -> Signature:
+    outputs = [TensorSpec(name="embedding", datatype="FP32", shape=[-1, dim])]
+    if classes is not None:
+        outputs += [
+            TensorSpec(name="probabilities", datatype="FP32", shape=[-1, classes]),
+            TensorSpec(name="label", datatype="INT64", shape=[-1]),
+        ]
+    return Signature(inputs=[TensorSpec(name="text", datatype="BYTES", shape=[-1])], outputs=outputs)
