@@ -120,7 +120,9 @@ def test_minilm_int8_budget_force_and_serving(org: tuple[httpx.Client, str, str]
         tc.close()
 
 
-def test_digits_static_int8_within_half_a_point(org: tuple[httpx.Client, str, str], tmp_path: Path) -> None:
+def test_digits_static_int8_within_half_a_point(
+    org: tuple[httpx.Client, str, str], admin: httpx.Client, tmp_path: Path
+) -> None:
     c, org_name, _ = org
     calibration, evaluation = _digits_tables(tmp_path)
     job = _wait(
@@ -155,6 +157,11 @@ def test_digits_static_int8_within_half_a_point(org: tuple[httpx.Client, str, st
     )
     assert r.status_code == 200, r.text
     assert {o["name"] for o in r.json()["outputs"]} == {"probabilities", "label"}
+    # Metered as a job: one usage record of the run's seconds on the model it made, no requests counted.
+    usage = admin.get("/api/usage", params={"group_by": "protocol,model", "org": org_name}).json()
+    runs = [u for u in usage["data"]
+            if u["protocol"] == "job" and u["model"] == f"{org_name}/digits-int8"]  # fmt: skip
+    assert len(runs) == 1 and runs[0]["job_seconds"] >= 1 and runs[0]["requests"] == 0, runs
 
 
 def test_compression_requests_that_cannot_work_are_refused(org: tuple[httpx.Client, str, str], tmp_path: Path) -> None:

@@ -180,6 +180,7 @@ def test_idempotency_key_replays_without_metering_again(server: ServerProcess, o
             "output_tokens": 0,
             "items": 2,
             "audio_seconds": 0,
+            "job_seconds": 0,
             "cost_micros": 0,  # the bundled model is free
         }
     ]

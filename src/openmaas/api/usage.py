@@ -59,7 +59,8 @@ def router() -> APIRouter:
         org_id, all_orgs = await _scope(tenancy, who, org, "usage.read")
         rows = await run_in_threadpool(usage.summary, org_id, first, last, groups, all_orgs=all_orgs)
         totals = await run_in_threadpool(usage.summary, org_id, first, last, [], all_orgs=all_orgs)
-        empty = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "items": 0, "audio_seconds": 0, "cost_micros": 0}
+        empty = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "items": 0, "audio_seconds": 0, "job_seconds": 0,
+                 "cost_micros": 0}  # fmt: skip
         return JSONResponse(
             {
                 "from": first,

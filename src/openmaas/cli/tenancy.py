@@ -214,7 +214,7 @@ def usage(
     units = (
         ["unit", "quantity"]
         if "unit" in dims
-        else ["requests", "input_tokens", "output_tokens", "items", "audio_seconds"]
+        else ["requests", "input_tokens", "output_tokens", "items", "audio_seconds", "job_seconds"]
     )
     currency = result.get("currency", "")
     columns = [d for d in dims if d != "unit"] + units + [f"cost ({currency})"]

@@ -180,6 +180,18 @@ def tabular(signature: Signature, table: Table, task: str, target: str, classes:
     return Labelled(inputs, np.array(table.numbers(target), dtype=np.float64), None, table.rows)
 
 
+def text_classifier(
+    signature: Signature, table: Table, target: str, text_column: str, classes: Sequence[str] | None
+) -> Labelled:
+    """A text classifier's ``text`` input from ``text_column``, and the class of each row."""
+    labels = _column(table, target, "target", "target")
+    width = classifier_width(signature)
+    y = class_targets(labels, classes, width, "target")
+    text = np.array([t.encode("utf-8") for t in texts(table, text_column)], dtype=object)
+    names = list(classes) if classes else [str(i) for i in range(width)]
+    return Labelled({"text": text}, y, names, table.rows)
+
+
 def regression_output(signature: Signature) -> str:
     if signature.output("prediction") is not None:
         return "prediction"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -435,6 +434,3 @@ def candidate_version(mv: ModelVersion, sha256: str, size: int, fmt: str, signat
         card=mv.card,
         created_at=datetime.now(UTC),
     )
-
-
-ProgressFn = Callable[[float], None]

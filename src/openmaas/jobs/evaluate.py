@@ -121,12 +121,8 @@ def plan(
             )
         return Plan(task, table.rows, texts=texts, reference=reference, pairs=pairs)
     if served_as == "embedding":  # a text classifier: its text input from the text column
-        labels = ev_inputs._column(table, spec.target, "target", "target")
-        width = ev_inputs.classifier_width(mv.signature)
-        y = ev_inputs.class_targets(labels, classes, width, "target")
-        text = np.array([t.encode("utf-8") for t in ev_inputs.texts(table, spec.text_column)], dtype=object)
-        names = list(classes) if classes else [str(i) for i in range(width)]
-        return Plan(task, table.rows, labelled=ev_inputs.Labelled({"text": text}, y, names, table.rows))
+        labelled = ev_inputs.text_classifier(mv.signature, table, spec.target, spec.text_column, classes)
+        return Plan(task, labelled.rows, labelled=labelled)
     labelled = ev_inputs.tabular(mv.signature, table, task, spec.target, classes)
     return Plan(task, labelled.rows, labelled=labelled)
 

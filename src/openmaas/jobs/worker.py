@@ -402,22 +402,29 @@ def evaluate_registered(
     report_progress: Callable[[float], None],
 ) -> dict[str, Any]:
     """Measure ``mv`` on ``the_plan`` through the serving path and store the report with the version."""
-    from openmaas.artifacts import LocalArtifactStore
-    from openmaas.evaluation import machine
     from openmaas.jobs import evaluate
-    from openmaas.registry.evaluations import EvaluationService
 
     report = evaluate.run(
         _backend_factory(settings, sessions), mv, the_plan, batch, report_progress, reporter.cancelled
     )
-    evaluations = EvaluationService(sessions, LocalArtifactStore(settings.artifacts_dir))
-    return evaluations.add(
+    return _store_report(settings, sessions, job, mv, report, evaluate.dataset_info(dataset, split, the_plan.rows))
+
+
+def _store_report(
+    settings: Settings, sessions: sessionmaker[Session], job: JobRow, mv: Any, report: Any, dataset: dict[str, Any]
+) -> dict[str, Any]:
+    """A measured report stored with the version it measured (by the job, for the job's organisation)."""
+    from openmaas.artifacts import LocalArtifactStore
+    from openmaas.evaluation import machine
+    from openmaas.registry.evaluations import EvaluationService
+
+    return EvaluationService(sessions, LocalArtifactStore(settings.artifacts_dir)).add(
         mv.model,
         mv.version,
         org_id=job.org_id,
         job_id=job.id,
         task=report.task,
-        dataset=evaluate.dataset_info(dataset, split, the_plan.rows),
+        dataset=dataset,
         metrics=report.metrics,
         performance=report.performance,
         machine=machine.describe(settings.job_threads),
@@ -553,9 +560,7 @@ def _finish_compression(
     report and leave nothing behind."""
     from sqlalchemy import func
 
-    from openmaas.evaluation import machine
     from openmaas.jobs import compress, evaluate
-    from openmaas.registry.evaluations import EvaluationService
     from openmaas.registry.inspect import inspect_in_process
     from openmaas.registry.service import ModelRegistry
     from openmaas.runtimes import RuntimeOptions
@@ -613,23 +618,10 @@ def _finish_compression(
         path, name, format=fmt, card=card, owner_org_id=owner, visibility="private" if owner else "public"
     )
     _audit_registration(settings, sessions, job, new, {"model": mv.model, "version": mv.version, "method": method})
-    evaluations = EvaluationService(sessions, artifacts)
     dataset = compress.dataset_record(prepared)
-    described = machine.describe(settings.job_threads)
     urls = {}
     for which, version, measured in (("original", mv, original), ("compressed", new, result)):
-        stored = evaluations.add(
-            version.model,
-            version.version,
-            org_id=job.org_id,
-            job_id=job.id,
-            task=measured.task,
-            dataset=dataset,
-            metrics=measured.metrics,
-            performance=measured.performance,
-            machine=described,
-            plots=measured.plots,
-        )
+        stored = _store_report(settings, sessions, job, version, measured, dataset)
         urls[which] = f"/api/models/{version.model}/versions/{version.version}/evaluations/{stored['id']}"
     out = {
         "model": new.model,
@@ -872,6 +864,39 @@ RUNNERS = {
 }
 
 
+def meter(engine: Any, job: JobRow, seconds: float, outcome: str, result: dict[str, Any] | None) -> None:
+    """The run's usage record (protocol ``job``): the seconds the worker ran, once per attempt (keyed by the job
+    and attempt), on the model the job made or worked on. Not a request: no request quota or price counts it."""
+    import math
+
+    from openmaas.metering.records import UsageRecord
+    from openmaas.metering.writer import GroupCommitWriter
+
+    spec = job.spec
+    model = (result or {}).get("model") or spec.get("model") or spec.get("teacher") or spec.get("output_model")
+    version = (result or {}).get("version") or spec.get("version") or spec.get("teacher_version") or 0
+    record = UsageRecord(
+        request_id=f"job-{job.id}-{job.attempts}",
+        org_id=job.org_id,
+        key_id=job.key_id or "",
+        model=str(model or job.type)[:200],
+        version=int(version),
+        protocol="job",
+        latency_ms=seconds * 1000,
+        requests=0,
+        job_seconds=max(1, math.ceil(seconds)),
+        outcome=outcome,
+    )
+    writer = GroupCommitWriter(engine)
+    try:
+        writer.write([record])
+    except Exception:  # the job's own outcome stands; the log says its run went unmetered
+        traceback.print_exc()
+        print("warning: this run could not be metered", flush=True)
+    finally:
+        writer.close()
+
+
 def main(job_id: str) -> int:
     settings = Settings()
     engine = db.create_db_engine(settings.resolved_database_url)
@@ -880,26 +905,27 @@ def main(job_id: str) -> int:
     job = reporter.row()
     print(f"{datetime.now(UTC).isoformat()} job {job_id} ({job.type}), attempt {job.attempts}", flush=True)
     started = time.monotonic()
+    outcome, result, code = "failed", None, 1
     try:
         result = RUNNERS[job.type](settings, sessions, reporter, job)
     except Cancelled:
         reporter.finish("cancelled", error="cancelled while running")
-        return 0
+        outcome, code = "cancelled", 0
     except OutsideBudget as e:
         print(f"failed: {e.message}", flush=True)
         reporter.finish("failed", error=e.message, result=e.result)
-        return 1
     except OpenMaaSError as e:
         print(f"failed: {e.message}", flush=True)
         reporter.finish("failed", error=e.message)
-        return 1
     except Exception as e:
         traceback.print_exc()
         reporter.finish("failed", error=f"internal error ({type(e).__name__}): {e}"[:2000])
-        return 1
-    print(f"done in {time.monotonic() - started:.1f} s: {result['model']} version {result['version']}", flush=True)
-    reporter.finish("succeeded", result=result)
-    return 0
+    else:
+        print(f"done in {time.monotonic() - started:.1f} s: {result['model']} version {result['version']}", flush=True)
+        reporter.finish("succeeded", result=result)
+        outcome, code = "completed", 0
+    meter(engine, job, time.monotonic() - started, outcome, result)
+    return code
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-UNITS = ("requests", "input_tokens", "output_tokens", "items", "audio_seconds")
+#: ``job_seconds``: what a job (training, evaluation, compression) ran in its worker, a record per run.
+UNITS = ("requests", "input_tokens", "output_tokens", "items", "audio_seconds", "job_seconds")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class UsageRecord:
     output_tokens: int = 0
     items: int = 0
     audio_ms: int = 0
+    job_seconds: int = 0
     outcome: str = "completed"
     idempotency_key: str | None = None
     # sha256 of what was asked; stored with the idempotency key only.
@@ -41,6 +43,7 @@ class UsageRecord:
             "output_tokens": self.output_tokens,
             "items": self.items,
             "audio_seconds": self.audio_ms,
+            "job_seconds": self.job_seconds,
         }
 
     def row(self) -> dict[str, Any]:
@@ -56,6 +59,7 @@ class UsageRecord:
             "output_tokens": self.output_tokens,
             "items": self.items,
             "audio_ms": self.audio_ms,
+            "job_seconds": self.job_seconds,
             "latency_ms": self.latency_ms,
             "outcome": self.outcome,
             "idempotency_key": self.idempotency_key,

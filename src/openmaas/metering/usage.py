@@ -28,6 +28,7 @@ UNIT_COLUMNS = {
     "output_tokens": UsageRecordRow.output_tokens,
     "items": UsageRecordRow.items,
     "audio_seconds": UsageRecordRow.audio_ms,
+    "job_seconds": UsageRecordRow.job_seconds,
 }
 
 
@@ -122,7 +123,7 @@ class UsageQueries:
                                     "cost_micros": paid.get(unit, 0),
                                 }
                             )
-                elif dims or row["requests"]:
+                elif dims or row["requests"] or row["job_seconds"]:
                     out.append({**base, **{u: _quantity(u, row[u]) for u in UNITS}, "cost_micros": sum(paid.values())})
         return out
 
@@ -144,6 +145,7 @@ class UsageQueries:
                     "output_tokens": r.output_tokens,
                     "items": r.items,
                     "audio_seconds": r.audio_ms / 1000,
+                    "job_seconds": r.job_seconds,
                     "latency_ms": r.latency_ms,
                     "outcome": r.outcome,
                     "created_at": r.created_at.isoformat(),

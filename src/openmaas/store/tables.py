@@ -155,6 +155,8 @@ class UsageRecordRow(Base):
     output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     items: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     audio_ms: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    # A job's run (protocol "job"): seconds its worker ran, rounded up.
+    job_seconds: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     latency_ms: Mapped[float] = mapped_column(Float, nullable=False)
     outcome: Mapped[str] = mapped_column(String(16), nullable=False, default="completed")
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
