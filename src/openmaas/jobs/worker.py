@@ -531,9 +531,15 @@ def _compression_setup(
 
     artifacts = LocalArtifactStore(settings.artifacts_dir)
     store = RegistryStore(sessions)
+    from openmaas.jobs import compress
+
     work = settings.data_dir / "jobs" / job.id
     work.mkdir(parents=True, exist_ok=True)
+    done = compress.read_marker(work)
+    if done is not None:
+        print(f"already registered as {done['model']} version {done['version']}", flush=True)
     return SimpleNamespace(
+        done=done,
         artifacts=artifacts,
         store=store,
         mv=store.get_version(model, version),
@@ -642,10 +648,8 @@ def run_quantize(
 
     spec = QuantizeSpec.model_validate(job.spec)
     env = _compression_setup(settings, sessions, job, spec.model, spec.version)
-    done = compress.read_marker(env.work)
-    if done is not None:  # registered before the worker died: the same result, not a second version
-        print(f"already registered as {done['model']} version {done['version']}", flush=True)
-        return done
+    if env.done is not None:  # registered before the worker died: the same result, not a second version
+        return dict(env.done)
     mv = env.mv
     prepared = compress.prepare(spec, mv, env.datasets, job.org_id, job.org_id is None)
     print(f"quantizing {mv.model} version {mv.version} ({mv.format}) with {spec.method}", flush=True)
@@ -697,10 +701,8 @@ def run_prune(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
     torch.set_num_threads(settings.job_threads)
     spec = PruneSpec.model_validate(job.spec)
     env = _compression_setup(settings, sessions, job, spec.model, spec.version)
-    done = compress.read_marker(env.work)
-    if done is not None:
-        print(f"already registered as {done['model']} version {done['version']}", flush=True)
-        return done
+    if env.done is not None:
+        return dict(env.done)
     mv = env.mv
     source = env.artifacts.local_path(mv.sha256)
     prepared, split = compress.prepare_network(spec, mv, source, env.datasets, job.org_id, job.org_id is None)
@@ -774,10 +776,8 @@ def run_distill(settings: Settings, sessions: sessionmaker[Session], reporter: R
     torch.set_num_threads(settings.job_threads)
     spec = DistillSpec.model_validate(job.spec)
     env = _compression_setup(settings, sessions, job, spec.teacher, spec.teacher_version)
-    done = compress.read_marker(env.work)
-    if done is not None:
-        print(f"already registered as {done['model']} version {done['version']}", flush=True)
-        return done
+    if env.done is not None:
+        return dict(env.done)
     mv = env.mv
     source = env.artifacts.local_path(mv.sha256)
     if compress.is_encoder(mv):
