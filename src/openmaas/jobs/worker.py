@@ -523,26 +523,32 @@ def _audit_registration(
 def _compression_setup(
     settings: Settings, sessions: sessionmaker[Session], job: JobRow, model: str, version: int | None
 ) -> Any:
+    """What every compression job starts from: the version and its artifact, the stores, the job's folder (and the
+    result a rerun finds there if it registered before its worker died), torch on the job threads."""
     from types import SimpleNamespace
+
+    import torch
 
     from openmaas.artifacts import LocalArtifactStore
     from openmaas.datasets.service import DatasetService
+    from openmaas.jobs import compress
     from openmaas.store.registry import RegistryStore
 
+    torch.set_num_threads(settings.job_threads)  # exports, fine-tuning and students run in this process
     artifacts = LocalArtifactStore(settings.artifacts_dir)
     store = RegistryStore(sessions)
-    from openmaas.jobs import compress
-
     work = settings.data_dir / "jobs" / job.id
     work.mkdir(parents=True, exist_ok=True)
     done = compress.read_marker(work)
     if done is not None:
         print(f"already registered as {done['model']} version {done['version']}", flush=True)
+    mv = store.get_version(model, version)
     return SimpleNamespace(
         done=done,
         artifacts=artifacts,
         store=store,
-        mv=store.get_version(model, version),
+        mv=mv,
+        source=artifacts.local_path(mv.sha256),
         work=work,
         datasets=DatasetService(sessions, artifacts, settings.data_dir / "cache"),
     )
@@ -654,7 +660,7 @@ def run_quantize(
     prepared = compress.prepare(spec, mv, env.datasets, job.org_id, job.org_id is None)
     print(f"quantizing {mv.model} version {mv.version} ({mv.format}) with {spec.method}", flush=True)
     reporter.progress(0.02)
-    path, fmt = compress.build_candidate(spec, env.artifacts.local_path(mv.sha256), env.work, prepared.calibration)
+    path, fmt = compress.build_candidate(spec, env.source, env.work, prepared.calibration)
     reporter.progress(0.3)
     out = _finish_compression(settings, sessions, reporter, job, spec, env, prepared, path, fmt, spec.method)
     shutil.rmtree(env.work / "int8", ignore_errors=True)
@@ -698,13 +704,11 @@ def run_prune(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
     from openmaas.training.export import export_onnx
     from openmaas.training.optim import TrainParams
 
-    torch.set_num_threads(settings.job_threads)
     spec = PruneSpec.model_validate(job.spec)
     env = _compression_setup(settings, sessions, job, spec.model, spec.version)
     if env.done is not None:
         return dict(env.done)
-    mv = env.mv
-    source = env.artifacts.local_path(mv.sha256)
+    mv, source = env.mv, env.source
     prepared, split = compress.prepare_network(spec, mv, source, env.datasets, job.org_id, job.org_id is None)
     example = torch.from_numpy(split.data["train"][0][:2])
     original = networks.from_onnx(source.read_bytes())
@@ -765,7 +769,6 @@ def run_prune(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
 
 
 def run_distill(settings: Settings, sessions: sessionmaker[Session], reporter: Reporter, job: JobRow) -> dict[str, Any]:
-    import torch
 
     from openmaas.compression import networks
     from openmaas.jobs import compress, evaluate
@@ -773,13 +776,11 @@ def run_distill(settings: Settings, sessions: sessionmaker[Session], reporter: R
     from openmaas.training.export import export_onnx
     from openmaas.training.optim import TrainParams
 
-    torch.set_num_threads(settings.job_threads)
     spec = DistillSpec.model_validate(job.spec)
     env = _compression_setup(settings, sessions, job, spec.teacher, spec.teacher_version)
     if env.done is not None:
         return dict(env.done)
-    mv = env.mv
-    source = env.artifacts.local_path(mv.sha256)
+    mv, source = env.mv, env.source
     if compress.is_encoder(mv):
         return _distill_encoder(settings, sessions, reporter, job, spec, env, source)
     prepared, split = compress.prepare_network(spec, mv, source, env.datasets, job.org_id, job.org_id is None)
@@ -818,12 +819,9 @@ def _distill_encoder(
     source: Path,
 ) -> dict[str, Any]:
     """A text encoder with fewer layers, trained towards the teacher's embeddings (taken through serving)."""
-    import torch
-
     from openmaas.compression import encoders
     from openmaas.jobs import compress, evaluate
 
-    torch.set_num_threads(settings.job_threads)
     mv = env.mv
     prepared, texts = compress.prepare_encoder_distillation(
         spec, mv, source, env.datasets, job.org_id, job.org_id is None
