@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Message
 
 from openmaas import __version__
+from openmaas.api import batches as batches_api
 from openmaas.api import billing as billing_api
 from openmaas.api import generation, health, manage, openai, tenancy, usage, v2
 from openmaas.api import jobs as jobs_api
@@ -26,13 +30,17 @@ from openmaas.api.middleware import RequestContextMiddleware
 from openmaas.api.routing import V2_INFER_PATH
 from openmaas.artifacts import LocalArtifactStore
 from openmaas.audit import AuditLog
+from openmaas.batches import lines as batch_lines
+from openmaas.batches.files import FileService
+from openmaas.batches.runner import BatchRunner, LineOutcome
+from openmaas.batches.service import BatchService
 from openmaas.billing.dedicated import DedicatedCapacity
 from openmaas.billing.service import BillingService
 from openmaas.config import Settings
 from openmaas.datasets.service import DatasetService
 from openmaas.entities.models import ModelVersion
-from openmaas.gateway.admission import AdmissionControl, Metering
-from openmaas.gateway.auth import KeyAuthenticator, load_or_create_secret, new_key
+from openmaas.gateway.admission import BATCH_LINE, AdmissionControl, BatchLine, Metering
+from openmaas.gateway.auth import KeyAuthenticator, Principal, load_or_create_secret, new_key
 from openmaas.gateway.limits import QuotaGuard, RateLimiter
 from openmaas.gateway.service import Gateway
 from openmaas.jobs.runner import JobRunner
@@ -137,6 +145,15 @@ def build_platform(settings: Settings) -> Platform:
         jobs=jobs,
         submissions=JobSubmission(jobs, datasets, registry),
         evaluations=EvaluationService(sessions, LocalArtifactStore(settings.artifacts_dir)),
+        batches=BatchService(
+            sessions,
+            FileService(
+                sessions,
+                LocalArtifactStore(settings.data_dir / "files"),
+                settings.data_dir / "tmp",
+                settings.files_quota_bytes,
+            ),
+        ),
     )
     return Platform(
         settings, engine, metrics, backend, services, JobRunner(sessions, jobs_dir, worker_env, settings.max_jobs)
@@ -202,11 +219,13 @@ def create_app(settings: Settings) -> FastAPI:
             )
             await grpc_surface.start()
         app.state.ready = True
+        app.state.batch_runner.start()
         log.info("openmaas ready", extra={"version": __version__, "data_dir": str(settings.data_dir)})
         try:
             yield
         finally:
             app.state.ready = False
+            await app.state.batch_runner.stop()
             if grpc_surface is not None:
                 await grpc_surface.stop()
             await run_in_threadpool(platform.runner.stop)
@@ -242,10 +261,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(usage.router())
     app.include_router(billing_api.router())
     app.include_router(jobs_api.router(settings.data_dir / "tmp"))
+    app.include_router(batches_api.router())
 
     def body_limit(method: str, path: str) -> int:
         if method == "POST" and path in ("/api/models", "/api/datasets"):
             return settings.max_upload_bytes
+        if method == "POST" and path == "/v1/files":
+            return batch_lines.MAX_BYTES + 1024 * 1024  # the file and its multipart envelope
         return settings.max_request_bytes
 
     compress = settings.response_compression
@@ -266,4 +288,72 @@ def create_app(settings: Settings) -> FastAPI:
             hot(lambda r: v2.infer_response(r, r.path_params["model"], r.path_params.get("version"))),
         )
     ]
+    app.state.batch_runner = _batch_runner(platform, app)
     return app
+
+
+async def _run_line(app: OpenMaaSApp, url: str, body: bytes, line: BatchLine, request_id: str) -> LineOutcome:
+    """One batch line through the app itself, in-process: the route, checks, errors and formatting of the online
+    call (the line's principal and ids ride in the scope's state, which no network request can set)."""
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": url,
+        "raw_path": url.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("batch", 0),
+        "server": ("openmaas", 0),
+        "state": {BATCH_LINE: line, "call_id": request_id},
+    }
+    sent = False
+    status = 500
+    chunks: list[bytes] = []
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # the runner never disconnects
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return LineOutcome(status, b"".join(chunks), line.deferred)
+
+
+def _batch_runner(platform: Platform, app: OpenMaaSApp) -> BatchRunner:
+    gateway, settings = platform.gateway, platform.settings
+
+    def cap_of(who: Principal, endpoint: str, model: str) -> int:
+        """Lines of one batch in flight at once: two model steps of rows (the next step queued behind the running
+        one, both behind any online request), or a few sequences of a language model's engine."""
+        mv = gateway.model_version(who, model)
+        if gateway.served_as(mv) == "generation":
+            return settings.batch_generation_in_flight
+        batching = gateway.batching(mv)
+        return 2 * batching.max_batch_size * max(1, batching.instances)
+
+    batches = platform.services.batches
+    return BatchRunner(
+        batches,
+        batches.files,
+        lambda url, body, line, rid: _run_line(app, url, body, line, rid),
+        gateway.auth.by_key_id,
+        cap_of,
+        gateway.admission,
+        platform.services.billing,
+        platform.metrics,
+        lease_s=settings.batch_lease_s,
+    )

@@ -74,6 +74,23 @@ class Settings(BaseSettings):
         le=64,
         description="Threads each job's worker process may use (it also runs at lower priority).",
     )
+    files_quota_bytes: int = Field(
+        default=10 * 1024**3,
+        ge=0,
+        description="Most bytes of files (batch inputs and results) one organisation may store at a time.",
+    )
+    batch_lease_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long a server holds a running batch without renewing its claim; after a crash another "
+        "server (or the restarted one) takes the batch over once this has passed.",
+    )
+    batch_generation_in_flight: int = Field(
+        default=4,
+        ge=1,
+        description="Most lines of one batch generating at once on a language model (online requests keep the "
+        "engine's other slots).",
+    )
     bundled_models: bool = Field(
         default=True, description="Register the bundled model catalogue at start (first start trains it)."
     )

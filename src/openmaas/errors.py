@@ -31,6 +31,7 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limit_exceeded"
     EXCEEDS_LIMIT = "request_exceeds_limit"
     QUOTA_EXCEEDED = "insufficient_quota"
+    STORAGE_QUOTA_EXCEEDED = "storage_quota_exceeded"
     PAYMENT_REQUIRED = "payment_required"
     IDEMPOTENCY_CONFLICT = "idempotency_key_reused"
     IDEMPOTENCY_IN_PROGRESS = "idempotency_key_in_use"
@@ -65,6 +66,8 @@ STATUS: dict[ErrorCode, int] = {
     # Larger than a limit allows at all (a key's per-minute limit, a monthly quota): retrying cannot help.
     ErrorCode.EXCEEDS_LIMIT: 400,
     ErrorCode.QUOTA_EXCEEDED: 429,
+    # An upload that would take the organisation's stored files past its quota: delete files first.
+    ErrorCode.STORAGE_QUOTA_EXCEEDED: 413,
     ErrorCode.PAYMENT_REQUIRED: 402,
     ErrorCode.IDEMPOTENCY_CONFLICT: 422,
     ErrorCode.IDEMPOTENCY_IN_PROGRESS: 409,

@@ -84,6 +84,21 @@ class Metrics:
         self.queue_depth = Gauge(
             "openmaas_queue_depth", "Requests waiting in a model's batch queue.", ("model",), registry=self.registry
         )
+        self.queue_depth_by_priority = Gauge(
+            "openmaas_queue_depth_by_priority",
+            "Requests waiting in a model's batch queue, by priority: online calls, offline batch lines.",
+            ("model", "priority"),
+            registry=self.registry,
+        )
+        self.batch_lines = Counter(
+            "openmaas_batch_lines",
+            "Offline batch lines finished, by model and outcome (ok: a 2xx answer; error: an error line).",
+            ("model", "outcome"),
+            registry=self.registry,
+        )
+        self.batches_active = Gauge(
+            "openmaas_batches_running", "Offline batches this process is running.", registry=self.registry
+        )
         self.queue_wait = Histogram(
             "openmaas_queue_wait_seconds",
             "Time requests wait in a model's queue before their batch runs.",

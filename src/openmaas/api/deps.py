@@ -14,10 +14,11 @@ from fastapi import Depends, Request
 
 import openmaas.api.routing  # noqa: F401  (registers the {name:model} path parameter every router uses)
 from openmaas.audit import Actor, AuditLog
+from openmaas.batches.service import BatchService
 from openmaas.billing.dedicated import DedicatedCapacity
 from openmaas.billing.service import BillingService
 from openmaas.datasets.service import DatasetService
-from openmaas.gateway.admission import CallContext
+from openmaas.gateway.admission import BATCH_LINE, BatchLine, CallContext
 from openmaas.gateway.auth import Principal
 from openmaas.gateway.service import Gateway
 from openmaas.jobs.service import JobService
@@ -45,6 +46,7 @@ class Services:
     jobs: JobService
     submissions: JobSubmission
     evaluations: EvaluationService
+    batches: BatchService
 
 
 def services(request: Request) -> Services:
@@ -76,8 +78,18 @@ def bearer_of(header: str | None) -> str | None:
     return token.strip() or None
 
 
+def batch_line(request: Request) -> BatchLine | None:
+    """The batch line this request runs, when the batch runner sent it in-process (never set from the network:
+    it lives in the ASGI scope's state, which no client can write)."""
+    line: BatchLine | None = request.scope.get("state", {}).get(BATCH_LINE)
+    return line
+
+
 async def principal(request: Request) -> Principal:
     """The authenticated caller; 401 in the protocol's format when the key is missing or wrong."""
+    line = batch_line(request)
+    if line is not None:
+        return line.principal  # the key that created the batch, checked when the batch runner took it
     gw = services(request).gateway
     token = bearer_token(request)
     cached = gw.auth.cached(token)
@@ -102,6 +114,9 @@ PrincipalDep = Annotated[Principal, Depends(principal)]
 
 def call_context(request: Request, *fingerprint_parts: bytes) -> CallContext:
     """The gateway's view of this call: its id, and its Idempotency-Key with a fingerprint of what was asked."""
+    line = batch_line(request)
+    if line is not None:
+        return CallContext(request_id=request.state.call_id, batch=line)
     key = request.headers.get("idempotency-key")
     return CallContext(
         request_id=request.state.call_id,

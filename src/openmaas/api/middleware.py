@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from openmaas.api.compression import chosen_encoding, compressing, inflate
 from openmaas.api.errors import domain_error_response, error_response, protocol_of
 from openmaas.errors import ErrorCode, OpenMaaSError, PayloadTooLarge
+from openmaas.gateway.admission import BATCH_LINE
 from openmaas.telemetry import Metrics, request_id_var
 
 log = logging.getLogger("openmaas.access")
@@ -90,9 +91,12 @@ class RequestContextMiddleware:
                     declared_length = None
         # call_id is always minted here (usage records are keyed by it); the id echoed and logged may be the
         # client's own X-Request-Id.
-        call_id = self._next_id()
-        rid = rid or call_id
         state = scope.setdefault("state", {})
+        # A batch line sent in-process by the batch runner carries its own id (batch and line) and is not logged
+        # one access line each; nothing from the network can set the scope's state.
+        in_batch = BATCH_LINE in state
+        call_id = state["call_id"] if in_batch else self._next_id()
+        rid = rid or call_id
         state["request_id"] = rid
         state["call_id"] = call_id
         token = request_id_var.set(rid)
@@ -152,8 +156,9 @@ class RequestContextMiddleware:
             elapsed_ms = (time.perf_counter() - started) * 1000
             status = status_holder[0]
             self.metrics.http_requests_of(protocol, str(status)).inc()
-            log.info(
-                "request",
-                extra={"method": scope["method"], "path": path, "status": status, "ms": round(elapsed_ms, 2)},
-            )
+            if not in_batch:
+                log.info(
+                    "request",
+                    extra={"method": scope["method"], "path": path, "status": status, "ms": round(elapsed_ms, 2)},
+                )
             request_id_var.reset(token)

@@ -212,24 +212,37 @@ class Books:
                 ChargeRow.plan_id,
                 ChargeRow.provider_org_id,
                 ChargeRow.unit,
+                ChargeRow.channel,
                 func.sum(ChargeRow.quantity),
                 func.sum(ChargeRow.amount_micros),
                 func.count(),
                 func.min(ChargeRow.created_at),
             )
             .where(ChargeRow.invoice_id.is_(None), ChargeRow.created_at < end)
-            .group_by(ChargeRow.org_id, ChargeRow.model, ChargeRow.plan_id, ChargeRow.provider_org_id, ChargeRow.unit)
+            .group_by(
+                ChargeRow.org_id,
+                ChargeRow.model,
+                ChargeRow.plan_id,
+                ChargeRow.provider_org_id,
+                ChargeRow.unit,
+                ChargeRow.channel,
+            )
+            .order_by(ChargeRow.org_id, ChargeRow.model, ChargeRow.plan_id, ChargeRow.channel)
         )
         if org_id is not None:
             charges_q = charges_q.where(ChargeRow.org_id == org_id)
         charges = conn.execute(charges_q).all()
-        for org, model, plan_id, provider, unit, qty, amount, count, earliest in charges:
+        for org, model, plan_id, provider, unit, channel, qty, amount, count, earliest in charges:
             plan = self.plan(plan_id)
             late = " (includes calls from an earlier period)" if earliest < start else ""
+            how = "pay as you go"
+            if channel == "batch":
+                how = f"offline batch at {plan.spec.batch_discount_pct}% off"
             lines_by_org[org].append(
                 {
                     "kind": "usage",
-                    "description": f"{model}: {int(qty)} {unit}, pay as you go{late}",
+                    "channel": channel,
+                    "description": f"{model}: {int(qty)} {unit}, {how}{late}",
                     "model": model,
                     "plan": plan.spec.name,
                     "plan_id": plan_id,
@@ -311,7 +324,11 @@ class Books:
             q = (
                 select(*cols, ChargeRow.amount_micros)
                 .join(ChargeRow, ChargeRow.request_id == UsageRecordRow.request_id)
-                .where(ChargeRow.invoice_id == invoice["id"], ChargeRow.plan_id == line["plan_id"])
+                .where(
+                    ChargeRow.invoice_id == invoice["id"],
+                    ChargeRow.plan_id == line["plan_id"],
+                    ChargeRow.channel == line.get("channel", "online"),
+                )
             )
         elif line["kind"] == "overage":
             start, end, _ = month_bounds(invoice["period"])

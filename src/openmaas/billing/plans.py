@@ -55,6 +55,8 @@ class PlanSpec(BaseModel):
     windows: list[Window] | None = Field(default=None, description="Caps per day/month (subscriptions).")
     # dedicated
     hourly_price_micros: int = Field(default=0, ge=0)
+    # offline batch lines (usage plans): the percentage taken off their price
+    batch_discount_pct: int = Field(default=50, ge=0, le=100)
 
     @model_validator(mode="after")
     def _check(self) -> PlanSpec:
@@ -84,6 +86,13 @@ def hold_amount(plan: PlanSpec, quantity: int) -> int:
     prices = [plan.price_micros] + [t.price_micros for t in plan.tiers or []]
     whole = all(p % plan.block == 0 for p in prices)
     return math.ceil(Fraction(max(prices) * quantity, plan.block)) + (0 if whole else 1)
+
+
+def batch_hold_amount(plan: PlanSpec, quantity: int) -> int:
+    """What to hold for a batch line of at most ``quantity`` units: its worst case at the batch discount, rounded
+    up (a batch line is charged its own discounted cost, rounded half-even, which never exceeds this)."""
+    prices = [plan.price_micros] + [t.price_micros for t in plan.tiers or []]
+    return math.ceil(Fraction(max(prices) * quantity * (100 - plan.batch_discount_pct), plan.block * 100))
 
 
 def usage_cost(plan: PlanSpec, quantity: int, already: int = 0) -> Fraction:
@@ -189,6 +198,8 @@ class PendingCharge:
     plan_id: str
     provider_org_id: str | None
     unit: str
+    #: A batch line's hold: rated at the plan's batch discount, charged on its own invoice line.
+    batch: bool = False
 
 
 def month_bounds(period: str) -> tuple[datetime, datetime, int]:

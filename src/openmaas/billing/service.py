@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from openmaas.billing import ledger, settlement
 from openmaas.billing.books import Books
-from openmaas.billing.plans import PendingCharge, Plan, PlanSpec, hold_amount, month_bounds
+from openmaas.billing.plans import PendingCharge, Plan, PlanSpec, batch_hold_amount, hold_amount, month_bounds
 from openmaas.errors import AlreadyExists, ErrorCode, InvalidRequest, NotFound, OpenMaaSError
 from openmaas.store.tables import (
     ChargeRow,
@@ -310,9 +310,17 @@ class BillingService:
     # -- entitlement (the gateway calls these) --------------------------------------------------------------------
 
     def admit(
-        self, org_id: str | None, model: str, owner_org_id: str | None, request_id: str, worst_case: dict[str, int]
+        self,
+        org_id: str | None,
+        model: str,
+        owner_org_id: str | None,
+        request_id: str,
+        worst_case: dict[str, int],
+        *,
+        batch: bool = False,
     ) -> PendingCharge | None:
-        """Check the caller may use a priced model: a subscription, or a hold of the call's worst-case cost.
+        """Check the caller may use a priced model: a subscription, or a hold of the call's worst-case cost
+        (``request_id`` names the hold; ``batch``: a batch line's, at the plan's batch discount).
 
         Returns the hold to settle with the usage record (None when nothing is charged per call); raises 402."""
         if org_id is None or org_id == owner_org_id:
@@ -332,7 +340,8 @@ class BillingService:
                 f'/api/orgs/{self._org_name(org_id)}/subscriptions {{"model": "{model}", "plan": "<name>"}}'
             )
         spec = usage.spec
-        amount = hold_amount(spec, worst_case.get(spec.unit, 0))
+        worst = worst_case.get(spec.unit, 0)
+        amount = batch_hold_amount(spec, worst) if batch else hold_amount(spec, worst)
         with self._engine.begin() as conn:
             ledger.ensure_wallet(conn, org_id)
             if not ledger.move_to_hold(conn, org_id, amount):
@@ -350,7 +359,7 @@ class BillingService:
                     id=request_id, org_id=org_id, amount_micros=amount, state="open", created_at=datetime.now(UTC)
                 )
             )
-        return PendingCharge(request_id, org_id, amount, usage.id, owner_org_id, spec.unit)
+        return PendingCharge(request_id, org_id, amount, usage.id, owner_org_id, spec.unit, batch=batch)
 
     def _org_name(self, org_id: str) -> str:
         with self._engine.connect() as conn:
@@ -361,6 +370,17 @@ class BillingService:
         """Give a hold back (the call failed before it was metered)."""
         with self._engine.begin() as conn:
             self.release_in(conn, pending)
+
+    def release_open_holds(self, prefix: str) -> int:
+        """Give back every hold still open whose id starts with ``prefix`` (a batch's lines left in flight by a
+        process that died); returns how many."""
+        with self._engine.begin() as conn:
+            rows = conn.execute(
+                select(HoldRow).where(HoldRow.id.startswith(prefix, autoescape=True), HoldRow.state == "open")
+            ).all()
+            for r in rows:
+                settlement.release_in(conn, PendingCharge(r.id, r.org_id, r.amount_micros, "", None, ""))
+        return len(rows)
 
     @staticmethod
     def release_in(conn: Connection, pending: PendingCharge) -> None:

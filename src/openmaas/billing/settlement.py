@@ -56,9 +56,17 @@ def settle(conn: Connection, record: UsageRecordRow | dict[str, Any], pending: P
         select(ChargeAccumulatorRow.quantity, ChargeAccumulatorRow.numerator).where(*key).with_for_update()
     ).first()
     already, numerator = (acc.quantity, acc.numerator) if acc is not None else (0, 0)
-    added = usage_cost(spec, quantity, already) * spec.block
-    assert added.denominator == 1
-    new_numerator = numerator + int(added)
+    exact = usage_cost(spec, quantity, already)
+    if pending.batch:
+        # A batch line moves the month along the tiers like any call but is rated on its own: its exact cost at
+        # the discount, rounded half-even (the running numerator stays the online calls' exact total).
+        new_numerator = numerator
+        cost = round_half_even(exact * Fraction(100 - spec.batch_discount_pct, 100))
+    else:
+        added = exact * spec.block
+        assert added.denominator == 1
+        new_numerator = numerator + int(added)
+        cost = round_half_even(Fraction(new_numerator, spec.block)) - round_half_even(Fraction(numerator, spec.block))
     if acc is None:
         conn.execute(
             insert(ChargeAccumulatorRow).values(
@@ -73,7 +81,6 @@ def settle(conn: Connection, record: UsageRecordRow | dict[str, Any], pending: P
         conn.execute(
             update(ChargeAccumulatorRow).where(*key).values(quantity=already + quantity, numerator=new_numerator)
         )
-    cost = round_half_even(Fraction(new_numerator, spec.block)) - round_half_even(Fraction(numerator, spec.block))
     if cost > pending.held_micros:
         log.error(
             "call cost more than its hold",
@@ -92,6 +99,7 @@ def settle(conn: Connection, record: UsageRecordRow | dict[str, Any], pending: P
             amount_micros=cost,
             created_at=r["created_at"],
             invoice_id=None,
+            channel="batch" if pending.batch else "online",
         )
     )
     conn.execute(update(HoldRow).where(HoldRow.id == pending.hold_id).values(state="settled"))

@@ -33,6 +33,24 @@ MAX_IDEMPOTENCY_KEY = 255
 _NO_UNITS = {"requests": 0, "items": 0, "input_tokens": 0, "output_tokens": 0, "audio_seconds": 0}
 
 
+#: Where an in-process batch line's ``BatchLine`` sits in its ASGI scope's state.
+BATCH_LINE = "openmaas.batch_line"
+#: The serving priority of a batch line: queued behind every online request (``serving/batcher.py``).
+BATCH_PRIORITY = 1
+
+
+@dataclass
+class BatchLine:
+    """What makes a call a line of an offline batch: it runs at batch priority, outside the key's per-minute
+    limits (the batch scheduler paces it), is rated at the plan's batch discount with a hold of its own id
+    (``hold_id``, new on every run of the batch), and its usage record is not written by the call but handed
+    back in ``deferred``, for the batch runner to store together with the line's result in one transaction."""
+
+    principal: Principal
+    hold_id: str
+    deferred: UsageRecord | None = None
+
+
 @dataclass
 class CallContext:
     """Per-call facts from the protocol layer, and the headers the gateway wants sent back."""
@@ -43,6 +61,8 @@ class CallContext:
     fingerprint: str | None = None
     response_headers: dict[str, str] = field(default_factory=dict)
     replayed: bool = False
+    # Set for a line of an offline batch (``BatchLine``).
+    batch: BatchLine | None = None
 
     @staticmethod
     def fingerprint_of(*parts: bytes) -> str:
@@ -102,10 +122,11 @@ class AdmissionControl:
         call = AdmittedCall(self, principal, mv, ctx, protocol, time.perf_counter(), slot)
         self.metrics.in_flight_of(mv.model).inc()
         try:
-            call.grant = await self.limiter.admit(
-                principal.key_id, principal.limits, ctx.request_id, tokens=demand.tokens, items=demand.items
-            )
-            ctx.response_headers.update(call.grant.headers)
+            if ctx.batch is None:  # a batch line is paced by the batch scheduler, not the key's online limits
+                call.grant = await self.limiter.admit(
+                    principal.key_id, principal.limits, ctx.request_id, tokens=demand.tokens, items=demand.items
+                )
+                ctx.response_headers.update(call.grant.headers)
             if not ctx.replayed:
                 await self.quotas.check(principal.org_id, demand.quota)
                 call.pending = await self._entitle(principal, mv, ctx, demand.worst)
@@ -215,6 +236,10 @@ class AdmissionControl:
         if owner == principal.org_id:
             return None
         units = _NO_UNITS | worst()
+        if ctx.batch is not None:
+            return await asyncio.to_thread(
+                self.billing.admit, principal.org_id, mv.model, owner, ctx.batch.hold_id, units, batch=True
+            )
         return await asyncio.to_thread(self.billing.admit, principal.org_id, mv.model, owner, ctx.request_id, units)
 
 
@@ -259,25 +284,28 @@ class AdmittedCall:
         settlement, unless metering is off or this is a replay; a failure to record withholds the result (503)."""
         if self.metered or not self.admission.metering_enabled or self.ctx.replayed:
             return
-        await self.admission.record(
-            UsageRecord(
-                request_id=self.ctx.request_id,
-                org_id=self.principal.org_id,
-                key_id=self.principal.key_id,
-                model=self.mv.model,
-                version=self.mv.version,
-                protocol=self.protocol,
-                latency_ms=(time.perf_counter() - self.started) * 1000,
-                outcome=outcome,
-                idempotency_key=self.ctx.idempotency_key,
-                fingerprint=self.ctx.fingerprint,
-                charge=self.pending,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                items=items,
-                audio_ms=audio_ms,
-            )
+        record = UsageRecord(
+            request_id=self.ctx.request_id,
+            org_id=self.principal.org_id,
+            key_id=self.principal.key_id,
+            model=self.mv.model,
+            version=self.mv.version,
+            protocol="batch" if self.ctx.batch is not None else self.protocol,
+            latency_ms=(time.perf_counter() - self.started) * 1000,
+            outcome=outcome,
+            idempotency_key=self.ctx.idempotency_key,
+            fingerprint=self.ctx.fingerprint,
+            charge=self.pending,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            items=items,
+            audio_ms=audio_ms,
         )
+        if self.ctx.batch is not None:
+            # The batch runner stores it with the line's result (and gives the hold back if that fails).
+            self.ctx.batch.deferred = record
+        else:
+            await self.admission.record(record)
         self.metered = True
 
     async def close(self, status: str) -> None:

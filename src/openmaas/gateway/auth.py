@@ -162,11 +162,33 @@ class KeyAuthenticator:
         # that depends on how many characters matched.
         if row is None or not hmac.compare_digest(row.key_hash, digest):
             raise Unauthenticated("Incorrect API key provided.", param="authorization")
+        principal = self._principal(row, org_name)
+        with self._lock:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[digest] = (now, principal)
+        return principal
+
+    def by_key_id(self, key_id: str) -> Principal:
+        """The principal of a stored key by its id (an offline batch runs as the key that created it); 401 once
+        that key is revoked or expired."""
+        with self._sessions() as s:
+            found = s.execute(
+                select(ApiKeyRow, OrgRow.name)
+                .outerjoin(OrgRow, OrgRow.id == ApiKeyRow.org_id)
+                .where(ApiKeyRow.id == key_id)
+            ).first()
+        if found is None:
+            raise Unauthenticated("The API key that created this batch no longer exists.", param="authorization")
+        return self._principal(found[0], found[1])
+
+    @staticmethod
+    def _principal(row: ApiKeyRow, org_name: str | None) -> Principal:
         if row.revoked_at is not None:
             raise Unauthenticated("This API key has been revoked.", param="authorization")
         if row.expires_at is not None and row.expires_at <= datetime.now(UTC):
             raise Unauthenticated("This API key has expired.", param="authorization")
-        principal = Principal(
+        return Principal(
             kind="platform_admin"
             if row.kind == "platform_admin"
             else "session"
@@ -181,11 +203,6 @@ class KeyAuthenticator:
             models=frozenset(row.models) if row.models is not None else None,
             limits=KeyLimits.model_validate(row.limits) if row.limits else _NO_LIMITS,
         )
-        with self._lock:
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[digest] = (now, principal)
-        return principal
 
     def forget(self, key_id: str) -> None:
         """Drop a key from this process's cache at once (other processes notice within the cache TTL)."""

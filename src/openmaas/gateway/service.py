@@ -21,7 +21,14 @@ from openmaas.entities.generation import TokenEvent
 from openmaas.entities.models import Model, ModelVersion, Preparation
 from openmaas.entities.speech import Transcript
 from openmaas.errors import InvalidInput, PayloadTooLarge
-from openmaas.gateway.admission import AdmissionControl, AdmittedCall, CallContext, Demand, status_of
+from openmaas.gateway.admission import (
+    BATCH_PRIORITY,
+    AdmissionControl,
+    AdmittedCall,
+    CallContext,
+    Demand,
+    status_of,
+)
 from openmaas.gateway.auth import KeyAuthenticator, Principal
 from openmaas.registry.service import ModelRegistry
 from openmaas.serving.backend import (
@@ -137,6 +144,8 @@ class Gateway:
         principal.require("inference")
         rows = validate_request(mv.signature, request)
         ctx = ctx or CallContext(request_id=request.id or "")
+        if ctx.batch is not None:
+            request.priority = BATCH_PRIORITY
         estimate = self.backend.estimate_tokens(mv, request)
         tokens = estimate.expected if estimate is not None else 0
         at_most = estimate.at_most if estimate is not None else 0

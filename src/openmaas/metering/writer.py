@@ -204,6 +204,9 @@ class GroupCommitWriter:
                     self._settle(conn, r.row(), r.charge)
                 elif id(r) not in stored and self._release is not None:
                     self._release(conn, r.charge)  # a duplicate: nothing is charged twice
+            for r in records:
+                if r.also is not None:
+                    r.also(conn)
         return [id(r) in stored for r in records]
 
 

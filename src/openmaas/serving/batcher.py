@@ -108,6 +108,32 @@ def take_batch(queue: deque[Pending], max_rows: int, max_cost: int) -> list[Pend
     return batch
 
 
+def top_up(batch: list[Pending], low: deque[Pending], max_rows: int, max_cost: int) -> None:
+    """Fill the room ``batch`` leaves (rows and cost) with compatible low-priority requests, in their order.
+
+    An online batch that does not fill the model's step carries batch lines in its spare rows: they cost the
+    online requests nothing they would not have waited for anyway (the step runs either way)."""
+    if not batch or not low:
+        return
+    key = batch[0].key
+    rows = sum(p.rows for p in batch)
+    cost = sum(p.cost for p in batch)
+    skipped: list[Pending] = []
+    while low and rows < max_rows:
+        item = low.popleft()
+        if item.cancelled:
+            continue
+        if item.key != key or rows + item.rows > max_rows or cost + item.cost > max_cost:
+            skipped.append(item)
+            if len(skipped) >= 8:
+                break
+            continue
+        batch.append(item)
+        rows += item.rows
+        cost += item.cost
+    low.extendleft(reversed(skipped))
+
+
 def fair_share(queued_rows: int, running_rows: int, copies: int, max_rows: int) -> int:
     """Rows the next batch should carry when ``copies`` copies share the work: an equal part of everything queued
     or running (``ceil((queued + running) / copies)``), at least one and at most ``max_rows``.
@@ -203,6 +229,10 @@ class Batcher:
         self._batch_size = metrics.batch_size.labels(label)
         self._compute = metrics.compute.labels(label)
         self._queue: deque[Pending] = deque()
+        #: Offline batch lines (priority > 0): taken only into room online requests leave, or when none wait.
+        self._low: deque[Pending] = deque()
+        self._depth_online = metrics.queue_depth_by_priority.labels(label, "online")
+        self._depth_batch = metrics.queue_depth_by_priority.labels(label, "batch")
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -211,6 +241,15 @@ class Batcher:
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def low_depth(self) -> int:
+        return len(self._low)
+
+    def _set_depth(self) -> None:
+        self._depth.set(len(self._queue) + len(self._low))
+        self._depth_online.set(len(self._queue))
+        self._depth_batch.set(len(self._low))
 
     def start(self) -> None:
         if self._task is None:
@@ -224,16 +263,19 @@ class Batcher:
             self._task = None
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
-        for item in self._queue:
+        for item in itertools.chain(self._queue, self._low):
             if item.future is not None and not item.future.done():
                 item.future.set_exception(Overloaded(f"model '{self.label}' was unloaded", retry_after=1))
         self._queue.clear()
+        self._low.clear()
 
     async def submit(
-        self, inputs: dict[str, np.ndarray], rows: int, cost: int, deadline: float | None
+        self, inputs: dict[str, np.ndarray], rows: int, cost: int, deadline: float | None, priority: int = 0
     ) -> RuntimeResult:
-        """Queue a request and wait for its share of a batch result."""
-        if len(self._queue) >= self.config.max_queue_size:
+        """Queue a request and wait for its share of a batch result (``priority`` > 0: behind every online
+        request; the batch scheduler bounds how many such rows wait, so their queue has no limit here)."""
+        queue = self._queue if priority <= 0 else self._low
+        if priority <= 0 and len(self._queue) >= self.config.max_queue_size:
             self.stats.fail.add(0.0)
             # Rough time for the queue ahead to drain: batches needed times the recent batch duration.
             batches = len(self._queue) / max(1, self.config.max_batch_size * len(self._workers))
@@ -243,8 +285,8 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         item = Pending(inputs, rows, cost, time.monotonic(), deadline, loop.create_future(), compat_key(inputs))
-        self._queue.append(item)
-        self._depth.set(len(self._queue))
+        queue.append(item)
+        self._set_depth()
         self._wakeup.set()
         assert item.future is not None
         try:
@@ -253,7 +295,7 @@ class Batcher:
             # The client went away or the caller gave up: leave the queue if still in it.
             item.cancelled = True
             with contextlib.suppress(ValueError):
-                self._queue.remove(item)
+                queue.remove(item)
             raise
 
     async def _wait_for_batch(self) -> None:
@@ -274,7 +316,7 @@ class Batcher:
 
     async def _loop(self) -> None:
         while True:
-            if not self._queue or not self._free:
+            if not (self._queue or self._low) or not self._free:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -304,10 +346,14 @@ class Batcher:
                     item.future.set_exception(
                         DeadlineExceeded(f"the request's deadline passed while it waited for model '{self.label}'")
                     )
-            share = fair_share(queued, running, copies, self.config.max_batch_size)
-            batch = take_batch(self._queue, share, self.config.max_batch_tokens)
+            if self._queue:
+                share = fair_share(queued, running, copies, self.config.max_batch_size)
+                batch = take_batch(self._queue, share, self.config.max_batch_tokens)
+                top_up(batch, self._low, share, self.config.max_batch_tokens)
+            else:  # only batch lines wait: a full step of them
+                batch = take_batch(self._low, self.config.max_batch_size, self.config.max_batch_tokens)
             batch = [p for p in batch if not p.cancelled]
-            self._depth.set(len(self._queue))
+            self._set_depth()
             if not batch:
                 continue
             for p in batch:

@@ -171,7 +171,7 @@ class LocalBackend:
     # -- the request paths -----------------------------------------------------------------------------------
 
     async def infer(self, mv: ModelVersion, request: InferenceRequest, rows: int, cost: int) -> TensorResult:
-        return await self.pool.infer(mv, request.inputs, rows, cost, request.deadline)
+        return await self.pool.infer(mv, request.inputs, rows, cost, request.deadline, request.priority)
 
     async def open_generation(self, mv: ModelVersion, spec: GenerationSpec) -> LocalGeneration:
         resident = await self.pool.acquire(mv)

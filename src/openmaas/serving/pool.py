@@ -198,12 +198,18 @@ class ResidencyPool:
     # -- the request path --------------------------------------------------------------------------------------
 
     async def infer(
-        self, mv: ModelVersion, inputs: dict[str, np.ndarray], rows: int, cost: int, deadline: float | None
+        self,
+        mv: ModelVersion,
+        inputs: dict[str, np.ndarray],
+        rows: int,
+        cost: int,
+        deadline: float | None,
+        priority: int = 0,
     ) -> RuntimeResult:
         """Run one request through the model's batcher, loading the model if needed."""
         resident = await self.acquire(mv)
         try:
-            return await resident.batcher.submit(inputs, rows, cost, deadline)
+            return await resident.batcher.submit(inputs, rows, cost, deadline, priority)
         except Overloaded:
             self._metrics.rejected.labels(mv.model).inc()
             raise

@@ -18,6 +18,8 @@ class InferenceRequest:
     id: str | None = None
     #: time.monotonic() by which the request must have started running, else it fails with 504.
     deadline: float | None = None
+    #: 0 for online calls; higher runs only when no online request waits (offline batch lines: 1).
+    priority: int = 0
 
 
 @dataclass

@@ -5,7 +5,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -318,6 +330,8 @@ class ChargeRow(Base):
     amount_micros: Mapped[int] = mapped_column(BigInteger, nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     invoice_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # "online", or "batch" for a batch line (rated at the plan's batch discount, its own invoice line).
+    channel: Mapped[str] = mapped_column(String(8), nullable=False, default="online")
 
 
 class InvoiceRow(Base):
@@ -420,4 +434,79 @@ class EvaluationRow(Base):
     machine: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
     # Plot name -> sha256 of its PNG in the artifact store.
     plots: Mapped[dict[str, str]] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+
+
+# -- offline batch -------------------------------------------------------------------------------------------------
+
+
+class FileRow(Base):
+    """An uploaded file (OpenAI's Files API): its bytes are an artifact, shared by every file with that content."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_org_created", "org_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    org_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    filename: Mapped[str] = mapped_column(String(255), nullable=False)
+    purpose: Mapped[str] = mapped_column(String(32), nullable=False)
+    bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Deleted by its owner or expired: kept as a row (batches name it), its bytes gone once nothing else has them.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class BatchRow(Base):
+    """validating -> in_progress -> finalizing -> completed, or failed / expired / cancelling -> cancelled."""
+
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_org_created", "org_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    org_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # The key that created it: the lines run as that key (its model allow-list, its org's quota and wallet).
+    key_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    endpoint: Mapped[str] = mapped_column(String(300), nullable=False)
+    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    input_file_id: Mapped[str] = mapped_column(String(40), nullable=False)
+    completion_window: Mapped[str] = mapped_column(String(16), nullable=False)
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
+    total: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    output_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    error_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    in_progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finalizing_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Which server process runs it, until when (a lease a crashed process stops renewing); runs so far.
+    runner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+
+
+class BatchResultRow(Base):
+    """One line's answer, written in the same transaction as its usage record (and its charge): exactly once."""
+
+    __tablename__ = "batch_results"
+
+    batch_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    line: Mapped[int] = mapped_column(Integer, primary_key=True)
+    custom_id: Mapped[str] = mapped_column(String(512), nullable=False)
+    request_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    status_code: Mapped[int] = mapped_column(Integer, nullable=False)
+    # The response body as the online call would have sent it (JSON text).
+    body: Mapped[str] = mapped_column(Text, nullable=False)
+    # Set for a line that did not run (expired, cancelled) or was refused: OpenAI's {"code", "message"}.
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)

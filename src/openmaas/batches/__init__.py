@@ -1,0 +1,1 @@
+"""Offline batch inference: the OpenAI Files and Batches API over the online serving path."""
