@@ -18,6 +18,7 @@ from openmaas.serving.batcher import (
     fair_share,
     split_result,
     take_batch,
+    top_up,
 )
 
 
@@ -143,3 +144,55 @@ def test_balance_wait_waits_only_while_other_copies_are_busy_and_the_share_is_sh
     assert balance_wait(5, 32, 2, 64, 0.0, 0.0) == 0.0
     assert balance_wait(5, 32, 1, 64, 0.0, 0.003) == 0.0
     assert balance_wait(0, 32, 2, 64, 0.0, 0.003) == 0.0
+
+
+def test_top_up_fills_only_the_room_an_online_batch_leaves() -> None:
+    online = [item(), item()]
+    low = deque([item() for _ in range(10)])
+    top_up(online, low, 5, 100)
+    assert len(online) == 5 and len(low) == 7  # three batch lines joined the two online rows
+    full = [item(rows=4)]
+    top_up(full, low, 4, 100)
+    assert len(full) == 1 and len(low) == 7  # a full step takes none
+
+
+def test_an_online_request_runs_before_every_queued_batch_line() -> None:
+    """With hundreds of batch rows queued, an online request waits for the step that is running only."""
+    import asyncio
+
+    from openmaas.serving.batcher import BatchConfig, Batcher
+    from openmaas.telemetry import Metrics
+
+    steps: list[list[float]] = []
+    gate = asyncio.Event()
+
+    async def worker(inputs: dict[str, np.ndarray]) -> RuntimeResult:
+        steps.append(inputs["x"][:, 0].tolist())
+        await gate.wait()
+        gate.clear()
+        return RuntimeResult(outputs={"y": inputs["x"]})
+
+    async def scenario() -> None:
+        batcher = Batcher("m:1", [worker], BatchConfig(max_batch_size=8), Metrics())
+        batcher.start()
+        lines = [
+            asyncio.ensure_future(batcher.submit({"x": np.full((1, 1), 1.0, np.float32)}, 1, 1, None, priority=1))
+            for _ in range(40)
+        ]
+        await asyncio.sleep(0.01)
+        assert len(steps) == 1 and steps[0] == [1.0] * 8  # batch lines run in full steps when nothing else waits
+        assert batcher.low_depth == 32
+        online = asyncio.ensure_future(batcher.submit({"x": np.full((1, 1), 2.0, np.float32)}, 1, 1, None))
+        await asyncio.sleep(0.01)
+        gate.set()  # the running step ends: the next one carries the online request
+        await asyncio.sleep(0.01)
+        assert len(steps) == 2 and 2.0 in steps[1], steps
+        gate.set()
+        result = await asyncio.wait_for(online, 1)
+        assert result.outputs["y"][0, 0] == 2.0
+        while not all(f.done() for f in lines):
+            gate.set()
+            await asyncio.sleep(0.001)
+        await batcher.stop()
+
+    asyncio.run(scenario())
