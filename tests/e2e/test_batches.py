@@ -3,8 +3,13 @@ per line, validation like OpenAI's, isolation, and an online call while a batch 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -259,3 +264,47 @@ def test_an_online_call_is_served_first_while_a_batch_runs(
     assert cancelled.status in ("cancelling", "cancelled")
     final = wait(client, batch.id)
     assert final.status == "cancelled" and final.cancelled_at is not None
+
+
+def test_cli_creates_a_batch_follows_it_and_downloads_the_results(
+    server: ServerProcess, tenant: dict[str, Any], tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "OPENMAAS_URL": server.url,
+        "OPENMAAS_API_KEY": tenant["key"],
+        "NO_COLOR": "1",
+        "COLUMNS": "250",
+    }
+
+    def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "openmaas", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert (done.returncode == 0) == ok, done.stdout + done.stderr
+        return done
+
+    source = tmp_path / "questions.jsonl"
+    source.write_bytes(
+        jsonl([line(f"q{i}", "/v1/embeddings", {"model": EMBED, "input": f"question {i}"}) for i in range(25)])
+        + jsonl([line("bad", "/v1/embeddings", {"model": EMBED, "input": ""})])
+    )
+    created = cli("batches", "create", str(source), "--endpoint", "/v1/embeddings")
+    assert "completed: 25 of 26 lines answered, 1 failed" in created.stdout, created.stdout
+    answers = [json.loads(x) for x in (tmp_path / "questions.output.jsonl").read_text().splitlines()]
+    assert sorted(a["custom_id"] for a in answers) == sorted(f"q{i}" for i in range(25))
+    errors = (tmp_path / "questions.output.errors.jsonl").read_text()
+    assert '"custom_id":"bad"' in errors
+    batch_id = created.stdout.split("Batch ")[1].split()[0]
+    assert batch_id in cli("batches", "list").stdout
+    assert json.loads(cli("batches", "show", batch_id).stdout)["status"] == "completed"
+    # A file that cannot run: its problems, with their lines, and exit 1.
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(jsonl([line("a", "/v1/completions", {"model": EMBED, "prompt": "x"})]))
+    failed = cli("batches", "create", str(broken), "--endpoint", "/v1/embeddings", ok=False)
+    assert "mismatched_endpoint" in failed.stderr and "line 1" in failed.stderr

@@ -101,6 +101,19 @@ class Client:
         with file.open("rb") as f:
             return self._check(self._http.post(path, data=data, files={"file": (file.name, f)}))
 
+    def download(self, path: str, target: Path) -> int:
+        """Stream a response body into ``target``; returns the bytes written."""
+        with self._http.stream("GET", path) as response:
+            if response.status_code >= 400:
+                response.read()
+                self._check(response)
+            written = 0
+            with target.open("wb") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+                    written += len(chunk)
+        return written
+
     def text(self, path: str) -> str:
         response = self._http.get(path)
         if response.status_code >= 400:

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from openmaas.cli import evaluation, publishing, tenancy
+from openmaas.cli.batches import batches_app
 from openmaas.cli.billing import billing_app
 from openmaas.cli.client import ApiError
 from openmaas.cli.common import DEFAULT_URL, DataDirOpt, KeyOpt, UrlOpt, client, console, err, fail
@@ -22,6 +23,7 @@ tenancy.install(app)
 app.add_typer(billing_app, name="billing")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(batches_app, name="batches")
 app.command("train")(train)
 app.command("evaluate")(evaluation.evaluate)
 models_app.command("evaluations")(evaluation.evaluations)
