@@ -18,7 +18,6 @@ from openmaas.serving.batcher import (
     fair_share,
     split_result,
     take_batch,
-    top_up,
 )
 
 
@@ -146,16 +145,6 @@ def test_balance_wait_waits_only_while_other_copies_are_busy_and_the_share_is_sh
     assert balance_wait(0, 32, 2, 64, 0.0, 0.003) == 0.0
 
 
-def test_top_up_fills_only_the_room_an_online_batch_leaves() -> None:
-    online = [item(), item()]
-    low = deque([item() for _ in range(10)])
-    top_up(online, low, 5, 100)
-    assert len(online) == 5 and len(low) == 7  # three batch lines joined the two online rows
-    full = [item(rows=4)]
-    top_up(full, low, 4, 100)
-    assert len(full) == 1 and len(low) == 7  # a full step takes none
-
-
 def test_an_online_request_runs_before_every_queued_batch_line() -> None:
     """With hundreds of batch rows queued, an online request waits for the step that is running only."""
     import asyncio
@@ -193,6 +182,58 @@ def test_an_online_request_runs_before_every_queued_batch_line() -> None:
         while not all(f.done() for f in lines):
             gate.set()
             await asyncio.sleep(0.001)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_while_online_traffic_is_about_batch_lines_leave_a_copy_free_and_take_short_steps() -> None:
+    import asyncio
+
+    from openmaas.serving.batcher import BatchConfig, Batcher
+    from openmaas.telemetry import Metrics
+
+    steps: list[tuple[int, int]] = []
+    gates = [asyncio.Event(), asyncio.Event()]
+
+    def worker(k: int):  # type: ignore[no-untyped-def]
+        async def run(inputs: dict[str, np.ndarray]) -> RuntimeResult:
+            steps.append((k, len(inputs["x"])))
+            await gates[k].wait()
+            gates[k].clear()
+            return RuntimeResult(outputs={"y": inputs["x"]})
+
+        return run
+
+    async def scenario() -> None:
+        batcher = Batcher("m:1", [worker(0), worker(1)], BatchConfig(max_batch_size=64), Metrics())
+        batcher.start()
+
+        def submit(priority: int) -> asyncio.Future[RuntimeResult]:
+            return asyncio.ensure_future(
+                batcher.submit({"x": np.zeros((1, 1), np.float32)}, 1, 1, None, priority=priority)
+            )
+
+        online = submit(0)
+        await asyncio.sleep(0.01)
+        gates[steps[-1][0]].set()
+        await online  # online traffic was just seen
+        lines = [submit(1) for _ in range(100)]
+        await asyncio.sleep(0.01)
+        assert len(steps) == 2 and steps[1][1] == 8, steps  # one copy, a short step; the other copy stays free
+        second = submit(0)
+        await asyncio.sleep(0.01)
+        assert len(steps) == 3 and steps[2] == (1 - steps[1][0], 1), steps  # on the free copy at once
+        gates[steps[2][0]].set()
+        await second
+        for gate in gates:
+            gate.set()
+        await asyncio.sleep(0.6)  # online traffic has gone quiet: full steps on every copy
+        while not all(f.done() for f in lines):
+            for gate in gates:
+                gate.set()
+            await asyncio.sleep(0.001)
+        assert max(rows for _, rows in steps) > 8
         await batcher.stop()
 
     asyncio.run(scenario())

@@ -472,3 +472,38 @@ def test_subscription_windows_cap_use_per_day(engine: Engine) -> None:
             conn.execute(insert(UsageRecordRow).values(**_usage_row(consumer, 16, now.replace(day=1, hour=0))))
         with pytest.raises(QuotaExceeded, match="25 items per month"):
             billing.admit(consumer, "m", provider, "d", {"items": 2})
+
+
+def test_batch_lines_settle_at_the_discount_and_move_the_tiers(engine: Engine) -> None:
+    """3 micros a call at 50% off: each batch line pays 1.5 rounded half-even (2) within a hold of 2, and its
+    units count towards the month's tiers; the books stay balanced and online calls keep their exact price."""
+    from sqlalchemy import select
+
+    from openmaas.store.tables import ChargeRow
+
+    billing, provider, consumer = _seed(engine)
+    _pay_as_you_go(billing, price=3)
+    billing.credit(consumer, 1_000, "t")
+    holds = []
+    for i in range(4):
+        pending = billing.admit(consumer, "m", provider, f"b{i}.1.1", {"requests": 1}, batch=True)
+        assert pending is not None and pending.batch and pending.held_micros == 2
+        holds.append((f"b{i}", pending))
+    online = billing.admit(consumer, "m", provider, "o1", {"requests": 1})
+    assert online is not None and not online.batch and online.held_micros == 3
+    holds.append(("o1", online))
+    with engine.begin() as conn:
+        for request_id, pending in holds:
+            row = _usage_row(consumer, 1, datetime.now(UTC), request_id=request_id)
+            conn.execute(insert(UsageRecordRow).values(**row))
+            billing.settle(conn, row, pending)  # type: ignore[arg-type]
+    with engine.connect() as conn:
+        paid = conn.execute(select(ChargeRow.request_id, ChargeRow.amount_micros, ChargeRow.channel)).all()
+    expected = [("b0", 2, "batch"), ("b1", 2, "batch"), ("b2", 2, "batch"), ("b3", 2, "batch"), ("o1", 3, "online")]
+    assert sorted(tuple(p) for p in paid) == expected
+    assert billing.wallet(consumer) == {"balance_micros": 1_000 - 11, "held_micros": 0, "available_micros": 989}
+    lines = billing.books.draft(consumer)["lines"]
+    usage = {line["channel"]: line for line in lines if line["kind"] == "usage"}
+    assert (usage["batch"]["quantity"], usage["batch"]["amount_micros"]) == (4, 8)
+    assert (usage["online"]["quantity"], usage["online"]["amount_micros"]) == (1, 3)
+    assert billing.books.verify()["ok"]

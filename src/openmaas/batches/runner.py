@@ -101,6 +101,7 @@ class BatchRunner:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="batch-runner")
 
     async def stop(self) -> None:
+        held = bool(self._running)
         tasks = [t for t in (self._task, *self._running.values()) if t is not None]
         for t in tasks:
             t.cancel()
@@ -109,6 +110,9 @@ class BatchRunner:
                 await t
         self._task = None
         self._running.clear()
+        if held:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.batches.let_go, self.name)
 
     async def _loop(self) -> None:
         while True:
@@ -329,7 +333,7 @@ class BatchRunner:
         )
         if record is not None:
             try:
-                await self._admission.record(replace(record, also=step))
+                await self._admission.record(replace(record, also=step), batch=True)
             except BaseException:
                 await self._give_back(record)
                 raise

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import secrets
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, case, func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,6 +27,8 @@ from openmaas.store.tables import BatchResultRow, BatchRow
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 MAX_METADATA = 16
+#: A line's result as the metering writer takes it: an INSERT built once, and the row's values.
+ResultStep = tuple[Any, dict[str, Any]]
 
 
 def new_batch_id() -> str:
@@ -73,7 +74,9 @@ class BatchService:
         self._sessions = sessions
         self.files = files
         dialect = sessions.kw["bind"].dialect.name
-        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        # Built once: the metering writer runs it with every result of a group in one executemany.
+        self._result_insert = insert(BatchResultRow).on_conflict_do_nothing()
 
     # -- the API's side -----------------------------------------------------------------------------------------
 
@@ -261,6 +264,16 @@ class BatchService:
             )
             s.commit()
 
+    def let_go(self, runner: str) -> None:
+        """Give up every claim of ``runner`` (a clean shutdown): the next start takes its batches over at once."""
+        with self._sessions() as s:
+            s.execute(
+                update(BatchRow)
+                .where(BatchRow.runner == runner, BatchRow.status.in_(ACTIVE))
+                .values(runner=None, lease_until=None)
+            )
+            s.commit()
+
     def row(self, batch_id: str) -> BatchRow:
         with self._sessions() as s:
             row = s.get(BatchRow, batch_id)
@@ -300,8 +313,9 @@ class BatchService:
         error: dict[str, Any] | None = None,
         input_tokens: int = 0,
         output_tokens: int = 0,
-    ) -> Callable[[Connection], None]:
-        """The statement storing one line's result, to run in a transaction (the usage record's, or its own)."""
+    ) -> ResultStep:
+        """One line's result: the statement and values that store it, in the usage record's transaction (the
+        metering writer's ``UsageRecord.also``) or in one of its own (``store``)."""
         values = {
             "batch_id": batch_id,
             "line": line,
@@ -314,17 +328,13 @@ class BatchService:
             "output_tokens": output_tokens,
             "created_at": datetime.now(UTC),
         }
-        statement = self._insert(BatchResultRow).values(**values).on_conflict_do_nothing()
+        return self._result_insert, values
 
-        def step(conn: Connection) -> None:
-            conn.execute(statement)
-
-        return step
-
-    def store(self, step: Callable[[Connection], None]) -> None:
-        """Run a result step in a transaction of its own (a line with no usage record: an error line)."""
+    def store(self, step: ResultStep) -> None:
+        """Write a result in a transaction of its own (a line with no usage record: an error line)."""
+        statement, values = step
         with self._sessions() as s:
-            step(s.connection())
+            s.connection().execute(statement, [values])
             s.commit()
 
     def write_outputs(self, batch_id: str) -> tuple[str | None, str | None]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -35,9 +34,10 @@ class UsageRecord:
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     # A pay-as-you-go hold (billing.service.PendingCharge) settled in the same transaction as this record.
     charge: Any = None
-    # Written in the same transaction as this record, whether the record is new or a duplicate (a batch line's
-    # result): called with the transaction's connection; it must be idempotent itself.
-    also: Callable[[Any], None] | None = None
+    # A row written in the same transaction as this record, whether the record is new or a duplicate (a batch
+    # line's result): an INSERT statement built once (it must be idempotent itself: ON CONFLICT DO NOTHING) and
+    # the row's values; the rows of one statement in a group are written with one executemany.
+    also: tuple[Any, dict[str, Any]] | None = None
 
     def units(self) -> dict[str, int]:
         """Quantities per billing unit (audio in whole milliseconds under ``audio_seconds``' counter: ms)."""

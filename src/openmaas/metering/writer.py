@@ -55,6 +55,8 @@ class GroupCommitWriter:
         metrics: Metrics | None = None,
         settle: Callable[[Connection, dict[str, Any], Any], None] | None = None,
         release: Callable[[Connection, Any], None] | None = None,
+        max_group: int = MAX_GROUP,
+        name: str = "openmaas-metering",
     ) -> None:
         self._engine = engine
         self._metrics = metrics
@@ -80,7 +82,8 @@ class GroupCommitWriter:
             index_elements=["org_id", "month", "unit"],
             set_={"quantity": UsageCounterRow.quantity + upsert.excluded.quantity},
         )
-        self._thread = threading.Thread(target=self._run, name="openmaas-metering", daemon=True)
+        self._max_group = max_group
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     async def record(self, record: UsageRecord) -> bool:
@@ -116,7 +119,7 @@ class GroupCommitWriter:
                 return
             group: list[_Pending] = [first]
             stop = False
-            while len(group) < MAX_GROUP:
+            while len(group) < self._max_group:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -204,9 +207,13 @@ class GroupCommitWriter:
                     self._settle(conn, r.row(), r.charge)
                 elif id(r) not in stored and self._release is not None:
                     self._release(conn, r.charge)  # a duplicate: nothing is charged twice
+            extra: dict[int, tuple[Any, list[dict[str, Any]]]] = {}
             for r in records:
                 if r.also is not None:
-                    r.also(conn)
+                    statement, values = r.also
+                    extra.setdefault(id(statement), (statement, []))[1].append(values)
+            for statement, rows in extra.values():
+                conn.execute(statement, rows)
         return [id(r) in stored for r in records]
 
 

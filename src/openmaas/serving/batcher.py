@@ -25,6 +25,9 @@ from openmaas.telemetry import Metrics
 
 log = logging.getLogger(__name__)
 
+#: While an online request came this recently (seconds), batch lines leave a model copy free for the next one.
+ONLINE_QUIET_S = 0.5
+
 
 @dataclass(frozen=True)
 class BatchConfig:
@@ -57,6 +60,8 @@ class Pending:
     #: Requests can be concatenated only when their non-batch dimensions agree.
     key: tuple[Any, ...] = field(default=())
     cancelled: bool = False
+    #: 0 online; > 0 an offline batch line.
+    priority: int = 0
 
 
 def compat_key(inputs: dict[str, np.ndarray]) -> tuple[Any, ...]:
@@ -106,32 +111,6 @@ def take_batch(queue: deque[Pending], max_rows: int, max_cost: int) -> list[Pend
         cost += item.cost
     queue.extendleft(reversed(skipped))
     return batch
-
-
-def top_up(batch: list[Pending], low: deque[Pending], max_rows: int, max_cost: int) -> None:
-    """Fill the room ``batch`` leaves (rows and cost) with compatible low-priority requests, in their order.
-
-    An online batch that does not fill the model's step carries batch lines in its spare rows: they cost the
-    online requests nothing they would not have waited for anyway (the step runs either way)."""
-    if not batch or not low:
-        return
-    key = batch[0].key
-    rows = sum(p.rows for p in batch)
-    cost = sum(p.cost for p in batch)
-    skipped: list[Pending] = []
-    while low and rows < max_rows:
-        item = low.popleft()
-        if item.cancelled:
-            continue
-        if item.key != key or rows + item.rows > max_rows or cost + item.cost > max_cost:
-            skipped.append(item)
-            if len(skipped) >= 8:
-                break
-            continue
-        batch.append(item)
-        rows += item.rows
-        cost += item.cost
-    low.extendleft(reversed(skipped))
 
 
 def fair_share(queued_rows: int, running_rows: int, copies: int, max_rows: int) -> int:
@@ -220,7 +199,8 @@ class Batcher:
         self.config = config
         self._workers = workers
         self._free: list[int] = list(range(len(workers)))
-        #: Rows each busy copy is running now.
+        #: Online rows each busy copy is running now (batch lines do not count: an online request never waits
+        #: for a fair share beside them).
         self._running_rows: dict[int, int] = {}
         self._metrics = metrics
         # This version's series, looked up once (labels() validates and locks on every call).
@@ -237,6 +217,8 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._recent_batch_s = 0.05
+        #: When the last online request arrived (time.monotonic()).
+        self._last_online = -1e9
 
     @property
     def depth(self) -> int:
@@ -275,6 +257,8 @@ class Batcher:
         """Queue a request and wait for its share of a batch result (``priority`` > 0: behind every online
         request; the batch scheduler bounds how many such rows wait, so their queue has no limit here)."""
         queue = self._queue if priority <= 0 else self._low
+        if priority <= 0:
+            self._last_online = time.monotonic()
         if priority <= 0 and len(self._queue) >= self.config.max_queue_size:
             self.stats.fail.add(0.0)
             # Rough time for the queue ahead to drain: batches needed times the recent batch duration.
@@ -284,7 +268,9 @@ class Batcher:
                 retry_after=max(1.0, batches * self._recent_batch_s),
             )
         loop = asyncio.get_running_loop()
-        item = Pending(inputs, rows, cost, time.monotonic(), deadline, loop.create_future(), compat_key(inputs))
+        item = Pending(
+            inputs, rows, cost, time.monotonic(), deadline, loop.create_future(), compat_key(inputs), priority=priority
+        )
         queue.append(item)
         self._set_depth()
         self._wakeup.set()
@@ -348,10 +334,24 @@ class Batcher:
                     )
             if self._queue:
                 share = fair_share(queued, running, copies, self.config.max_batch_size)
+                # Online steps carry online requests only: batch lines in their spare rows made each online step
+                # longer, which a closed loop of online clients pays for in throughput.
                 batch = take_batch(self._queue, share, self.config.max_batch_tokens)
-                top_up(batch, self._low, share, self.config.max_batch_tokens)
-            else:  # only batch lines wait: a full step of them
-                batch = take_batch(self._low, self.config.max_batch_size, self.config.max_batch_tokens)
+            else:  # only batch lines wait
+                quiet_for = now - self._last_online
+                if quiet_for < ONLINE_QUIET_S and copies > 1 and len(self._free) < 2:
+                    # Online traffic is about: keep the last free copy for it, so an online request never waits
+                    # for a step of batch lines; look again when a copy frees or the traffic has gone quiet.
+                    self._wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), ONLINE_QUIET_S - quiet_for)
+                    continue
+                rows = self.config.max_batch_size
+                if quiet_for < ONLINE_QUIET_S:
+                    # Short steps while online traffic is about: a step's answers come back to the event loop
+                    # together, and an online request shares each of its turns on the loop with them.
+                    rows = max(1, rows // 8)
+                batch = take_batch(self._low, rows, self.config.max_batch_tokens)
             batch = [p for p in batch if not p.cancelled]
             self._set_depth()
             if not batch:
@@ -362,7 +362,7 @@ class Batcher:
             # Most recently used copy first: at low load one copy (one thread pool) does all the work.
             worker = self._free.pop()
             rows = sum(p.rows for p in batch)
-            self._running_rows[worker] = rows
+            self._running_rows[worker] = sum(p.rows for p in batch if p.priority <= 0)
             task = asyncio.get_running_loop().create_task(self._run_batch(worker, batch, rows))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
