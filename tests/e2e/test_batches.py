@@ -257,9 +257,9 @@ def test_an_online_call_is_served_first_while_a_batch_runs(
         metrics = h.get("/metrics").text
     assert f'openmaas_queue_depth_by_priority{{model="{EMBED}:1",priority="batch"}}' in metrics
     assert f'openmaas_batch_lines_total{{model="{EMBED}",outcome="ok"}}' in metrics
-    # Behind the batch's queued rows an online call would wait for all of them (hundreds of rows a step);
-    # taken first, it waits for the step running at most.
-    assert sorted(latencies)[len(latencies) // 2] < 0.5, latencies
+    # Behind the batch's rows an online call waited for a step of 64 of them (about 0.3 s on two cores); taken
+    # first, on a copy the batch leaves free, it takes about what it takes on an idle server (10-15 ms).
+    assert sorted(latencies)[len(latencies) // 2] < 0.15, latencies
     cancelled = client.batches.cancel(batch.id)
     assert cancelled.status in ("cancelling", "cancelled")
     final = wait(client, batch.id)

@@ -221,15 +221,16 @@ class BatchService:
     # -- the runner's side --------------------------------------------------------------------------------------
 
     def claim(self, runner: str, lease_s: float) -> list[BatchRow]:
-        """Take every active batch no live runner holds (none, or its lease ran out): a batch whose process died
-        is taken over once its lease ends. Each claim counts a run (``attempts``)."""
+        """Take every active batch no runner holds (none, or its lease ran out): a batch whose process died is
+        taken over once its lease ends, as is one this runner stopped running without ending it (an error: it is
+        tried again). Each claim counts a run (``attempts``); ``renew`` keeps the runner's own."""
         now = datetime.now(UTC)
         claimed: list[BatchRow] = []
         with self._sessions() as s:
             ids = s.scalars(
                 select(BatchRow.id).where(
                     BatchRow.status.in_(ACTIVE),
-                    BatchRow.runner.is_(None) | (BatchRow.lease_until < now) | (BatchRow.runner == runner),
+                    BatchRow.runner.is_(None) | (BatchRow.lease_until < now),
                 )
             ).all()
             for batch_id in ids:
@@ -237,7 +238,7 @@ class BatchService:
                     update(BatchRow)
                     .where(
                         BatchRow.id == batch_id,
-                        BatchRow.runner.is_(None) | (BatchRow.lease_until < now) | (BatchRow.runner == runner),
+                        BatchRow.runner.is_(None) | (BatchRow.lease_until < now),
                     )
                     .values(
                         runner=runner,
