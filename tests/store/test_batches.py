@@ -78,3 +78,22 @@ def test_a_batch_is_taken_over_only_once_its_lease_has_run_out(engine: Engine, t
     taken = batches.claim("runner-b", lease_s=30)
     assert [r.id for r in taken] == [batch["id"]] and taken[0].attempts == 2
     assert batches.claim("runner-a", lease_s=30) == []
+
+
+def test_an_ended_batch_keeps_its_counts_and_drops_its_per_line_results(engine: Engine, tmp_path: Path) -> None:
+    files, batches, _ = _services(engine, tmp_path)
+    batch = batches.create("o1", "k1", _upload(files, b"{}\n"), "/v1/embeddings", "24h")
+    batches.move(batch["id"], ("validating",), "in_progress", total=3)
+    batches.store(
+        batches.result_step(batch["id"], 1, "a", 200, b'{"ok": 1}', input_tokens=4),
+        batches.result_step(batch["id"], 2, "b", 400, b'{"error": {}}'),
+    )
+    output, error = batches.write_outputs(batch["id"])
+    assert batches.end(batch["id"], "cancelled", output, error)
+    with session_factory(engine)() as s:
+        assert s.scalar(select(func.count()).select_from(BatchResultRow)) == 0
+    shown = batches.get("o1", batch["id"])
+    assert shown["status"] == "cancelled" and shown["cancelled_at"] is not None
+    assert shown["request_counts"] == {"total": 3, "completed": 1, "failed": 1}
+    assert shown["usage"]["input_tokens"] == 4
+    assert files.read("o1", output or "").count(b"\n") == 1 and files.read("o1", error or "").count(b"\n") == 1

@@ -170,7 +170,8 @@ class BatchRunner:
             try:
                 checked = await asyncio.to_thread(self._checked, batch_id)
                 principal = await asyncio.to_thread(self._principal_of, row.key_id)
-                self._cap_of(principal, row.endpoint, checked.model)  # the model must exist and be visible
+                # The model must exist and be visible to the key.
+                await asyncio.to_thread(self._cap_of, principal, row.endpoint, checked.model)
             except InvalidBatch as e:
                 await asyncio.to_thread(self.batches.fail, batch_id, e.errors)
                 return
@@ -208,33 +209,21 @@ class BatchRunner:
     def _finish(self, batch_id: str, status: str, errors: list[LineError] | None = None) -> None:
         output, error = self.batches.write_outputs(batch_id)
         extra = {"errors": [e.to_json() for e in errors]} if errors else {}
-        self.batches.move(
-            batch_id,
-            ("finalizing", "cancelling", "in_progress"),
-            status,
-            output_file_id=output,
-            error_file_id=error,
-            runner=None,
-            **extra,
-        )
+        self.batches.end(batch_id, status, output, error, **extra)
         log.info("batch ended", extra={"batch": batch_id, "status": status})
 
     def _expire(self, batch_id: str, checked: Checked) -> None:
         """The window has passed: every line without a result gets a ``batch_expired`` error line."""
         done = self.batches.done_lines(batch_id)
-        for line in checked.lines:
-            if line.number not in done:
-                message = "this request could not be executed before the completion window expired"
-                self.batches.store(
-                    self.batches.result_step(
-                        batch_id,
-                        line.number,
-                        line.custom_id,
-                        0,
-                        b"null",
-                        error={"code": "batch_expired", "message": message},
-                    )
-                )
+        message = "this request could not be executed before the completion window expired"
+        error = {"code": "batch_expired", "message": message}
+        self.batches.store(
+            *(
+                self.batches.result_step(batch_id, line.number, line.custom_id, 0, b"null", error=error)
+                for line in checked.lines
+                if line.number not in done
+            )
+        )
         self._finish(batch_id, "expired")
 
     async def _run_lines(self, batch_id: str, attempt: int, checked: Checked) -> str:
@@ -250,17 +239,14 @@ class BatchRunner:
             return "cancelled"
         try:
             principal = await asyncio.to_thread(self._principal_of, row.key_id)
-            cap = max(1, self._cap_of(principal, row.endpoint, checked.model))
+            cap = max(1, await asyncio.to_thread(self._cap_of, principal, row.endpoint, checked.model))
         except OpenMaaSError as e:
             # The key was revoked, or the model went away: the rest of the lines fail as the online call would.
             body = orjson.dumps(
                 {"error": {"message": e.message, "type": "invalid_request_error", "code": e.code.value}}
             )
-            for line in pending:
-                await asyncio.to_thread(
-                    self.batches.store,
-                    self.batches.result_step(batch_id, line.number, line.custom_id, e.status, body),
-                )
+            steps = [self.batches.result_step(batch_id, x.number, x.custom_id, e.status, body) for x in pending]
+            await asyncio.to_thread(self.batches.store, *steps)
             return "done"
         tries: dict[int, int] = {}
         in_flight: dict[asyncio.Task[bool], Line] = {}

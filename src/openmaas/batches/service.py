@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -171,6 +171,15 @@ class BatchService:
         return row
 
     def counts(self, batch_id: str) -> Counts:
+        """Answered and refused lines and their tokens: the stored final counts of an ended batch, else counted
+        from its results."""
+        with self._sessions() as s:
+            final = s.scalar(select(BatchRow.final_counts).where(BatchRow.id == batch_id))
+        if final is not None:
+            return Counts(**final)
+        return self._count_results(batch_id)
+
+    def _count_results(self, batch_id: str) -> Counts:
         ok = (BatchResultRow.status_code >= 200) & (BatchResultRow.status_code < 300)
         with self._sessions() as s:
             r = s.execute(
@@ -299,6 +308,26 @@ class BatchService:
             batch_id, ("validating", "cancelling"), "failed", errors=[e.to_json() for e in errors], runner=None
         )
 
+    def end(self, batch_id: str, status: str, output: str | None, error: str | None, **values: Any) -> bool:
+        """End a batch: its files and final counts on its row, then its per-line results removed (they live on in
+        its output and error files; a crash in between leaves rows that nothing reads)."""
+        counts = self._count_results(batch_id)
+        moved = self.move(
+            batch_id,
+            ("finalizing", "cancelling", "in_progress"),
+            status,
+            output_file_id=output,
+            error_file_id=error,
+            final_counts=counts.__dict__,
+            runner=None,
+            **values,
+        )
+        if moved:
+            with self._sessions() as s:
+                s.execute(delete(BatchResultRow).where(BatchResultRow.batch_id == batch_id))
+                s.commit()
+        return moved
+
     def done_lines(self, batch_id: str) -> set[int]:
         with self._sessions() as s:
             return set(s.scalars(select(BatchResultRow.line).where(BatchResultRow.batch_id == batch_id)).all())
@@ -331,11 +360,12 @@ class BatchService:
         }
         return self._result_insert, values
 
-    def store(self, step: ResultStep) -> None:
-        """Write a result in a transaction of its own (a line with no usage record: an error line)."""
-        statement, values = step
+    def store(self, *steps: ResultStep) -> None:
+        """Write results in a transaction of their own (lines with no usage record: error lines)."""
+        if not steps:
+            return
         with self._sessions() as s:
-            s.connection().execute(statement, [values])
+            s.connection().execute(steps[0][0], [values for _, values in steps])
             s.commit()
 
     def write_outputs(self, batch_id: str) -> tuple[str | None, str | None]:

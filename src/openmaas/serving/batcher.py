@@ -209,7 +209,7 @@ class Batcher:
         self._batch_size = metrics.batch_size.labels(label)
         self._compute = metrics.compute.labels(label)
         self._queue: deque[Pending] = deque()
-        #: Offline batch lines (priority > 0): taken only into room online requests leave, or when none wait.
+        #: Offline batch lines (priority > 0): taken only when no online request waits.
         self._low: deque[Pending] = deque()
         self._depth_online = metrics.queue_depth_by_priority.labels(label, "online")
         self._depth_batch = metrics.queue_depth_by_priority.labels(label, "batch")

@@ -476,6 +476,8 @@ class BatchRow(Base):
     status: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
     total: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    # Once the batch has ended: its final counts and tokens (its per-line results are then only in its files).
+    final_counts: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)
     output_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     error_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)

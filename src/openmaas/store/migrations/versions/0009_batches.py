@@ -46,6 +46,7 @@ def upgrade() -> None:
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("total", sa.Integer(), nullable=False, server_default=sa.text("0")),
         sa.Column("errors", sa.JSON(), nullable=True),
+        sa.Column("final_counts", sa.JSON(), nullable=True),
         sa.Column("output_file_id", sa.String(40), nullable=True),
         sa.Column("error_file_id", sa.String(40), nullable=True),
         sa.Column("created_at", UTCDateTime(), nullable=False),
