@@ -308,3 +308,19 @@ def test_cli_creates_a_batch_follows_it_and_downloads_the_results(
     broken.write_bytes(jsonl([line("a", "/v1/completions", {"model": EMBED, "prompt": "x"})]))
     failed = cli("batches", "create", str(broken), "--endpoint", "/v1/embeddings", ok=False)
     assert "mismatched_endpoint" in failed.stderr and "line 1" in failed.stderr
+
+
+def test_batch_lines_do_not_use_the_keys_online_rate_limits(
+    server: ServerProcess, admin: httpx.Client, tenant: dict[str, Any]
+) -> None:
+    """A key allowed 3 requests a minute runs a 30-line batch, and still has its 3 online calls afterwards."""
+    limited = new_key(admin, tenant["org"]["name"], scopes=["inference"], limits={"rpm": 3})["key"]
+    with OpenAI(base_url=server.url + "/v1", api_key=limited, max_retries=0, timeout=120) as c:
+        lines = [line(f"r{i}", "/v1/embeddings", {"model": EMBED, "input": f"limited {i}"}) for i in range(30)]
+        done = wait(c, submit(c, lines, "/v1/embeddings").id)
+        assert done.status == "completed" and done.request_counts is not None
+        assert done.request_counts.completed == 30
+        for i in range(3):
+            c.embeddings.create(model=EMBED, input=f"online {i}")
+        with pytest.raises(openai.RateLimitError):
+            c.embeddings.create(model=EMBED, input="one too many")
