@@ -324,3 +324,28 @@ def test_batch_lines_do_not_use_the_keys_online_rate_limits(
             c.embeddings.create(model=EMBED, input=f"online {i}")
         with pytest.raises(openai.RateLimitError):
             c.embeddings.create(model=EMBED, input="one too many")
+
+
+def test_output_files_expire_when_the_batch_asks(client: OpenAI) -> None:
+    uploaded = client.files.create(
+        file=("in.jsonl", jsonl([line("a", "/v1/embeddings", {"model": EMBED, "input": "x"})])),
+        purpose="batch",
+        expires_after={"anchor": "created_at", "seconds": 3600},
+    )
+    assert uploaded.expires_at is not None and uploaded.expires_at - uploaded.created_at == 3600
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/embeddings",
+        completion_window="24h",
+        output_expires_after={"anchor": "created_at", "seconds": 7200},
+    )
+    done = wait(client, batch.id)
+    output = client.files.retrieve(done.output_file_id or "")
+    assert output.expires_at is not None and output.expires_at - output.created_at == 7200
+    with pytest.raises(openai.BadRequestError, match="output_expires_after"):
+        client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/embeddings",
+            completion_window="24h",
+            output_expires_after={"anchor": "created_at", "seconds": 60},
+        )

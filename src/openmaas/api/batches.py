@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +18,15 @@ from openmaas.batches.lines import MAX_BYTES
 from openmaas.errors import InvalidRequest
 
 
+class ExpiresAfter(BaseModel):
+    """OpenAI's ``{"anchor": "created_at", "seconds": N}``: how long the batch's output files are kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    anchor: Literal["created_at"] = "created_at"
+    seconds: int
+
+
 class CreateBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -25,6 +34,7 @@ class CreateBatch(BaseModel):
     endpoint: str = Field(min_length=1)
     completion_window: str = "24h"
     metadata: dict[str, Any] | None = None
+    output_expires_after: ExpiresAfter | None = None
 
 
 def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
@@ -129,6 +139,7 @@ def router() -> APIRouter:
             body.endpoint,
             body.completion_window,
             body.metadata,
+            body.output_expires_after.seconds if body.output_expires_after is not None else None,
         )
         await gw.audit_async(
             actor(request, who),

@@ -19,7 +19,7 @@ from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from openmaas.batches.files import FileService
+from openmaas.batches.files import DEFAULT_TTL_S, MAX_TTL_S, MIN_TTL_S, FileService
 from openmaas.batches.lines import LineError, endpoint_error, window_seconds
 from openmaas.errors import AlreadyExists, InvalidRequest, NotFound
 from openmaas.store.tables import BatchResultRow, BatchRow
@@ -88,6 +88,7 @@ class BatchService:
         endpoint: str,
         completion_window: str,
         metadata: Any = None,
+        output_ttl_s: int | None = None,
     ) -> dict[str, Any]:
         """A batch in ``validating``; the runner checks its file (what fails there fails the batch, not this)."""
         why = endpoint_error(endpoint)
@@ -98,6 +99,11 @@ class BatchService:
         except ValueError as e:
             raise InvalidRequest(str(e), param="completion_window") from None
         meta = _check_metadata(metadata)
+        if output_ttl_s is not None and not MIN_TTL_S <= output_ttl_s <= MAX_TTL_S:
+            raise InvalidRequest(
+                f"output_expires_after seconds must be between {MIN_TTL_S} and {MAX_TTL_S} (1 hour to 30 days)",
+                param="output_expires_after",
+            )
         found = self.files.get(org_id, input_file_id)  # 404 for an unknown or another organisation's file
         if found.purpose != "batch":
             raise InvalidRequest(
@@ -112,6 +118,7 @@ class BatchService:
             input_file_id=input_file_id,
             completion_window=completion_window,
             meta=meta,
+            output_ttl_s=output_ttl_s,
             status="validating",
             total=0,
             created_at=now,
@@ -401,6 +408,10 @@ class BatchService:
             ids: dict[str, str | None] = {}
             for kind, path in paths.items():
                 ids[kind] = (
-                    self.files.write_output(row.org_id, f"{batch_id}_{kind}.jsonl", path).id if written[kind] else None
+                    self.files.write_output(
+                        row.org_id, f"{batch_id}_{kind}.jsonl", path, row.output_ttl_s or DEFAULT_TTL_S
+                    ).id
+                    if written[kind]
+                    else None
                 )
         return ids["output"], ids["error"]

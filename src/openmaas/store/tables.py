@@ -473,6 +473,8 @@ class BatchRow(Base):
     input_file_id: Mapped[str] = mapped_column(String(40), nullable=False)
     completion_window: Mapped[str] = mapped_column(String(16), nullable=False)
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # How long its output and error files are kept (OpenAI's output_expires_after; default 30 days).
+    output_ttl_s: Mapped[int | None] = mapped_column(Integer, nullable=True)
     status: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
     total: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)

@@ -43,6 +43,7 @@ def upgrade() -> None:
         sa.Column("input_file_id", sa.String(40), nullable=False),
         sa.Column("completion_window", sa.String(16), nullable=False),
         sa.Column("meta", sa.JSON(), nullable=True),
+        sa.Column("output_ttl_s", sa.Integer(), nullable=True),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("total", sa.Integer(), nullable=False, server_default=sa.text("0")),
         sa.Column("errors", sa.JSON(), nullable=True),
