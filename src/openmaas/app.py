@@ -356,7 +356,6 @@ def _batch_runner(platform: Platform, app: OpenMaaSApp) -> BatchRunner:
     batches = platform.services.batches
     return BatchRunner(
         batches,
-        batches.files,
         lambda url, body, line, rid: _run_line(app, url, body, line, rid),
         gateway.auth.by_key_id,
         cap_of,

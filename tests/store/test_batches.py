@@ -65,7 +65,7 @@ def test_a_line_result_is_stored_once_however_often_it_is_written(engine: Engine
         rows = s.scalars(select(BatchResultRow).where(BatchResultRow.batch_id == batch["id"])).all()
         assert len(rows) == 1 and rows[0].body == '{"first": 1}'
         assert s.scalar(select(func.count()).select_from(BatchResultRow)) == 1
-    counts = batches.counts(batch["id"])
+    counts = batches.counts(batches.row(batch["id"]))
     assert (counts.completed, counts.failed, counts.input_tokens) == (1, 0, 3)
 
 

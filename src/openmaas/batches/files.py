@@ -67,6 +67,13 @@ def _stored(row: FileRow) -> StoredFile:
     )
 
 
+def _live(org_id: str | None) -> tuple[Any, ...]:
+    """Where-clauses for an organisation's files that are neither deleted nor expired."""
+    owner = FileRow.org_id.is_(None) if org_id is None else FileRow.org_id == org_id
+    now = datetime.now(UTC)
+    return owner, FileRow.deleted_at.is_(None), FileRow.expires_at.is_(None) | (FileRow.expires_at > now)
+
+
 def new_file_id() -> str:
     return "file-" + secrets.token_hex(12)
 
@@ -163,18 +170,8 @@ class FileService:
             )
 
     def used_bytes(self, org_id: str | None) -> int:
-        now = datetime.now(UTC)
         with self._sessions() as s:
-            return int(
-                s.scalar(
-                    select(func.coalesce(func.sum(FileRow.bytes), 0)).where(
-                        FileRow.org_id.is_(None) if org_id is None else FileRow.org_id == org_id,
-                        FileRow.deleted_at.is_(None),
-                        (FileRow.expires_at.is_(None)) | (FileRow.expires_at > now),
-                    )
-                )
-                or 0
-            )
+            return int(s.scalar(select(func.coalesce(func.sum(FileRow.bytes), 0)).where(*_live(org_id))) or 0)
 
     def delete(self, org_id: str | None, file_id: str) -> None:
         found = self.get(org_id, file_id)
@@ -234,12 +231,7 @@ class FileService:
             raise InvalidRequest("limit must be between 1 and 10000", param="limit")
         if order not in ("asc", "desc"):
             raise InvalidRequest("order must be asc or desc", param="order")
-        now = datetime.now(UTC)
-        q = select(FileRow).where(
-            FileRow.org_id.is_(None) if org_id is None else FileRow.org_id == org_id,
-            FileRow.deleted_at.is_(None),
-            (FileRow.expires_at.is_(None)) | (FileRow.expires_at > now),
-        )
+        q = select(FileRow).where(*_live(org_id))
         if purpose:
             q = q.where(FileRow.purpose == purpose)
         with self._sessions() as s:

@@ -25,7 +25,6 @@ from datetime import UTC, datetime
 
 import orjson
 
-from openmaas.batches.files import FileService
 from openmaas.batches.lines import Checked, InvalidBatch, Line, LineError, check
 from openmaas.batches.service import BatchService, line_request_id
 from openmaas.billing.service import BillingService
@@ -33,6 +32,7 @@ from openmaas.errors import OpenMaaSError
 from openmaas.gateway.admission import AdmissionControl, BatchLine
 from openmaas.gateway.auth import Principal
 from openmaas.metering.records import UsageRecord
+from openmaas.store.tables import BatchRow
 from openmaas.telemetry import Metrics
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,6 @@ class BatchRunner:
     def __init__(
         self,
         batches: BatchService,
-        files: FileService,
         execute: LineExecutor,
         principal_of: Callable[[str], Principal],
         cap_of: Callable[[Principal, str, str], int],
@@ -82,7 +81,6 @@ class BatchRunner:
         poll_s: float = 0.5,
     ) -> None:
         self.batches = batches
-        self.files = files
         self._execute = execute
         self._principal_of = principal_of
         self._cap_of = cap_of
@@ -128,7 +126,7 @@ class BatchRunner:
         now = time.monotonic()
         if now - self._last_sweep > 60:
             self._last_sweep = now
-            await asyncio.to_thread(self.files.sweep)
+            await asyncio.to_thread(self.batches.files.sweep)
         await asyncio.to_thread(self.batches.renew, self.name, list(self._running), self.lease_s)
         for row in await asyncio.to_thread(self.batches.claim, self.name, self.lease_s):
             if row.id in self._running:
@@ -153,10 +151,9 @@ class BatchRunner:
         except Exception:
             log.exception("batch failed to run", extra={"batch": batch_id})
 
-    def _checked(self, batch_id: str) -> Checked:
-        row = self.batches.row(batch_id)
+    def _checked(self, row: BatchRow) -> Checked:
         try:
-            data = self.files.read(row.org_id, row.input_file_id)
+            data = self.batches.files.read(row.org_id, row.input_file_id)
         except OpenMaaSError:
             raise InvalidBatch(
                 [LineError("input_file_missing", f"input file {row.input_file_id} was deleted or has expired")]
@@ -168,7 +165,7 @@ class BatchRunner:
         checked: Checked | None = None
         if row.status == "validating":
             try:
-                checked = await asyncio.to_thread(self._checked, batch_id)
+                checked = await asyncio.to_thread(self._checked, row)
                 principal = await asyncio.to_thread(self._principal_of, row.key_id)
                 # The model must exist and be visible to the key.
                 await asyncio.to_thread(self._cap_of, principal, row.endpoint, checked.model)
@@ -190,11 +187,11 @@ class BatchRunner:
         if row.status in ("in_progress", "cancelling"):
             if checked is None:
                 try:
-                    checked = await asyncio.to_thread(self._checked, batch_id)
+                    checked = await asyncio.to_thread(self._checked, row)
                 except InvalidBatch as e:
                     await asyncio.to_thread(self._finish, batch_id, "failed", e.errors)
                     return
-            ended = await self._run_lines(batch_id, attempt, checked)
+            ended = await self._run_lines(row, attempt, checked)
             if ended == "cancelled":
                 await asyncio.to_thread(self._finish, batch_id, "cancelled")
                 return
@@ -226,9 +223,9 @@ class BatchRunner:
         )
         self._finish(batch_id, "expired")
 
-    async def _run_lines(self, batch_id: str, attempt: int, checked: Checked) -> str:
+    async def _run_lines(self, row: BatchRow, attempt: int, checked: Checked) -> str:
         """Run every line without a result; returns "done", "cancelled" or "expired"."""
-        row = await asyncio.to_thread(self.batches.row, batch_id)
+        batch_id = row.id
         # Holds a dead runner left open for lines in flight (their lines have no result and run again).
         released = await asyncio.to_thread(self._billing.release_open_holds, f"{batch_id}-")
         if released:

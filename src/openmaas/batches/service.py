@@ -132,7 +132,7 @@ class BatchService:
 
     def get(self, org_id: str | None, batch_id: str) -> dict[str, Any]:
         row = self._owned(org_id, batch_id)
-        return self.to_json(row, self.counts(batch_id))
+        return self.to_json(row, self.counts(row))
 
     def page(self, org_id: str | None, *, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
         """The organisation's batches, newest first, after the batch ``after``."""
@@ -149,7 +149,7 @@ class BatchService:
                     | ((BatchRow.created_at == cursor.created_at) & (BatchRow.id < cursor.id))
                 )
             rows = s.scalars(q.order_by(BatchRow.created_at.desc(), BatchRow.id.desc()).limit(limit + 1)).all()
-        return [self.to_json(r, self.counts(r.id)) for r in rows[:limit]], len(rows) > limit
+        return [self.to_json(r, self.counts(r)) for r in rows[:limit]], len(rows) > limit
 
     def cancel(self, org_id: str | None, batch_id: str) -> tuple[dict[str, Any], bool]:
         """Ask the runner to stop (``cancelling``; ``cancelled`` once the lines in flight are done). Returns the
@@ -177,14 +177,12 @@ class BatchService:
             raise NotFound(f"No such Batch object: {batch_id}", param="batch_id")
         return row
 
-    def counts(self, batch_id: str) -> Counts:
+    def counts(self, row: BatchRow) -> Counts:
         """Answered and refused lines and their tokens: the stored final counts of an ended batch, else counted
         from its results."""
-        with self._sessions() as s:
-            final = s.scalar(select(BatchRow.final_counts).where(BatchRow.id == batch_id))
-        if final is not None:
-            return Counts(**final)
-        return self._count_results(batch_id)
+        if row.final_counts is not None:
+            return Counts(**row.final_counts)
+        return self._count_results(row.id)
 
     def _count_results(self, batch_id: str) -> Counts:
         ok = (BatchResultRow.status_code >= 200) & (BatchResultRow.status_code < 300)

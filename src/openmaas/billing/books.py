@@ -205,28 +205,24 @@ class Books:
                     "prepaid": False,
                 }
             )
+        line_of = (
+            ChargeRow.org_id,
+            ChargeRow.model,
+            ChargeRow.plan_id,
+            ChargeRow.provider_org_id,
+            ChargeRow.unit,
+            ChargeRow.channel,
+        )
         charges_q = (
             select(
-                ChargeRow.org_id,
-                ChargeRow.model,
-                ChargeRow.plan_id,
-                ChargeRow.provider_org_id,
-                ChargeRow.unit,
-                ChargeRow.channel,
+                *line_of,
                 func.sum(ChargeRow.quantity),
                 func.sum(ChargeRow.amount_micros),
                 func.count(),
                 func.min(ChargeRow.created_at),
             )
             .where(ChargeRow.invoice_id.is_(None), ChargeRow.created_at < end)
-            .group_by(
-                ChargeRow.org_id,
-                ChargeRow.model,
-                ChargeRow.plan_id,
-                ChargeRow.provider_org_id,
-                ChargeRow.unit,
-                ChargeRow.channel,
-            )
+            .group_by(*line_of)
             .order_by(ChargeRow.org_id, ChargeRow.model, ChargeRow.plan_id, ChargeRow.channel)
         )
         if org_id is not None:

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -151,13 +151,7 @@ class KeyAuthenticator:
         hit = self._cache.get(digest)
         if hit is not None and now - hit[0] < _CACHE_TTL_S:
             return hit[1]
-        with self._sessions() as s:
-            found = s.execute(
-                select(ApiKeyRow, OrgRow.name)
-                .outerjoin(OrgRow, OrgRow.id == ApiKeyRow.org_id)
-                .where(ApiKeyRow.key_hash == digest)
-            ).first()
-        row, org_name = (found[0], found[1]) if found is not None else (None, None)
+        row, org_name = self._key_row(ApiKeyRow.key_hash == digest)
         # The lookup is by digest; compare again in constant time so equality is never decided by a branch
         # that depends on how many characters matched.
         if row is None or not hmac.compare_digest(row.key_hash, digest):
@@ -172,15 +166,18 @@ class KeyAuthenticator:
     def by_key_id(self, key_id: str) -> Principal:
         """The principal of a stored key by its id (an offline batch runs as the key that created it); 401 once
         that key is revoked or expired."""
+        row, org_name = self._key_row(ApiKeyRow.id == key_id)
+        if row is None:
+            raise Unauthenticated("The API key that created this batch no longer exists.", param="authorization")
+        return self._principal(row, org_name)
+
+    def _key_row(self, where: Any) -> tuple[ApiKeyRow | None, str | None]:
+        """The key matching ``where`` and its organisation's name (None, None when there is none)."""
         with self._sessions() as s:
             found = s.execute(
-                select(ApiKeyRow, OrgRow.name)
-                .outerjoin(OrgRow, OrgRow.id == ApiKeyRow.org_id)
-                .where(ApiKeyRow.id == key_id)
+                select(ApiKeyRow, OrgRow.name).outerjoin(OrgRow, OrgRow.id == ApiKeyRow.org_id).where(where)
             ).first()
-        if found is None:
-            raise Unauthenticated("The API key that created this batch no longer exists.", param="authorization")
-        return self._principal(found[0], found[1])
+        return (found[0], found[1]) if found is not None else (None, None)
 
     @staticmethod
     def _principal(row: ApiKeyRow, org_name: str | None) -> Principal:
