@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test test-slow test-all lint bench install dev clean readme-check grpc
+.PHONY: serve test test-slow test-cluster test-all lint bench install dev clean readme-check grpc
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[examples]'
 	touch $@
 
+# The dev install includes the cluster extra (Ray Serve): mypy checks serving/cluster.py, make test-cluster runs it.
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,cluster]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,11 +30,16 @@ serve: $(VENV)/.installed
 	$(BIN)/openmaas serve
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
 
 # The slow suite (real models quantised and scored end to end); CI runs it after `make test`.
 test-slow: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# Cluster mode on a real two-node Ray cluster (ray.cluster_utils) with gateways on PostgreSQL and Redis; CI runs it
+# after the slow suite.
+test-cluster: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m cluster tests/cluster $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -38,7 +38,7 @@ from openmaas.billing.dedicated import DedicatedCapacity
 from openmaas.billing.service import BillingService
 from openmaas.config import Settings
 from openmaas.datasets.service import DatasetService
-from openmaas.entities.models import ModelVersion
+from openmaas.entities.models import ModelVersion, ServingConfig
 from openmaas.gateway.admission import BATCH_LINE, AdmissionControl, BatchLine, Metering
 from openmaas.gateway.auth import KeyAuthenticator, Principal, load_or_create_secret, new_key
 from openmaas.gateway.limits import QuotaGuard, RateLimiter
@@ -51,6 +51,7 @@ from openmaas.metering.writer import GroupCommitWriter
 from openmaas.registry.evaluations import EvaluationService
 from openmaas.registry.inspect import inspect_in_subprocess
 from openmaas.registry.service import ModelRegistry
+from openmaas.runtimes import RuntimeOptions
 from openmaas.serving.backend import ServingBackend
 from openmaas.serving.local import local_backend, runtime_options
 from openmaas.store import db
@@ -92,9 +93,7 @@ def build_platform(settings: Settings) -> Platform:
     registry = ModelRegistry(
         RegistryStore(sessions), LocalArtifactStore(settings.artifacts_dir), options, inspect_in_subprocess
     )
-    backend = local_backend(
-        settings, options, registry.artifact_path, lambda mv: registry.get_model(mv.model).serving, metrics
-    )
+    backend = serving_backend(settings, options, registry, metrics)
     secret = load_or_create_secret(
         settings.secret_key.get_secret_value() if settings.secret_key else None,
         settings.data_dir / "secret.key",
@@ -168,6 +167,26 @@ def build_platform(settings: Settings) -> Platform:
     )
 
 
+def serving_backend(
+    settings: Settings, options: RuntimeOptions, registry: ModelRegistry, metrics: Metrics
+) -> ServingBackend:
+    """In-process serving (``local``, the default) or Ray Serve deployments (``ray``, docs/cluster.md)."""
+
+    def serving_config(mv: ModelVersion) -> ServingConfig:
+        return registry.get_model(mv.model).serving
+
+    local = local_backend(settings, options, registry.artifact_path, serving_config, metrics)
+    if settings.backend == "local":
+        return local
+    try:
+        from openmaas.serving.cluster import RayBackend
+    except ImportError as e:
+        raise ValueError(
+            f"OPENMAAS_BACKEND=ray needs Ray Serve ({e.name} is not installed): pip install 'openmaas[cluster]'"
+        ) from None
+    return RayBackend(settings, local, serving_config, metrics)
+
+
 def _start(platform: Platform) -> None:
     """Blocking start-up work: migrations, the admin key, the bundled catalogue."""
     from openmaas.catalogue import ensure_catalogue_in_subprocess
@@ -210,6 +229,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(_start, platform)
+        await platform.backend.start()
         if settings.prepare_at_start:
             for mv in await run_in_threadpool(_latest_versions, platform):
                 platform.gateway.prepare(mv)  # in the background: e.g. the bundled GGUF model's conversion

@@ -177,6 +177,43 @@ class Settings(BaseSettings):
     audio_max_seconds: float = Field(
         default=600.0, gt=0, description="Longest audio /v1/audio/transcriptions accepts; longer files get 413."
     )
+    backend: Literal["local", "ray"] = Field(
+        default="local",
+        description="Where models run: `local` (in this process) or `ray` (Ray Serve deployments on the cluster at "
+        "OPENMAAS_RAY_ADDRESS; needs `pip install openmaas[cluster]`, PostgreSQL and Redis). See docs/cluster.md.",
+    )
+    ray_address: str = Field(
+        default="auto",
+        description="Ray cluster address for OPENMAAS_BACKEND=ray (`host:port` of the head's GCS, or `auto` for the "
+        "cluster started on this machine).",
+    )
+    artifacts_url: str | None = Field(
+        default=None,
+        description="Folder (or `file://` URL) of the artifact store; every gateway and Ray replica must see the "
+        "same one in cluster mode (a shared folder). Unset: <data_dir>/artifacts.",
+    )
+    ray_replica_cpus: float = Field(
+        default=1.0, ge=0, description="Logical CPUs each model replica declares to Ray (cluster mode)."
+    )
+    ray_shared_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Replicas of each shared (multiplexed) deployment, one per runtime family, that serves the "
+        "models without serving settings of their own (cluster mode).",
+    )
+    ray_shared_memory_mb: int = Field(
+        default=2048,
+        ge=64,
+        description="Model memory budget of each shared deployment's replica in MiB: its residency pool keeps "
+        "what fits, never evicting a model with calls in flight; the replica declares it to Ray (cluster mode).",
+    )
+    ray_call_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest a gateway waits for a replica's answer (a request without a deadline of its own); "
+        "past it the call is 503 with Retry-After (cluster mode).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Log level of the server's JSON logs."
     )
@@ -194,6 +231,16 @@ class Settings(BaseSettings):
 
     @property
     def artifacts_dir(self) -> Path:
+        if self.artifacts_url:
+            url = self.artifacts_url
+            if url.startswith("file://"):
+                return Path(url.removeprefix("file://"))
+            if "://" in url:
+                raise ValueError(
+                    f"OPENMAAS_ARTIFACTS_URL={url!r}: only a folder or a file:// URL is supported (mount the shared "
+                    "storage as a folder on every machine)"
+                )
+            return Path(url)
         return self.data_dir / "artifacts"
 
 

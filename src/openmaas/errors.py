@@ -102,6 +102,18 @@ class OpenMaaSError(Exception):
     def status(self) -> int:
         return STATUS[self.code]
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors cross processes (a Ray replica's reach the gateway): rebuilt from their state, whatever arguments
+        # a subclass's __init__ takes.
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[OpenMaaSError], message: str, state: dict[str, object]) -> OpenMaaSError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 class Unauthenticated(OpenMaaSError):
     code = ErrorCode.UNAUTHENTICATED

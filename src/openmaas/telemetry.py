@@ -161,11 +161,45 @@ class Metrics:
             ("protocol", "status"),
             registry=self.registry,
         )
+        self.cluster_replicas = Gauge(
+            "openmaas_cluster_replicas",
+            "Cluster mode: replicas of each Ray Serve deployment that reported in the last seconds.",
+            ("deployment",),
+            registry=self.registry,
+        )
+        self.cluster_resident_models = Gauge(
+            "openmaas_cluster_resident_models",
+            "Cluster mode: model versions loaded in each deployment's replicas (summed over replicas).",
+            ("deployment",),
+            registry=self.registry,
+        )
+        self.cluster_call_seconds = Histogram(
+            "openmaas_cluster_call_seconds",
+            "Cluster mode: a gateway's call to a deployment, from sending to the answer.",
+            ("deployment",),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.cluster_lost_calls = Counter(
+            "openmaas_cluster_lost_calls",
+            "Cluster mode: calls whose replica was lost (each retried once).",
+            ("deployment",),
+            registry=self.registry,
+        )
         # The labelled series the request path touches on every call, memoised (see Children).
         self.requests_of = Children(self.requests)
         self.latency_of = Children(self.latency)
         self.in_flight_of = Children(self.in_flight)
         self.http_requests_of = Children(self.http_requests)
+        self.cluster_call_of = Children(self.cluster_call_seconds)
+        self._cluster_seen: set[str] = set()
+
+    def set_cluster(self, replicas: dict[str, int], resident: dict[str, int]) -> None:
+        """Cluster gauges from the replicas' latest reports (deployments that vanished drop to 0)."""
+        self._cluster_seen |= set(replicas)
+        for deployment in self._cluster_seen:
+            self.cluster_replicas.labels(deployment).set(replicas.get(deployment, 0))
+            self.cluster_resident_models.labels(deployment).set(resident.get(deployment, 0))
 
 
 class JsonFormatter(logging.Formatter):

@@ -262,6 +262,12 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
         )
         return JSONResponse(_model_json(gw, model, with_versions=False))
 
+    @r.get("/cluster")
+    async def cluster(gw: GatewayDep, who: PrincipalDep) -> JSONResponse:
+        """Where the models run: nodes, deployments and their replicas, and which models each replica holds
+        with its memory (platform admin; ``openmaas cluster status``)."""
+        return JSONResponse(await gw.describe_serving(who))
+
     @r.post("/models/{name:model}/review")
     async def review_model(
         name: str, body: Review, request: Request, gw: GatewayDep, registry: RegistryDep, who: PrincipalDep

@@ -13,6 +13,7 @@ from openmaas.cli import evaluation, publishing, tenancy
 from openmaas.cli.batches import batches_app
 from openmaas.cli.billing import billing_app
 from openmaas.cli.client import ApiError
+from openmaas.cli.cluster import cluster_app
 from openmaas.cli.common import DEFAULT_URL, DataDirOpt, KeyOpt, UrlOpt, client, console, err, fail
 from openmaas.cli.jobs import datasets_app, jobs_app, train
 
@@ -24,6 +25,7 @@ app.add_typer(billing_app, name="billing")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(batches_app, name="batches")
+app.add_typer(cluster_app, name="cluster")
 app.command("train")(train)
 app.command("evaluate")(evaluation.evaluate)
 models_app.command("evaluations")(evaluation.evaluations)

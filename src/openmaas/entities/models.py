@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from openmaas.entities.tensors import Signature
 
@@ -94,6 +94,30 @@ class ServingConfig(BaseModel):
     max_batch_tokens: int | None = Field(default=None, ge=1)
     pinned: bool | None = Field(default=None, description="Never evict this model once loaded.")
     instances: int | None = Field(default=None, ge=1, le=64, description="Copies of the model to run batches on.")
+    # Cluster mode (OPENMAAS_BACKEND=ray): a model with any of these runs as a Ray Serve deployment of its own.
+    min_replicas: int | None = Field(
+        default=None, ge=0, le=1024, description="Fewest replicas (0: scale to zero after idle_timeout_s)."
+    )
+    max_replicas: int | None = Field(default=None, ge=1, le=1024, description="Most replicas the autoscaler starts.")
+    target_ongoing_requests: float | None = Field(
+        default=None, gt=0, le=100_000, description="Requests in flight per replica the autoscaler aims at."
+    )
+    idle_timeout_s: float | None = Field(
+        default=None, gt=0, le=86_400, description="Seconds without calls before a replica is stopped."
+    )
+
+    @model_validator(mode="after")
+    def _replicas_in_order(self) -> ServingConfig:
+        if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+    @property
+    def has_replica_settings(self) -> bool:
+        return any(
+            v is not None
+            for v in (self.min_replicas, self.max_replicas, self.target_ongoing_requests, self.idle_timeout_s)
+        )
 
 
 class ModelVersion(BaseModel):

@@ -20,7 +20,7 @@ from openmaas.audit import Actor, AuditLog
 from openmaas.entities.generation import TokenEvent
 from openmaas.entities.models import Model, ModelVersion, Preparation
 from openmaas.entities.speech import Transcript
-from openmaas.errors import InvalidInput, PayloadTooLarge
+from openmaas.errors import Forbidden, InvalidInput, PayloadTooLarge
 from openmaas.gateway.admission import (
     BATCH_PRIORITY,
     AdmissionControl,
@@ -280,6 +280,12 @@ class Gateway:
 
     async def unload(self, name: str) -> None:
         await self.backend.unload(name)
+
+    async def describe_serving(self, principal: Principal) -> dict[str, Any]:
+        """Where models run (nodes, deployments, replicas, models resident where): the platform admin's view."""
+        if not principal.is_platform_admin:
+            raise Forbidden("the cluster's state is for the platform admin")
+        return await self.backend.describe()
 
     def prepare(self, mv: ModelVersion) -> None:
         """Start a newly registered version's one-time preparation (a format conversion) in the background."""

@@ -1,7 +1,7 @@
 """The serving contract: everything the gateway and the repository API ask of whatever runs the models.
 
-``LocalBackend`` (``serving/local.py``: residency pool, batcher, generation engine, all in this process) is the
-one implementation today; a cluster backend implements the same methods. Callers above serving name only this
+``LocalBackend`` (``serving/local.py``: residency pool, batcher, generation engine, all in this process) and
+``RayBackend`` (``serving/cluster.py``: Ray Serve deployments, each replica a ``LocalBackend``) implement it. Callers above serving name only this
 contract and its neutral types: they never learn which runtime, thread or process computes a model.
 """
 
@@ -156,6 +156,12 @@ class ServingBackend(Protocol):
 
     def prepare(self, mv: ModelVersion) -> None:
         """Start slow one-time work for a newly registered version (a format conversion) in the background."""
+
+    async def start(self) -> None:
+        """Connect to whatever runs the models (the cluster); called once when the server starts."""
+
+    async def describe(self) -> dict[str, Any]:
+        """Where the models run: nodes, deployments, replicas and what each holds (``openmaas cluster status``)."""
 
     async def close(self) -> None:
         """Unload everything and stop background work."""

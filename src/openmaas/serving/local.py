@@ -7,13 +7,16 @@ model for a request through the pool, and turns runtime errors a client caused i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from openmaas.config import Settings
 from openmaas.entities.generation import SamplingParams, TokenEvent
@@ -41,6 +44,8 @@ from openmaas.serving.types import InferenceRequest
 from openmaas.telemetry import Metrics
 
 log = logging.getLogger(__name__)
+
+_BATCH_FIELDS = frozenset(f.name for f in fields(BatchConfig))
 
 
 def runtime_options(settings: Settings) -> RuntimeOptions:
@@ -72,10 +77,8 @@ def local_backend(
     )
 
     def batch_config(mv: ModelVersion) -> BatchConfig:
-        overrides = serving_config(mv).model_dump(exclude_none=True)
-        overrides.pop("pinned", None)
-        overrides.pop("instances", None)
-        return replace(defaults, **overrides)
+        configured = serving_config(mv).model_dump(exclude_none=True)
+        return replace(defaults, **{k: v for k, v in configured.items() if k in _BATCH_FIELDS})
 
     def instances(mv: ModelVersion) -> int:
         if runtime_class(mv.format).serves == "generation":
@@ -331,6 +334,28 @@ class LocalBackend:
         task = asyncio.get_running_loop().create_task(run())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def start(self) -> None:
+        """Nothing to connect to: models load in this process on first use."""
+
+    async def describe(self) -> dict[str, Any]:
+        return {
+            "backend": "local",
+            "nodes": [{"node_id": "local", "alive": True, "address": socket.gethostname(), "resources": {}}],
+            "applications": [],
+            "replicas": [
+                {
+                    "replica": f"local#{os.getpid()}",
+                    "deployment": "local",
+                    "node": "local",
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "memory_budget_bytes": self.pool.budget_bytes or 0,
+                    "memory_used_bytes": self.pool.used_bytes,
+                    "models": [dataclasses.asdict(m) for m in self.stats()],
+                }
+            ],
+        }
 
     async def close(self) -> None:
         for task in list(self._background):

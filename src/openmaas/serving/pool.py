@@ -173,6 +173,9 @@ class ResidencyPool:
     def inference_stats(self, name: str, version: int) -> InferenceCounters:
         return self._stats.get((name, version)) or InferenceCounters()
 
+    def all_inference_stats(self) -> dict[Key, InferenceCounters]:
+        return dict(self._stats)
+
     def batch_config(self, mv: ModelVersion) -> BatchConfig:
         return self._batch_config(mv)
 

@@ -6,7 +6,7 @@ Only the event loop updates them (the batcher's loop and its batch tasks), so pl
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -62,6 +62,45 @@ class InferenceCounters:
         size.compute_infer.add(infer_s)
         size.compute_output.add(split_s)
 
+    def state(self) -> dict[str, object]:
+        """Plain JSON-able fields (a cluster replica reports its counters as this)."""
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, object]) -> InferenceCounters:
+        def duration(d: object) -> Duration:
+            return Duration(**d) if isinstance(d, dict) else Duration()
+
+        out = cls(
+            inference_count=int(state.get("inference_count", 0)),  # type: ignore[call-overload]
+            execution_count=int(state.get("execution_count", 0)),  # type: ignore[call-overload]
+            last_inference_ms=int(state.get("last_inference_ms", 0)),  # type: ignore[call-overload]
+        )
+        for name in _DURATIONS:
+            setattr(out, name, duration(state.get(name)))
+        batches = state.get("batches")
+        if isinstance(batches, dict):
+            for size, d in batches.items():
+                out.batches[int(size)] = BatchDurations(
+                    *(duration(d.get(n)) for n in ("compute_input", "compute_infer", "compute_output"))
+                )
+        return out
+
+    def add(self, other: InferenceCounters) -> None:
+        """Add another replica's counters to these (one model served by several replicas)."""
+        self.inference_count += other.inference_count
+        self.execution_count += other.execution_count
+        self.last_inference_ms = max(self.last_inference_ms, other.last_inference_ms)
+        for name in _DURATIONS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            mine.count += theirs.count
+            mine.ns += theirs.ns
+        for size, d in other.batches.items():
+            into = self.batches.setdefault(size, BatchDurations())
+            for n in ("compute_input", "compute_infer", "compute_output"):
+                getattr(into, n).count += getattr(d, n).count
+                getattr(into, n).ns += getattr(d, n).ns
+
     def to_json(self, name: str, version: int) -> dict[str, object]:
         """The entry as Triton's ``GET /v2/models/{m}/stats`` writes it."""
         return {
@@ -91,3 +130,6 @@ class InferenceCounters:
             ],
             "memory_usage": [],
         }
+
+
+_DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")

@@ -1,0 +1,95 @@
+"""Cluster mode serving: models as Ray Serve deployments behind two stateless gateways (issue 17, tests 1, 3, 5)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import tritonclient.http as triton_http
+from sqlalchemy import create_engine, text
+
+from tests.cluster.conftest import Gateways
+from tests.helpers import bearer, matmul_chain_model, new_key, new_org, register_model
+
+pytestmark = pytest.mark.cluster
+
+TEXTS = ["a cluster of gateways", "Ray Serve deployments", "the same answer twice", "metered exactly once"]
+
+
+@pytest.fixture(scope="module")
+def tenant(gateways: Gateways, minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("models")
+    with gateways.admin() as admin:
+        org = new_org(admin, "cluster")
+        owner = new_key(admin, org["name"], scopes=["inference", "manage"])
+    with httpx.Client(base_url=gateways.servers[0].url, headers=bearer(owner["key"]), timeout=300) as c:
+        archive = shutil.make_archive(str(tmp / "embedder"), "zip", root_dir=minilm_dir)
+        assert register_model(c, Path(archive), "embedder").status_code == 201
+        onnx_path = tmp / "chain.onnx"
+        matmul_chain_model(onnx_path, 8, depth=2, seed=3)
+        assert register_model(c, onnx_path, "chain").status_code == 201
+    return {"org": org["name"], "key": owner["key"], "onnx": onnx_path}
+
+
+def _usage_rows(database_url: str, org_model: str) -> list[tuple[str, int]]:
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("select request_id, count(*) from usage_records where model = :m group by request_id"),
+                {"m": org_model},
+            ).all()
+    finally:
+        engine.dispose()
+    return [(r[0], int(r[1])) for r in rows]
+
+
+def test_both_gateways_answer_as_embedded_mode_and_meter_each_call_once(
+    gateways: Gateways, tenant: dict[str, Any], minilm_dir: Path
+) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    local = SentenceTransformer(str(minilm_dir), device="cpu")
+    expected = local.encode(TEXTS, normalize_embeddings=True)
+    ids: list[str] = []
+    for server in gateways.servers:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=tenant["key"], max_retries=0, timeout=120)
+        raw = client.embeddings.with_raw_response.create(model="embedder", input=TEXTS)
+        ids.append(raw.headers["x-request-id"])
+        got = np.array([d.embedding for d in raw.parse().data], dtype=np.float32)
+        np.testing.assert_allclose(got, expected, atol=2e-5)
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tenant["onnx"]), providers=["CPUExecutionProvider"])
+    x = np.arange(24, dtype=np.float32).reshape(3, 8) / 10
+    want = session.run(None, {"x": x})[0]
+    for server in gateways.servers:
+        tc = triton_http.InferenceServerClient(
+            server.url.removeprefix("http://"), connection_timeout=120, network_timeout=120
+        )
+        inp = triton_http.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        result = tc.infer("chain", [inp], headers=bearer(tenant["key"]))
+        np.testing.assert_allclose(result.as_numpy(session.get_outputs()[0].name), want, rtol=1e-5)
+        ids.append(result.get_response()["id"] if result.get_response().get("id") else "")
+        tc.close()
+
+    rows = dict(_usage_rows(gateways.database_url, f"{tenant['org']}/embedder"))
+    for rid in ids[:2]:
+        assert rows.get(rid) == 1, (rid, rows)
+    assert len(rows) == 2
+    chain_rows = _usage_rows(gateways.database_url, f"{tenant['org']}/chain")
+    assert len(chain_rows) == 2 and all(n == 1 for _, n in chain_rows)
+
+    with gateways.admin(1) as admin:
+        view = admin.get("/api/cluster").json()
+    assert view["backend"] == "ray"
+    assert len([n for n in view["nodes"] if n["alive"]]) == 2
+    resident = {(m["model"], r["deployment"]) for r in view["replicas"] for m in r["models"]}
+    assert (f"{tenant['org']}/embedder", "openmaas-shared-sentence-transformers") in resident
