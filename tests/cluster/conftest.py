@@ -111,12 +111,18 @@ class Gateways:
         return proc
 
 
-def cluster_env(address: str, database_url: str, **extra: str) -> dict[str, str]:
+def cluster_env(address: str, database_url: str, redis_db: int = 1, **extra: str) -> dict[str, str]:
+    """A gateway's settings in cluster mode; each test module has a Redis database of its own (emptied first), so
+    rate limits and replica reports of an earlier cluster never mix with its own."""
+    import redis
+
+    url = REDIS_URL.rsplit("/", 1)[0] + f"/{redis_db}"
+    redis.Redis.from_url(url).flushdb()
     return {
         "OPENMAAS_ADMIN_KEY": ADMIN,
         "OPENMAAS_SECRET_KEY": "cluster-test-secret-" + "0" * 24,
         "OPENMAAS_DATABASE_URL": database_url,
-        "OPENMAAS_REDIS_URL": REDIS_URL,
+        "OPENMAAS_REDIS_URL": url,
         "OPENMAAS_BUNDLED_MODELS": "false",
         "OPENMAAS_BACKEND": "ray",
         "OPENMAAS_RAY_ADDRESS": address,
@@ -144,14 +150,19 @@ def schema_url() -> Iterator[str]:
         admin_engine.dispose()
 
 
-@pytest.fixture(scope="module")
-def gateways(ray_cluster: RayCluster, schema_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateways]:
-    """Two gateway processes on their own ports, one database, one Redis, one artifact folder."""
+def start_gateways(
+    ray_cluster: RayCluster,
+    schema_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    count: int,
+    redis_db: int,
+    **extra: str,
+) -> Iterator[Gateways]:
     data = tmp_path_factory.mktemp("cluster") / "data"
-    env = cluster_env(ray_cluster.address, schema_url)
+    env = cluster_env(ray_cluster.address, schema_url, redis_db, **extra)
     gw = Gateways([], data, schema_url, env)
     try:
-        for i in range(2):
+        for i in range(count):
             proc = ServerProcess(data, env=env)
             proc.log_path = data.parent / f"gateway-{i}.log"
             gw.servers.append(proc)
@@ -161,6 +172,12 @@ def gateways(ray_cluster: RayCluster, schema_url: str, tmp_path_factory: pytest.
         for proc in gw.servers:
             proc.stop()
         _delete_apps(ray_cluster.address)
+
+
+@pytest.fixture(scope="module")
+def gateways(ray_cluster: RayCluster, schema_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateways]:
+    """Two gateway processes on their own ports, one database, one Redis, one artifact folder."""
+    yield from start_gateways(ray_cluster, schema_url, tmp_path_factory, 2, redis_db=1)
 
 
 def _delete_apps(address: str) -> None:

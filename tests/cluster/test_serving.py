@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 import tritonclient.http as triton_http
 from sqlalchemy import create_engine, text
 
-from tests.cluster.conftest import Gateways
+from tests.cluster.conftest import Gateways, wait_for
 from tests.helpers import bearer, matmul_chain_model, new_key, new_org, register_model
 
 pytestmark = pytest.mark.cluster
@@ -93,3 +94,69 @@ def test_both_gateways_answer_as_embedded_mode_and_meter_each_call_once(
     assert len([n for n in view["nodes"] if n["alive"]]) == 2
     resident = {(m["model"], r["deployment"]) for r in view["replicas"] for m in r["models"]}
     assert (f"{tenant['org']}/embedder", "openmaas-shared-sentence-transformers") in resident
+
+
+X = {"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6, 7, 8]}
+
+
+def test_a_key_limit_holds_across_both_gateways(gateways: Gateways, tenant: dict[str, Any]) -> None:
+    with httpx.Client(base_url=gateways.servers[0].url, headers=bearer(tenant["key"]), timeout=60) as c:
+        limited = new_key(c, tenant["org"], limits={"rpm": 60})
+
+    def call(i: int) -> httpx.Response:
+        server = gateways.servers[i % 2]
+        return httpx.post(
+            f"{server.url}/v2/models/chain/infer", json={"inputs": [X]}, headers=bearer(limited["key"]), timeout=60
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(call, range(200)))
+    codes = [r.status_code for r in responses]
+    assert codes.count(200) == 60, {c: codes.count(c) for c in set(codes)}
+    assert codes.count(429) == 140
+    for r in responses:
+        if r.status_code == 429:
+            assert float(r.headers["Retry-After"]) > 0
+    # Both gateways refused some: the limit is one, not one per process.
+    refused_by = {i % 2 for i, r in enumerate(responses) if r.status_code == 429}
+    assert refused_by == {0, 1}
+
+
+def _replicas(gateways: Gateways, app: str) -> int:
+    with gateways.admin() as admin:
+        view = admin.get("/api/cluster").json()
+    for a in view["applications"]:
+        if a["name"] == app:
+            return sum(n for state, n in a["deployments"][0]["replicas"].items() if state == "RUNNING")
+    return 0
+
+
+def test_a_model_scales_to_zero_after_idle_and_a_cold_call_succeeds(
+    gateways: Gateways, tenant: dict[str, Any], tmp_path: Path
+) -> None:
+    path = tmp_path / "cold.onnx"
+    matmul_chain_model(path, 8, seed=11)
+    with httpx.Client(base_url=gateways.servers[0].url, headers=bearer(tenant["key"]), timeout=300) as c:
+        assert register_model(c, path, "cold").status_code == 201
+        r = c.patch("/api/models/cold", json={"serving": {"min_replicas": 0, "max_replicas": 2, "idle_timeout_s": 2}})
+        assert r.status_code == 200, r.text
+        # A bad setting is a 400 naming it, not a deployment that cannot start.
+        bad = c.patch("/api/models/cold", json={"serving": {"min_replicas": 3, "max_replicas": 1}})
+        assert bad.status_code == 400 and "max_replicas" in bad.text
+    app = f"openmaas-model-{tenant['org']}-cold-v1"
+
+    def infer(i: int) -> httpx.Response:
+        return httpx.post(
+            f"{gateways.servers[i % 2].url}/v2/models/cold/infer",
+            json={"inputs": [X]},
+            headers=bearer(tenant["key"]),
+            timeout=120,
+        )
+
+    first = infer(0)
+    assert first.status_code == 200, first.text
+    assert _replicas(gateways, app) >= 1
+    wait_for(lambda: _replicas(gateways, app) == 0, 90, "the idle deployment scaled to zero")
+    cold = infer(1)  # the other gateway: it never deployed it, the application is found by name
+    assert cold.status_code == 200, cold.text
+    assert cold.json()["outputs"] == first.json()["outputs"]
