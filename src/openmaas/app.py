@@ -35,6 +35,7 @@ from openmaas.batches.files import FileService
 from openmaas.batches.runner import BatchRunner, LineOutcome
 from openmaas.batches.service import BatchService
 from openmaas.billing.dedicated import DedicatedCapacity
+from openmaas.billing.holds import HoldKeeper, new_holder_id
 from openmaas.billing.service import BillingService
 from openmaas.config import Settings
 from openmaas.datasets.service import DatasetService
@@ -72,6 +73,7 @@ class Platform:
     backend: ServingBackend
     services: Services
     runner: JobRunner
+    leases: HoldKeeper
 
     @property
     def gateway(self) -> Gateway:
@@ -103,7 +105,8 @@ def build_platform(settings: Settings) -> Platform:
     tenancy_service = TenancyService(sessions, auth.digest, new_key, on_key_changed=auth.forget)
     quotas = QuotaGuard(tenancy_service.all_quotas, usage_queries.month_totals)
     tenancy_service.on_quotas_changed(quotas.invalidate)
-    billing = BillingService(engine, settings.currency, settings.commission_bps)
+    holder = new_holder_id()
+    billing = BillingService(engine, settings.currency, settings.commission_bps, holder)
     admission = AdmissionControl(
         RateLimiter(settings.redis_url),
         quotas,
@@ -163,7 +166,13 @@ def build_platform(settings: Settings) -> Platform:
         ),
     )
     return Platform(
-        settings, engine, metrics, backend, services, JobRunner(sessions, jobs_dir, worker_env, settings.max_jobs)
+        settings,
+        engine,
+        metrics,
+        backend,
+        services,
+        JobRunner(sessions, jobs_dir, worker_env, settings.max_jobs),
+        HoldKeeper(engine, holder),
     )
 
 
@@ -214,6 +223,7 @@ def _start(platform: Platform) -> None:
             "OPENMAAS_LOG_FORMAT": settings.log_format,
         }
         ensure_catalogue_in_subprocess(platform.services.registry, env)
+    platform.leases.start()
     platform.runner.start()
 
 
@@ -259,6 +269,7 @@ def create_app(settings: Settings) -> FastAPI:
             await run_in_threadpool(platform.runner.stop)
             await platform.backend.close()
             await platform.gateway.close()
+            await run_in_threadpool(platform.leases.stop)
             platform.engine.dispose()
 
     app = OpenMaaSApp(

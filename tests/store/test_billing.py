@@ -507,3 +507,51 @@ def test_batch_lines_settle_at_the_discount_and_move_the_tiers(engine: Engine) -
     assert (usage["batch"]["quantity"], usage["batch"]["amount_micros"]) == (4, 8)
     assert (usage["online"]["quantity"], usage["online"]["amount_micros"]) == (1, 3)
     assert billing.books.verify()["ok"]
+
+
+def test_the_holds_of_a_gateway_whose_lease_lapsed_are_given_back(engine: Engine) -> None:
+    """A gateway killed mid-call leaves its calls' holds open: another process's sweep gives them back once its
+    lease is stale (never a live gateway's); a call that still settles after that pays from the wallet, once."""
+    from sqlalchemy import select, update
+
+    from openmaas.billing.holds import STALE_S, HoldKeeper
+    from openmaas.store.tables import GatewayRow, HoldRow
+
+    billing, provider, consumer = _seed(engine)
+    _pay_as_you_go(billing)
+    billing.credit(consumer, 10 * 1_000_000, "t")
+    long_ago = datetime.now(UTC) - timedelta(seconds=STALE_S * 4)
+    with engine.begin() as conn:
+        conn.execute(insert(GatewayRow).values(id="dead", host="h", pid=1, started_at=long_ago, seen_at=long_ago))
+    alive = HoldKeeper(engine, "alive")
+    alive.start()
+    try:
+        billing.holder = "dead"
+        lost = [billing.admit(consumer, "m", provider, f"lost-{i}", {"requests": 1}) for i in range(2)]
+        billing.holder = "alive"
+        kept = billing.admit(consumer, "m", provider, "kept", {"requests": 1})
+        assert alive.sweep() == 0  # the dead gateway's holds are younger than a stale lease: maybe still running
+        with engine.begin() as conn:
+            conn.execute(update(HoldRow).values(created_at=long_ago))
+        assert alive.sweep() == 2
+        assert alive.sweep() == 0
+        assert billing.wallet(consumer) == {
+            "balance_micros": 10_000_000,
+            "held_micros": 1_000_000,
+            "available_micros": 9_000_000,
+        }
+        with engine.begin() as conn:
+            for request_id, pending in (("lost-0", lost[0]), ("kept", kept)):
+                row = _usage_row(consumer, 1, datetime.now(UTC), request_id=request_id)
+                conn.execute(insert(UsageRecordRow).values(**row))
+                billing.settle(conn, row, pending)  # type: ignore[arg-type]
+        assert billing.wallet(consumer) == {
+            "balance_micros": 8_000_000,
+            "held_micros": 0,
+            "available_micros": 8_000_000,
+        }
+        assert billing.books.verify()["ok"]
+    finally:
+        alive.stop()
+    with engine.connect() as conn:  # a gateway that stops cleanly removes its lease
+        assert conn.execute(select(GatewayRow.id)).all() == [("dead",)]

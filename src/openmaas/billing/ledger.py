@@ -87,6 +87,14 @@ def settle_hold(conn: Connection, org: str, held: int, cost: int, provider: str 
     post(conn, "settle", [(hold(org), -held), (wallet(org), held - cost), (revenue(provider), cost)], reference)
 
 
+def pay(conn: Connection, org: str, cost: int, provider: str | None, reference: str) -> None:
+    """A payment of ``cost`` straight from the wallet (no hold left to settle)."""
+    conn.execute(
+        update(WalletRow).where(WalletRow.org_id == org).values(available_micros=WalletRow.available_micros - cost)
+    )
+    post(conn, "settle", [(wallet(org), -cost), (revenue(provider), cost)], reference)
+
+
 def release_hold(conn: Connection, org: str, held: int, reference: str) -> None:
     conn.execute(
         update(WalletRow)

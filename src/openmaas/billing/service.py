@@ -52,8 +52,12 @@ def _plan(r: Any) -> Plan:
 
 
 class BillingService:
-    def __init__(self, engine: Engine, currency: str = "CNY", commission_bps: int = 2000) -> None:
+    def __init__(
+        self, engine: Engine, currency: str = "CNY", commission_bps: int = 2000, holder: str | None = None
+    ) -> None:
         self._engine = engine
+        #: This process's lease id (``billing/holds.py``): the holds it takes name it.
+        self.holder = holder
         self.currency = currency
         self.commission_bps = commission_bps
         self._plans_cache: dict[str, tuple[float, list[Plan]]] = {}
@@ -356,7 +360,12 @@ class BillingService:
                 )
             conn.execute(
                 insert(HoldRow).values(
-                    id=request_id, org_id=org_id, amount_micros=amount, state="open", created_at=datetime.now(UTC)
+                    id=request_id,
+                    org_id=org_id,
+                    amount_micros=amount,
+                    state="open",
+                    created_at=datetime.now(UTC),
+                    holder=self.holder,
                 )
             )
         return PendingCharge(request_id, org_id, amount, usage.id, owner_org_id, spec.unit, batch=batch)

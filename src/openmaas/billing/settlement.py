@@ -102,8 +102,15 @@ def settle(conn: Connection, record: UsageRecordRow | dict[str, Any], pending: P
             channel="batch" if pending.batch else "online",
         )
     )
-    conn.execute(update(HoldRow).where(HoldRow.id == pending.hold_id).values(state="settled"))
-    ledger.settle_hold(conn, pending.org_id, pending.held_micros, cost, pending.provider_org_id, r["request_id"])
+    settled = conn.execute(
+        update(HoldRow).where(HoldRow.id == pending.hold_id, HoldRow.state == "open").values(state="settled")
+    )
+    if settled.rowcount == 1:
+        ledger.settle_hold(conn, pending.org_id, pending.held_micros, cost, pending.provider_org_id, r["request_id"])
+    else:
+        # The hold was given back already (its gateway's lease lapsed while the call was still running, see
+        # billing/holds.py): the call is paid from the wallet as it stands.
+        ledger.pay(conn, pending.org_id, cost, pending.provider_org_id, r["request_id"])
 
 
 def release_in(conn: Connection, pending: PendingCharge) -> None:

@@ -205,7 +205,7 @@ class ModelReplica:
         import redis
 
         client = redis.Redis.from_url(self._redis_url or "")
-        while not self._stop.wait(REPORT_EVERY_S):
+        while True:
             try:
                 report = self.report()
                 pipe = client.pipeline()
@@ -216,6 +216,8 @@ class ModelReplica:
                 pipe.execute()
             except Exception:  # a report is best effort: the next one comes a second later
                 log.warning("could not report this replica to Redis", exc_info=True)
+            if self._stop.wait(REPORT_EVERY_S):
+                break
         client.close()
 
     def check_health(self) -> None:

@@ -293,12 +293,27 @@ class CreditRow(Base):
 
 class HoldRow(Base):
     __tablename__ = "holds"
+    __table_args__ = (Index("ix_holds_open_holder", "state", "holder"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     org_id: Mapped[str] = mapped_column(String(32), nullable=False)
     amount_micros: Mapped[int] = mapped_column(BigInteger, nullable=False)
     state: Mapped[str] = mapped_column(String(16), nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    #: The gateway process that took it (``gateways.id``): its holds are given back when its lease lapses.
+    holder: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class GatewayRow(Base):
+    """A server process's lease, renewed every few seconds while it runs (``billing/holds.py``)."""
+
+    __tablename__ = "gateways"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), nullable=False)
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
 
 
 class ChargeAccumulatorRow(Base):
