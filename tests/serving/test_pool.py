@@ -108,6 +108,50 @@ def test_round_robin_over_three_models_with_room_for_two(versions: dict) -> None
     asyncio.run(scenario())
 
 
+def test_with_room_for_one_model_three_busy_models_take_turns_instead_of_evicting_each_other(versions: dict) -> None:
+    """A budget that holds one of three models, each called without pause: every load must serve the requests
+    that waited for it before the next load may evict it. Before, the next load evicted the fresh model before
+    its waiting requests ran, and the three loads evicted each other for ever (no request ever completed)."""
+
+    async def scenario() -> None:
+        pool = _pool(versions, Metrics(), instances=lambda mv: 2)
+        mvs = [mv for mv, _ in versions.values()]
+        # Two copies of a model take about twice its file; 2.8 files hold one model, never two.
+        pool.budget_bytes = int(mvs[0].size_bytes * 2.8)
+
+        async def client(mv: ModelVersion) -> int:
+            for _ in range(4):
+                result = await pool.infer(mv, _x(), 1, 1, None)
+                assert result.outputs["y"].shape == (1, N)
+            return 4
+
+        done = await asyncio.wait_for(asyncio.gather(*(client(mv) for mv in mvs)), 60)
+        assert sum(done) == 12
+        assert pool.used_bytes <= pool.budget_bytes
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_goes_away_while_its_model_loads_gives_its_hold_back(versions: dict) -> None:
+    async def scenario() -> None:
+        pool = _pool(versions, Metrics())
+        a = versions["alpha"][0]
+        waiting = asyncio.create_task(pool.acquire(a))
+        staying = asyncio.create_task(pool.acquire(a))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        resident = await staying
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert resident.in_flight == 1  # only the request that stayed holds it
+        await pool.release(resident)
+        await asyncio.wait_for(pool.unload(a.model), 5)
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
 def test_never_unloaded_while_in_flight(versions: dict) -> None:
     async def scenario() -> None:
         metrics = Metrics()

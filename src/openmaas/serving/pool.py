@@ -109,6 +109,13 @@ class Resident:
         return (self.version.model, self.version.version)
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """A request waiting for its model's load; the load sets ``granted`` (and counts it in flight) when done."""
+
+    granted: Resident | None = None
+
+
 def choose_victims(
     residents: list[Resident], needed: int, used: int, budget: int, *, include_busy: bool = False
 ) -> list[Resident] | None:
@@ -153,6 +160,7 @@ class ResidencyPool:
         #: Statistics since this process started, per version (they outlive evictions).
         self._stats: dict[Key, InferenceCounters] = {}
         self._loading: dict[Key, asyncio.Task[Resident]] = {}
+        self._waiting: dict[Key, set[_Waiter]] = {}
         # Loads run one at a time: the footprint is measured as the process's memory growth during the load.
         self._load_lock = asyncio.Lock()
         self._released = asyncio.Condition()
@@ -221,18 +229,42 @@ class ResidencyPool:
 
     async def acquire(self, mv: ModelVersion) -> Resident:
         """A loaded model held for one request: it is never unloaded until ``release``."""
+        key = (mv.model, mv.version)
         while True:
-            resident = self._resident.get((mv.model, mv.version))
+            resident = self._resident.get(key)
             if resident is not None and resident.draining:
                 await resident.gone.wait()  # being evicted: wait, then load it again
                 continue
             if resident is None:
-                resident = await self.load(mv)
-            if not resident.unloaded and not resident.draining:
+                return await self._acquire_loading(mv)
+            if not resident.unloaded:
                 resident.in_flight += 1
                 resident.last_used = time.monotonic()
                 return resident
-            # Evicted between its load and our turn to run: load it again.
+
+    async def _acquire_loading(self, mv: ModelVersion) -> Resident:
+        """Wait for ``mv``'s load; the load holds the model for every request waiting on it before anything else
+        can run, so the next model's load cannot evict it before these requests had their turn (under a budget
+        that fits fewer models than are called, loads would otherwise evict each other's models for ever)."""
+        key = (mv.model, mv.version)
+        waiter = _Waiter()
+        self._waiting.setdefault(key, set()).add(waiter)
+        loaded = None
+        try:
+            loaded = await self.load(mv)
+        finally:
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                waiting.discard(waiter)
+                if not waiting:
+                    del self._waiting[key]
+            if loaded is None and waiter.granted is not None:
+                await self.release(waiter.granted)  # held for us, but we went away (cancelled) or it failed
+        if waiter.granted is loaded:
+            loaded.last_used = time.monotonic()
+            return loaded
+        # The model was already loaded when we asked (no grant): hold it as any request does.
+        return await self.acquire(mv)
 
     async def release(self, resident: Resident) -> None:
         resident.in_flight -= 1
@@ -337,6 +369,9 @@ class ResidencyPool:
                 )
                 resident.batcher.start()
                 self._resident[key] = resident
+                for waiter in self._waiting.get(key, ()):  # see _acquire_loading
+                    waiter.granted = resident
+                    resident.in_flight += 1
                 # The estimate may have been low: evict idle models until the measured footprint fits.
                 await self._fit_after_load(resident)
                 self._update_gauges()
