@@ -165,7 +165,11 @@ def run_train(settings: Settings, sessions: sessionmaker[Session], reporter: Rep
     build: loop.Net | Callable[[], loop.Net] = network or (
         lambda: tabular.tabular_net(*data["train"], spec.kind, n_classes, spec.params)
     )
-    if spec.params.workers > 1:
+    if spec.params.workers > 1 and settings.backend == "ray":
+        from openmaas.jobs.cluster_training import train_on_ray
+
+        train_on_ray(settings, job.id, spec.params.workers, data, spec, n_classes, checkpoint, build)
+    elif spec.params.workers > 1:
         _train_data_parallel(
             spec.params.workers, sessions, reporter, data, spec, n_classes, checkpoint, on_epoch, build
         )

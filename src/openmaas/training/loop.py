@@ -73,6 +73,7 @@ def train(
     rank: int = 0,
     world: int = 1,
     soft_targets: tuple[np.ndarray, float, float] | None = None,
+    after_epoch: Callable[[int], None] | None = None,
 ) -> Net:
     """Train, saving a checkpoint after every epoch; an existing checkpoint is resumed from.
 
@@ -83,7 +84,9 @@ def train(
     gradients are averaged across them, and rank 0 validates, checkpoints, reports and decides when to stop.
 
     ``soft_targets`` (distillation): a teacher's probabilities for each training row, a temperature T and a weight
-    alpha; the loss is alpha * T² * KL(teacher at T || student at T) + (1 - alpha) * cross-entropy."""
+    alpha; the loss is alpha * T² * KL(teacher at T || student at T) + (1 - alpha) * cross-entropy.
+
+    ``after_epoch`` runs on every rank once an epoch's checkpoint is written (Ray Train reports there)."""
     import torch.distributed as dist
 
     torch.manual_seed(params.seed)
@@ -200,6 +203,8 @@ def train(
             flag = torch.tensor([1 if stop else 0])
             dist.broadcast(flag, src=0)  # rank 0 decides: early stop or cancel
             stop = bool(flag.item())
+        if after_epoch is not None:
+            after_epoch(epoch + 1)
         if stop:
             break
     if best_state is not None:
