@@ -94,7 +94,7 @@ def _train_worker(
     import ray.train
     import torch
 
-    from openmaas.jobs.worker import Reporter
+    from openmaas.jobs.progress import Reporter
     from openmaas.store import db
     from openmaas.training import loop
 
