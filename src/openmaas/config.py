@@ -211,8 +211,8 @@ class Settings(BaseSettings):
     ray_call_timeout_s: float = Field(
         default=60.0,
         gt=0,
-        description="Longest a gateway waits for a replica's answer (a request without a deadline of its own); "
-        "past it the call is 503 with Retry-After (cluster mode).",
+        description="Longest a gateway waits for a replica's answer; past it the call is 503 with Retry-After "
+        "(504 when the request's own deadline passed first) (cluster mode).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Log level of the server's JSON logs."
