@@ -66,6 +66,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/compression.py --append docs/benchmarks.md
 	$(BIN)/python bench/compression_digits.py --append docs/benchmarks.md
 	$(BIN)/python bench/batch.py --append docs/benchmarks.md
+	$(BIN)/python bench/cluster.py --append docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

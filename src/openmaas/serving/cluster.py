@@ -288,10 +288,13 @@ class RayBackend:
 
     async def _call(self, mv: ModelVersion, method: str, *args: Any, deadline: float | None = None) -> Any:
         """Call a replica method for ``mv``; a replica lost mid-call is retried once, then 503."""
-        target, handle = await self._handle(mv)
-        routed = handle.options(multiplexed_model_id=target.multiplexed) if target.multiplexed else handle
+        # A conversion running here (this gateway registered the version) answers 503 with its progress, rather
+        # than have a replica start the same conversion.
+        self.local.pool.refuse_while_preparing(mv)
         timeout = self._settings.ray_call_timeout_s
         for attempt in (1, 2):
+            target, handle = await self._handle(mv)
+            routed = handle.options(multiplexed_model_id=target.multiplexed) if target.multiplexed else handle
             started = time.perf_counter()
             response = getattr(routed, method).remote(*args)
             try:
@@ -316,6 +319,14 @@ class RayBackend:
                 if attempt == 2:
                     raise ModelNotReady(
                         f"the replica serving model '{mv.model}' was lost; retry shortly", retry_after=2
+                    ) from None
+            except RayServeException:
+                # The application is gone (deleted by another gateway's unload, or Serve restarted): deploy it
+                # again once.
+                self._handles.pop(target.app, None)
+                if attempt == 2:
+                    raise ModelNotReady(
+                        f"model '{mv.model}' is being deployed again; retry shortly", retry_after=5
                     ) from None
         raise AssertionError("unreachable")
 
@@ -370,7 +381,7 @@ class RayBackend:
             if report["deployment"].startswith("openmaas-shared-"):
                 for m in report["models"]:
                     if m["model"] == name and (version is None or m["version"] == version):
-                        handle = serve.get_app_handle(report["deployment"])
+                        handle = await asyncio.to_thread(serve.get_app_handle, report["deployment"])
                         await handle.options(multiplexed_model_id=f"{name}@{m['version']}").unload.remote(
                             name, m["version"]
                         )

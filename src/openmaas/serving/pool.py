@@ -319,7 +319,7 @@ class ResidencyPool:
             return resident
         pending = self._loading.get(key)
         if pending is None:
-            self._refuse_while_preparing(mv)
+            self.refuse_while_preparing(mv)
             pending = asyncio.get_running_loop().create_task(self._load_new(mv), name=f"load {mv.model}:{mv.version}")
             self._loading[key] = pending
             pending.add_done_callback(lambda t: None if t.cancelled() else t.exception())  # retrieved: no warning
@@ -332,7 +332,7 @@ class ResidencyPool:
             return None  # the format never needs preparing: no path lookup
         return cls.preparing(self._artifact_path(mv))
 
-    def _refuse_while_preparing(self, mv: ModelVersion) -> None:
+    def refuse_while_preparing(self, mv: ModelVersion) -> None:
         """A version whose one-time preparation (a conversion) runs in the background cannot load yet: say so at
         once, with how far it is, instead of holding the call for the minute it takes."""
         prep = self.preparing(mv)
