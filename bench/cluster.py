@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import uuid
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ import sys
 from ray import serve
 from sentence_transformers import SentenceTransformer
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
 class Embedder:
@@ -55,9 +57,9 @@ class Embedder:
     async def embed(self, texts: list[str]) -> list[list[float]]:
         return self.model.encode(texts, normalize_embeddings=True).tolist()
 
-    async def __call__(self, request: Request) -> dict:
+    async def __call__(self, request: Request) -> JSONResponse:
         body = await request.json()
-        return {"data": [{"embedding": await self.embed(body["input"])}]}
+        return JSONResponse({"data": [{"embedding": await self.embed(body["input"])}]})
 
 app = Embedder.bind(sys.argv[1])
 """
@@ -174,6 +176,9 @@ def cluster_mode(args: argparse.Namespace, requests: list[bytes]) -> dict[str, A
                 out["cold_starts_s"] = colds
                 print(f"cold starts: {[round(x, 2) for x in colds]} s", flush=True)
                 engine.dispose()
+    except Exception:
+        traceback.print_exc()  # before the cluster's shutdown, which may fail too and hide it
+        raise
     finally:
         if proc is not None:
             proc.terminate()
@@ -293,8 +298,8 @@ def main() -> None:
         *(f"| {k} | {r['rps']:.0f} | {r['rps'] / k:.0f} |" for k, r in cluster["scaling"].items()),
         "",
         f"Shared per call: {cluster['pg_commits_per_call']:.2f} PostgreSQL transactions (usage records are group "
-        f"committed), {cluster['redis_commands_per_call']:.2f} Redis commands (the key's limits and concurrency "
-        f"slot), {cluster['redis_usec_per_command']:.1f} µs of Redis's own time per command. Cold starts: "
+        f"committed), {cluster['redis_commands_per_call']:.2f} Redis commands (the benchmark's admin key has no "
+        f"limits: these are the replicas' reports; a limited key adds one per limit and two for its slot), {cluster['redis_usec_per_command']:.1f} µs of Redis's own time per command. Cold starts: "
         + ", ".join(f"{x:.2f} s" for x in cluster["cold_starts_s"])
         + ".",
     ]

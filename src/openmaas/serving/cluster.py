@@ -29,7 +29,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import ray
@@ -113,6 +113,8 @@ class RayBackend:
         self._deploying: dict[str, asyncio.Task[Handle]] = {}
         self._reports: list[dict[str, Any]] = []
         self._refresher: asyncio.Task[None] | None = None
+        self._groups: dict[tuple[str, int], _Group] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._redis: Any = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -334,20 +336,62 @@ class RayBackend:
         return self._serving_config(mv)
 
     async def infer(self, mv: ModelVersion, request: InferenceRequest, rows: int, cost: int) -> TensorResult:
-        remaining = request.deadline - time.monotonic() if request.deadline is not None else None
-        result: TensorResult = await self._call(
-            mv,
-            "infer",
-            mv,
-            self._serving(mv),
-            request.inputs,
-            rows,
-            cost,
-            remaining,
-            request.priority,
-            deadline=request.deadline,
-        )
+        """Concurrent calls to one version leave together: while a group is on its way to a replica the next
+        calls gather, and go as one handle call (``infer_many``) when a send slot frees up. This shares Ray's
+        per-call cost (scheduling, serialising, the actor call) among the group; the replica's batcher then
+        batches the rows as in embedded mode, so batching still happens once, there."""
+        key = (mv.model, mv.version)
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group()
+        item = _Item(request, rows, cost, asyncio.get_running_loop().create_future())
+        group.pending.append(item)
+        if group.sending < _SENDS_PER_MODEL:
+            group.sending += 1
+            task = asyncio.get_running_loop().create_task(self._send(mv, group))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        result: TensorResult = await item.future
         return result
+
+    async def _send(self, mv: ModelVersion, group: _Group) -> None:
+        try:
+            while group.pending:
+                items, group.pending = group.pending[:_MAX_GROUP], group.pending[_MAX_GROUP:]
+                now = time.monotonic()
+                payload = [
+                    (
+                        i.request.inputs,
+                        i.rows,
+                        i.cost,
+                        i.request.deadline - now if i.request.deadline is not None else None,
+                        i.request.priority,
+                    )
+                    for i in items
+                ]
+                deadlines = [i.request.deadline for i in items if i.request.deadline is not None]
+                try:
+                    results = await self._call(
+                        mv, "infer_many", mv, self._serving(mv), payload, deadline=min(deadlines, default=None)
+                    )
+                except asyncio.CancelledError:
+                    for i in items + group.pending:
+                        i.future.cancel()
+                    raise
+                except Exception as e:
+                    for i in items:
+                        if not i.future.done():
+                            i.future.set_exception(e)
+                    continue
+                for i, r in zip(items, results, strict=True):
+                    if i.future.done():
+                        continue  # the caller went away
+                    if isinstance(r, BaseException):
+                        i.future.set_exception(r)
+                    else:
+                        i.future.set_result(r)
+        finally:
+            group.sending -= 1
 
     async def open_generation(self, mv: ModelVersion, spec: GenerationSpec) -> RayGeneration:
         serving = self._serving(mv)
@@ -474,6 +518,25 @@ class RayBackend:
             "applications": apps,
             "replicas": sorted(self._reports, key=lambda r: (r["deployment"], r["replica"])),
         }
+
+
+#: Groups of calls one gateway sends to one version at once, and the most calls in a group.
+_SENDS_PER_MODEL = 4
+_MAX_GROUP = 256
+
+
+@dataclass(eq=False)
+class _Item:
+    request: InferenceRequest
+    rows: int
+    cost: int
+    future: asyncio.Future[TensorResult]
+
+
+@dataclass(eq=False)
+class _Group:
+    pending: list[_Item] = field(default_factory=list)
+    sending: int = 0
 
 
 @dataclass(eq=False)

@@ -12,6 +12,7 @@ reports for model state, Triton statistics and ``openmaas cluster status``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from openmaas.config import Settings
 from openmaas.entities.generation import TokenEvent
 from openmaas.entities.models import ModelVersion, ServingConfig
 from openmaas.entities.speech import Transcript
+from openmaas.errors import OpenMaaSError
 from openmaas.serving.backend import AudioClip, GenerationSpec, TensorResult
 from openmaas.serving.local import LocalBackend, local_backend, runtime_options
 from openmaas.serving.types import InferenceRequest
@@ -112,6 +114,31 @@ class ModelReplica:
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         request = InferenceRequest(inputs=inputs, deadline=deadline, priority=priority)
         return await self.backend.infer(mv, request, rows, cost)
+
+    async def infer_many(
+        self,
+        mv: ModelVersion,
+        serving: ServingConfig,
+        items: list[tuple[dict[str, np.ndarray], int, int, float | None, int]],
+    ) -> list[TensorResult | OpenMaaSError]:
+        """A gateway's group of calls to one version (inputs, rows, cost, seconds to its deadline, priority), each
+        submitted to the batcher on its own (so they batch with everything else queued here); a call's own error
+        comes back in its place."""
+        self._use(mv, serving)
+        await self._route(mv)
+        now = time.monotonic()
+
+        async def one(item: tuple[dict[str, np.ndarray], int, int, float | None, int]) -> TensorResult | OpenMaaSError:
+            inputs, rows, cost, timeout_s, priority = item
+            deadline = now + timeout_s if timeout_s is not None else None
+            try:
+                return await self.backend.infer(
+                    mv, InferenceRequest(inputs=inputs, deadline=deadline, priority=priority), rows, cost
+                )
+            except OpenMaaSError as e:
+                return e
+
+        return list(await asyncio.gather(*(one(i) for i in items)))
 
     async def check_generation(self, mv: ModelVersion, serving: ServingConfig, spec: GenerationSpec) -> tuple[int, int]:
         """(prompt tokens, most tokens to generate); InvalidRequest for a prompt past the window."""
