@@ -209,3 +209,36 @@ def test_generation_streams_and_speech_transcribes_through_the_cluster(
             texts.append(client.audio.transcriptions.create(model="ears", file=f).text)
     assert texts[0] == texts[1]
     assert "report" in texts[0].lower() and "friday" in texts[0].lower(), texts
+
+
+def test_concurrent_calls_to_a_model_reach_its_replica_in_groups(gateways: Gateways, tenant: dict[str, Any]) -> None:
+    """64 concurrent calls through one gateway make far fewer handle calls (each a group, `infer_many`), and each
+    caller still gets its own answer."""
+    import re
+
+    def handle_calls() -> float:
+        with gateways.admin() as admin:
+            text_ = admin.get("/metrics").text
+        found = re.search(
+            r'openmaas_cluster_call_seconds_count\{deployment="openmaas-shared-onnx"\} ([0-9.e+]+)', text_
+        )
+        return float(found.group(1)) if found else 0.0
+
+    before = handle_calls()
+
+    def call(i: int) -> httpx.Response:
+        x = {"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [float(i)] * 8}
+        return httpx.post(
+            f"{gateways.servers[0].url}/v2/models/chain/infer",
+            json={"inputs": [x]},
+            headers=bearer(tenant["key"]),
+            timeout=60,
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        responses = list(pool.map(call, range(192)))
+    assert all(r.status_code == 200 for r in responses)
+    outputs = [r.json()["outputs"][0]["data"] for r in responses]
+    assert len({tuple(o) for o in outputs}) == 192  # each input its own answer, none mixed up
+    groups = handle_calls() - before
+    assert 0 < groups < 192 / 2, groups

@@ -99,22 +99,6 @@ class ModelReplica:
     async def _multiplexed(self, model: str) -> str:
         return model
 
-    async def infer(
-        self,
-        mv: ModelVersion,
-        serving: ServingConfig,
-        inputs: dict[str, np.ndarray],
-        rows: int,
-        cost: int,
-        timeout_s: float | None,
-        priority: int,
-    ) -> TensorResult:
-        self._use(mv, serving)
-        await self._route(mv)
-        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
-        request = InferenceRequest(inputs=inputs, deadline=deadline, priority=priority)
-        return await self.backend.infer(mv, request, rows, cost)
-
     async def infer_many(
         self,
         mv: ModelVersion,
