@@ -37,7 +37,7 @@ from openmaas.batches.service import BatchService
 from openmaas.billing.dedicated import DedicatedCapacity
 from openmaas.billing.holds import HoldKeeper, new_holder_id
 from openmaas.billing.service import BillingService
-from openmaas.config import Settings
+from openmaas.config import Settings, SettingsError
 from openmaas.datasets.service import DatasetService
 from openmaas.entities.models import ModelVersion, ServingConfig
 from openmaas.gateway.admission import BATCH_LINE, AdmissionControl, BatchLine, Metering
@@ -190,7 +190,7 @@ def serving_backend(
     try:
         from openmaas.serving.cluster import RayBackend
     except ImportError as e:
-        raise ValueError(
+        raise SettingsError(
             f"OPENMAAS_BACKEND=ray needs Ray Serve ({e.name} is not installed): pip install 'openmaas[cluster]'"
         ) from None
     return RayBackend(settings, local, serving_config, metrics)

@@ -14,6 +14,10 @@ def _default_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+class SettingsError(ValueError):
+    """Settings that cannot work together (said in one line when the server starts)."""
+
+
 class Settings(BaseSettings):
     """Platform settings. Each field is documented in docs/settings.md (a test keeps the two in step)."""
 
@@ -236,7 +240,7 @@ class Settings(BaseSettings):
             if url.startswith("file://"):
                 return Path(url.removeprefix("file://"))
             if "://" in url:
-                raise ValueError(
+                raise SettingsError(
                     f"OPENMAAS_ARTIFACTS_URL={url!r}: only a folder or a file:// URL is supported (mount the shared "
                     "storage as a folder on every machine)"
                 )

@@ -52,7 +52,7 @@ def serve(
     import uvicorn
 
     from openmaas.app import create_app
-    from openmaas.config import Settings
+    from openmaas.config import Settings, SettingsError
     from openmaas.telemetry import configure_logging
 
     overrides: dict[str, Any] = {}
@@ -74,7 +74,11 @@ def serve(
             err.print(f"[red]error:[/red] {settings.host}:{port} {what}", soft_wrap=True)
             raise typer.Exit(1)
     configure_logging(settings.log_level, settings.log_format)
-    application = create_app(settings)
+    try:
+        application = create_app(settings)  # settings that cannot work together are said in one line
+    except SettingsError as e:
+        err.print(f"[red]error:[/red] {e}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
     uvicorn.run(
         application,
         host=settings.host,

@@ -44,7 +44,7 @@ from ray.exceptions import (
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from openmaas.config import Settings
+from openmaas.config import Settings, SettingsError
 from openmaas.entities.generation import TokenEvent
 from openmaas.entities.models import ModelVersion, Preparation, ServingConfig
 from openmaas.entities.speech import Transcript
@@ -101,7 +101,7 @@ class RayBackend:
         metrics: Metrics,
     ) -> None:
         if not settings.redis_url:
-            raise ValueError(
+            raise SettingsError(
                 "OPENMAAS_BACKEND=ray needs OPENMAAS_REDIS_URL: the gateways share rate limits and read the "
                 "replicas' reports there (see docs/cluster.md)"
             )
@@ -129,12 +129,17 @@ class RayBackend:
 
     def _connect(self) -> None:
         if not ray.is_initialized():
-            ray.init(
-                address=self._settings.ray_address,
-                namespace=NAMESPACE,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
+            try:
+                ray.init(
+                    address=self._settings.ray_address,
+                    namespace=NAMESPACE,
+                    log_to_driver=False,
+                    logging_level=logging.WARNING,
+                )
+            except (ConnectionError, ValueError) as e:
+                raise SettingsError(
+                    f"cannot reach the Ray cluster at OPENMAAS_RAY_ADDRESS={self._settings.ray_address!r}: {e}"
+                ) from None
         # No Serve HTTP proxy: the gateways are the ingress.
         serve.start(http_options={"location": "NoServer"})
         log.info("connected to the Ray cluster", extra={"address": self._settings.ray_address})
