@@ -109,7 +109,7 @@ class RayBackend:
         self._settings = settings
         self._serving_config = serving_config
         self._metrics = metrics
-        self._handles: dict[str, tuple[str, Handle]] = {}
+        self._handles: dict[str, tuple[ServingConfig, Handle]] = {}
         self._deploying: dict[str, asyncio.Task[Handle]] = {}
         self._reports: list[dict[str, Any]] = []
         self._refresher: asyncio.Task[None] | None = None
@@ -227,18 +227,18 @@ class RayBackend:
 
     async def _handle(self, mv: ModelVersion) -> tuple[Target, Handle]:
         target = self.target(mv)
-        serving_print = self._serving_config(mv).model_dump_json()
+        serving = self._serving_config(mv)
         known = self._handles.get(target.app)
-        if known is not None and (target.multiplexed is not None or known[0] == serving_print):
+        if known is not None and (target.multiplexed is not None or known[0] == serving):
             return target, known[1]
         task = self._deploying.get(target.app)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._deploy(mv, target, serving_print))
+            task = asyncio.get_running_loop().create_task(self._deploy(mv, target, serving))
             self._deploying[target.app] = task
             task.add_done_callback(lambda _: self._deploying.pop(target.app, None))
         return target, await asyncio.shield(task)
 
-    async def _deploy(self, mv: ModelVersion, target: Target, serving_print: str) -> Handle:
+    async def _deploy(self, mv: ModelVersion, target: Target, serving: ServingConfig) -> Handle:
         footprint = None
         if target.multiplexed is None:
             measured = await self._redis.get(FOOTPRINT_PREFIX + mv.sha256)
@@ -247,10 +247,12 @@ class RayBackend:
         memory_mb = self._settings.ray_shared_memory_mb if target.multiplexed is not None else 0
         spec = ReplicaSpec(self._replica_settings(), target.app, memory_mb)
         fingerprint = hashlib.sha256(
-            json.dumps({"options": options, "serving": serving_print if target.multiplexed is None else ""}).encode()
+            json.dumps(
+                {"options": options, "serving": serving.model_dump_json() if target.multiplexed is None else ""}
+            ).encode()
         ).hexdigest()[:16]
         handle = await asyncio.to_thread(self._ensure_app, target, options, spec, fingerprint)
-        self._handles[target.app] = (serving_print, handle)
+        self._handles[target.app] = (serving, handle)
         return handle
 
     def _ensure_app(self, target: Target, options: dict[str, Any], spec: ReplicaSpec, fingerprint: str) -> Handle:
@@ -337,9 +339,6 @@ class RayBackend:
                     ) from None
         raise AssertionError("unreachable")
 
-    def _serving(self, mv: ModelVersion) -> ServingConfig:
-        return self._serving_config(mv)
-
     async def infer(self, mv: ModelVersion, request: InferenceRequest, rows: int, cost: int) -> TensorResult:
         """Concurrent calls to one version leave together: while a group is on its way to a replica the next
         calls gather, and go as one handle call (``infer_many``) when a send slot frees up. This shares Ray's
@@ -377,7 +376,7 @@ class RayBackend:
                 deadlines = [i.request.deadline for i in items if i.request.deadline is not None]
                 try:
                     results = await self._call(
-                        mv, "infer_many", mv, self._serving(mv), payload, deadline=min(deadlines, default=None)
+                        mv, "infer_many", mv, self._serving_config(mv), payload, deadline=min(deadlines, default=None)
                     )
                 except asyncio.CancelledError:
                     for i in items + group.pending:
@@ -399,7 +398,7 @@ class RayBackend:
             group.sending -= 1
 
     async def open_generation(self, mv: ModelVersion, spec: GenerationSpec) -> RayGeneration:
-        serving = self._serving(mv)
+        serving = self._serving_config(mv)
         prompt_tokens, max_tokens = await self._call(mv, "check_generation", mv, serving, spec)
         target, handle = await self._handle(mv)
         routed = handle.options(stream=True, multiplexed_model_id=target.multiplexed or "")
@@ -409,14 +408,14 @@ class RayBackend:
         self, mv: ModelVersion, clip: AudioClip, *, language: str | None, prompt: str | None, temperature: float
     ) -> Transcript:
         transcript: Transcript = await self._call(
-            mv, "transcribe", mv, self._serving(mv), clip.samples, clip.seconds, language, prompt, temperature
+            mv, "transcribe", mv, self._serving_config(mv), clip.samples, clip.seconds, language, prompt, temperature
         )
         return transcript
 
     # -- residency ---------------------------------------------------------------------------------------------
 
     async def load(self, mv: ModelVersion) -> None:
-        await self._call(mv, "load", mv, self._serving(mv))
+        await self._call(mv, "load", mv, self._serving_config(mv))
 
     async def unload(self, name: str, version: int | None = None) -> None:
         """Unload ``name``: its own deployments are deleted (replicas stopped), a shared deployment's replica
@@ -436,7 +435,7 @@ class RayBackend:
                         )
 
     async def pin(self, mv: ModelVersion, holder: str) -> None:
-        await self._call(mv, "pin", mv, self._serving(mv), holder)
+        await self._call(mv, "pin", mv, self._serving_config(mv), holder)
 
     def unpin(self, mv: ModelVersion, holder: str) -> None:
         target = self.target(mv)
