@@ -178,6 +178,12 @@ class Settings(BaseSettings):
     generation_max_tokens: int = Field(
         default=256, ge=1, description="Answer length when a completion request gives no max_tokens."
     )
+    generation_weights: Literal["int8", "int8-forced", "float32"] = Field(
+        default="int8",
+        description="Language models' weights in memory: int8 (converted once, in the background; served in "
+        "float32 where the model's perplexity rises more than 5% or the engine cannot run it, and the model's "
+        "details say why), int8-forced (int8 even past the 5% guard) or float32.",
+    )
     audio_max_seconds: float = Field(
         default=600.0, gt=0, description="Longest audio /v1/audio/transcriptions accepts; longer files get 413."
     )

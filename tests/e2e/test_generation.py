@@ -281,6 +281,7 @@ def test_a_tiny_llama_made_here_registers_and_generates(
     assert r.status_code == 201, r.text
     assert r.json()["format"] == "transformers"
     assert name in {m.id for m in llm.models.list()}
+    assert admin.get(f"/api/models/{name}").json()["versions"][-1]["weights"] is None  # not converted yet
     out = llm.completions.create(model=name, prompt="the cat sat", max_tokens=6, temperature=0)
     assert out.usage is not None and out.usage.prompt_tokens >= 2
     assert out.usage.completion_tokens == (
@@ -289,6 +290,8 @@ def test_a_tiny_llama_made_here_registers_and_generates(
     assert out.choices[0].finish_reason in ("length", "stop")
     chat = llm.chat.completions.create(model=name, messages=[{"role": "user", "content": "the dog"}], max_tokens=4)
     assert chat.choices[0].message.role == "assistant"
+    weights = admin.get(f"/api/models/{name}").json()["versions"][-1]["weights"]
+    assert weights["serving"] == "int8" and weights["supported"], weights  # converted by its first load
     with pytest.raises(openai.BadRequestError, match="context window is 128 tokens"):
         llm.completions.create(model=name, prompt="the cat sat on the mat " * 40, max_tokens=4)
     # Over v2 (tritonclient's generate-style tensors): text_input -> text_output, greedy.
@@ -378,5 +381,9 @@ def test_a_gguf_file_registers_like_any_model(admin: httpx.Client, llm: openai.O
     # Same bytes as the bundled model's artifact: the conversion made for it is reused.
     out = llm.completions.create(model=name, prompt="The capital of France is", max_tokens=5, temperature=0)
     assert out.choices[0].text.strip()
+    # Served from int8 weights; the model's details say so, with the quality guard's figures.
+    weights = admin.get(f"/api/models/{name}").json()["versions"][-1]["weights"]
+    assert weights["serving"] == "int8" and weights["engine"] == "onnxruntime MatMulNBits", weights
+    assert weights["passed"] and abs(weights["perplexity_increase"]) <= 0.05 and weights["perplexity_float32"] > 1
     r = admin.post("/api/models", data={"name": unique("fake")}, files={"file": ("fake.gguf", b"not a gguf file")})
     assert r.status_code == 400 and "GGUF" in r.json()["detail"]

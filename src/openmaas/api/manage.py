@@ -65,10 +65,13 @@ def _require_owner(who: Principal, model: Model) -> None:
     who.require("models.manage")
 
 
-def _version_json(mv: ModelVersion, measured: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def _version_json(
+    mv: ModelVersion, measured: dict[int, dict[str, Any]], weights: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A version with its card; ``measured``: the figures the platform measured (the newest report its owner ran),
-    kept apart from the card's ``metrics``, which are what the provider wrote."""
-    return {**mv.model_dump(mode="json"), "measured": measured.get(mv.version)}
+    kept apart from the card's ``metrics``, which are what the provider wrote; ``weights``: how serving holds
+    them (a language model's int8 or float32, with the quality guard's figures), once known."""
+    return {**mv.model_dump(mode="json"), "measured": measured.get(mv.version), "weights": weights}
 
 
 def _model_json(
@@ -78,7 +81,7 @@ def _model_json(
     if with_versions:
         versions = gw.versions(model.name)
         measured = evaluations.measured(model.name) if evaluations is not None else {}
-        out["versions"] = [_version_json(v, measured) for v in versions]
+        out["versions"] = [_version_json(v, measured, gw.weights(v)) for v in versions]
         if versions:
             latest = versions[-1]
             prep = gw.preparing(latest)
@@ -151,7 +154,8 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
         name: str, version: int, gw: GatewayDep, who: PrincipalDep, evaluations: EvaluationsDep
     ) -> JSONResponse:
         mv = gw.model_version(who, name, version)
-        return JSONResponse(_version_json(mv, await run_in_threadpool(evaluations.measured, mv.model)))
+        measured = await run_in_threadpool(evaluations.measured, mv.model)
+        return JSONResponse(_version_json(mv, measured, gw.weights(mv)))
 
     # -- evaluation reports ----------------------------------------------------------------------------------------
 

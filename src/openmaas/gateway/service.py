@@ -111,6 +111,10 @@ class Gateway:
     def preparing(self, mv: ModelVersion) -> Preparation | None:
         return self.backend.preparing(mv)
 
+    def weights(self, mv: ModelVersion) -> dict[str, Any] | None:
+        """How ``mv``'s weights are held when served (int8 or float32 and why, for language models)."""
+        return self.backend.weights(mv)
+
     def inference_stats(self, mv: ModelVersion) -> InferenceCounters:
         return self.backend.inference_stats(mv)
 

@@ -33,6 +33,9 @@ class RuntimeOptions:
     generation_context: int = 8192
     generation_max_tokens: int = 256
     generation_queue: int = 64
+    #: Language models' weights in memory: ``int8`` (quantised, float32 where the quality guard or the engine
+    #: refuses), ``int8-forced`` (quantised even past the quality guard) or ``float32``.
+    generation_weights: str = "int8"
 
 
 @dataclass
@@ -64,15 +67,21 @@ class Runtime(ABC):
         return None
 
     @classmethod
-    def prepare(cls, path: Path) -> bool:
+    def prepare(cls, path: Path, options: RuntimeOptions) -> bool:
         """Slow one-time work that makes an artifact ready to load (a conversion), run off the request path;
         True when it did that work now, False when there was none to do."""
         return False
 
     @classmethod
-    def needs_preparation(cls, path: Path) -> bool:
+    def needs_preparation(cls, path: Path, options: RuntimeOptions) -> bool:
         """Whether ``prepare`` still has work to do for the artifact at ``path``."""
         return False
+
+    @classmethod
+    def prepared_weights(cls, path: Path, options: RuntimeOptions) -> dict[str, object] | None:
+        """How the artifact's weights are held when served (say, int8 and the quality guard's figures), once
+        known; None for formats served as stored."""
+        return None
 
     @classmethod
     def preparing(cls, path: Path) -> Preparation | None:

@@ -1,13 +1,15 @@
 """Text generation runtimes: Hugging Face causal LMs (a folder with safetensors) and GGUF files.
 
-A GGUF file is converted once (de-quantised into a safetensors folder, in a child process; see ``gguf.py``) the
-first time it is loaded; the folder is kept beside the artifact and every later load reads it directly. Decoding
-runs on the model's ``Engine`` (``engine.py``).
+A GGUF file is converted once (de-quantised into a safetensors folder, in a child process; see ``gguf.py``), and
+every causal LM is then quantised once to int8 (``quantised.py``; also a child process, with a quality guard);
+both folders are kept beside the artifact and every later load reads them directly. Decoding runs on the model's
+``Engine`` (``engine.py``), the same for int8 and float32 weights.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,8 +22,10 @@ from openmaas.entities.models import Preparation
 from openmaas.entities.tensors import Signature, TensorSpec
 from openmaas.errors import Overloaded
 from openmaas.runtimes.base import Runtime, RuntimeOptions, RuntimeResult, route_library_logs
+from openmaas.runtimes.conversion import convert_once, progress
 from openmaas.runtimes.engine import Engine, Generation
-from openmaas.runtimes.gguf import conversion_progress, converted_folder, describe_gguf, is_converted
+from openmaas.runtimes.gguf import conversion_progress, converted_folder, converted_target, describe_gguf
+from openmaas.runtimes.quantised import RECORD_FILE, load_quantised
 
 #: Conversation rendered as a plain transcript: what suits a base (not instruction-tuned) model. A model folder
 #: whose tokenizer has its own chat template uses that instead.
@@ -64,6 +68,8 @@ class CausalLMRuntime(Runtime):
         self._parameters = 0
         self._model: Any = None
         self._lock = threading.Lock()
+        #: How the loaded weights are held: the quantisation record, plus ``serving`` (int8 or float32) and why.
+        self.weights: dict[str, Any] = {}
 
     @classmethod
     def static_signature(cls, path: Path) -> Signature | None:
@@ -72,6 +78,45 @@ class CausalLMRuntime(Runtime):
     def model_folder(self) -> Path:
         return self.path
 
+    # -- preparation: the one-time int8 conversion --------------------------------------------------------------
+
+    @classmethod
+    def float32_path(cls, path: Path) -> Path:
+        """Where the folder of float32 weights for the artifact at ``path`` is (or will be)."""
+        return path
+
+    @classmethod
+    def float32_folder(cls, path: Path) -> Path:
+        """The folder of float32 weights for the artifact at ``path``, made first where needed."""
+        return path
+
+    @classmethod
+    def prepare(cls, path: Path, options: RuntimeOptions) -> bool:
+        needed = cls.needs_preparation(path, options)
+        folder = cls.float32_folder(path)
+        if options.generation_weights != "float32":
+            quantised_folder(folder)
+        return needed
+
+    @classmethod
+    def needs_preparation(cls, path: Path, options: RuntimeOptions) -> bool:
+        if not (cls.float32_path(path) / "config.json").is_file():
+            return True
+        return options.generation_weights != "float32" and not _record_path(cls.float32_path(path)).is_file()
+
+    @classmethod
+    def preparing(cls, path: Path) -> Preparation | None:
+        return progress(_int8_target(cls.float32_path(path)))
+
+    @classmethod
+    def prepared_weights(cls, path: Path, options: RuntimeOptions) -> dict[str, object] | None:
+        if options.generation_weights == "float32":
+            return {"serving": "float32", "reason": "OPENMAAS_GENERATION_WEIGHTS=float32"}
+        record = _record_path(cls.float32_path(path))
+        if not record.is_file():
+            return None
+        return weights_summary(json.loads(record.read_text()), options)
+
     def load(self) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,9 +124,17 @@ class CausalLMRuntime(Runtime):
         route_library_logs()
         folder = self.model_folder()
         torch.set_num_threads(self.options.torch_threads)
+        self.weights = {"serving": "float32", "reason": "OPENMAAS_GENERATION_WEIGHTS=float32"}
+        if self.options.generation_weights != "float32":
+            record = json.loads((quantised_folder(folder) / RECORD_FILE).read_text())
+            self.weights = weights_summary(record, self.options)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
-        model.eval()  # type: ignore[no-untyped-call]
+        if self.weights["serving"] == "int8":
+            model, self._bytes = load_quantised(_int8_target(folder), self.options.torch_threads)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+            model.eval()  # type: ignore[no-untyped-call]
+            self._bytes = int(sum(p.numel() * p.element_size() for p in model.parameters()))
         config = model.config
         window = int(getattr(config, "max_position_embeddings", 0) or 2048)
         self.context_window = min(window, self.options.generation_context)
@@ -94,8 +147,8 @@ class CausalLMRuntime(Runtime):
         end_of_turn = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")
         if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
             eos_ids.add(end_of_turn)
-        self._bytes = int(sum(p.numel() * p.element_size() for p in model.parameters()))
-        self._parameters = int(sum(p.numel() for p in model.parameters()))
+        counted = int(sum(p.numel() for p in model.parameters()))
+        self._parameters = int(self.weights.get("parameters") or counted)
         self._model = model
         self.engine = Engine(
             model, self.tokenizer, self._lock, eos_ids, self.options.generation_batch, self.options.torch_threads
@@ -203,18 +256,49 @@ class GGUFRuntime(CausalLMRuntime):
         return SIGNATURE
 
     @classmethod
-    def prepare(cls, path: Path) -> bool:
-        needed = cls.needs_preparation(path)
-        converted_folder(path)
-        return needed
+    def float32_path(cls, path: Path) -> Path:
+        return converted_target(path)
 
     @classmethod
-    def needs_preparation(cls, path: Path) -> bool:
-        return not is_converted(path)
+    def float32_folder(cls, path: Path) -> Path:
+        return converted_folder(path)
 
     @classmethod
     def preparing(cls, path: Path) -> Preparation | None:
-        return conversion_progress(path)
+        return conversion_progress(path) or super().preparing(path)
 
     def model_folder(self) -> Path:
         return converted_folder(self.path)
+
+
+def _int8_target(folder: Path) -> Path:
+    """Where the int8 conversion of the float32 ``folder`` goes: beside it."""
+    return folder.parent / f"{folder.name}.int8"
+
+
+def _record_path(folder: Path) -> Path:
+    return _int8_target(folder) / RECORD_FILE
+
+
+def quantised_folder(folder: Path) -> Path:
+    """The int8 conversion of ``folder`` (made once, in a child process), holding at least its record."""
+    return convert_once(
+        _int8_target(folder),
+        "openmaas.runtimes.quantised",
+        [str(folder)],
+        "quantising the language model to int8",
+        done=RECORD_FILE,
+    )
+
+
+def weights_summary(record: dict[str, Any], options: RuntimeOptions) -> dict[str, Any]:
+    """What a model's details say of its weights: how they are served and the quality guard's figures."""
+    summary = {k: v for k, v in record.items() if k not in ("plan", "seconds")}
+    forced = options.generation_weights == "int8-forced"
+    if record.get("supported") and (record.get("passed") or forced):
+        summary["serving"] = "int8"
+        if not record.get("passed"):
+            summary["reason"] = f"forced past the quality guard: {record.get('reason', '')}"
+    else:
+        summary["serving"] = "float32"
+    return summary

@@ -158,7 +158,7 @@ class Engine:
             mask[row, width - len(s.ids) :] = 1
         position = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float(), out.past_key_values, mask
+        return out.logits[:, -1, :].float(), out.cache, mask
 
     def _step(self, active: list[_Sequence], cache: Any, mask: Any) -> tuple[Any, Any, Any]:
         """Read each sequence's newest token."""
@@ -171,11 +171,11 @@ class Engine:
             input_ids=ids,
             attention_mask=mask,
             position_ids=position,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        return out.logits[:, -1, :].float(), out.past_key_values, mask
+        return out.logits[:, -1, :].float(), out.cache, mask
 
     def _advance(self, active: list[_Sequence], logits: Any) -> list[int]:
         """Sample each sequence's next token, emit text, and return the rows still generating."""

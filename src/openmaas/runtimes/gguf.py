@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from openmaas.entities.models import Preparation
+from openmaas.runtimes.conversion import child_start, convert_once, progress, report
 
 log = logging.getLogger(__name__)
 
@@ -84,86 +79,23 @@ def describe_gguf(path: Path) -> dict[str, Any]:
 def converted_folder(gguf_path: Path) -> Path:
     """The safetensors folder converted from ``gguf_path``, made on first use (in a child process) and kept beside
     the artifact."""
-    target = _target(gguf_path)
-    with _conversion_lock(target):  # one conversion per file in this process; others wait for it
-        if is_converted(gguf_path):
-            return target
-        return _convert_into(gguf_path, target)
+    return convert_once(
+        converted_target(gguf_path), "openmaas.runtimes.gguf", [str(gguf_path)], "converting GGUF to safetensors"
+    )
 
 
-def _target(gguf_path: Path) -> Path:
+def converted_target(gguf_path: Path) -> Path:
     """Where the conversion of ``gguf_path`` goes: beside the artifact."""
     return gguf_path.parent / "converted"
 
 
 def is_converted(gguf_path: Path) -> bool:
-    return (_target(gguf_path) / "config.json").is_file()
+    return (converted_target(gguf_path) / "config.json").is_file()
 
 
 def conversion_progress(gguf_path: Path) -> Preparation | None:
     """The conversion of ``gguf_path`` running in this process now, else None."""
-    state = _PROGRESS.get(_target(gguf_path))
-    if state is None:
-        return None
-    step, fraction, started = state
-    return Preparation(step=step, progress=round(fraction, 3), elapsed_s=round(time.monotonic() - started, 1))
-
-
-_CONVERSIONS: dict[Path, threading.Lock] = {}
-_CONVERSIONS_GUARD = threading.Lock()
-# target folder -> (step, fraction done, monotonic start) while a conversion runs
-_PROGRESS: dict[Path, tuple[str, float, float]] = {}
-_PROGRESS_PREFIX = "openmaas-progress "
-
-
-def _conversion_lock(target: Path) -> threading.Lock:
-    with _CONVERSIONS_GUARD:
-        return _CONVERSIONS.setdefault(target, threading.Lock())
-
-
-def _convert_into(gguf_path: Path, target: Path) -> Path:
-    staging = gguf_path.parent / f"converting-{os.getpid()}-{threading.get_ident()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    started = time.perf_counter()
-    log.info("converting GGUF to safetensors (once)", extra={"path": gguf_path.name})
-    _PROGRESS[target] = ("starting the converter", 0.0, time.monotonic())
-    try:
-        with tempfile.TemporaryFile("w+") as errors:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "openmaas.runtimes.gguf", str(gguf_path), str(staging)],
-                stdout=subprocess.PIPE,
-                stderr=errors,
-                text=True,
-                env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
-            )
-            assert child.stdout is not None
-            for line in child.stdout:  # "openmaas-progress <fraction> <step>", a line per step
-                if line.startswith(_PROGRESS_PREFIX):
-                    fraction, _, step = line[len(_PROGRESS_PREFIX) :].strip().partition(" ")
-                    _PROGRESS[target] = (step, float(fraction), _PROGRESS[target][2])
-            try:
-                code = child.wait(timeout=1800)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                code = child.wait()
-            errors.seek(0)
-            stderr = errors.read()
-    finally:
-        _PROGRESS.pop(target, None)
-    if code != 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        lines = [line for line in stderr.strip().splitlines() if line.strip()]
-        raise RuntimeError(f"GGUF conversion failed: {lines[-1] if lines else code}")
-    try:
-        os.rename(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)  # another process converted it first
-    log.info("GGUF converted", extra={"seconds": round(time.perf_counter() - started, 1)})
-    return target
-
-
-def _report(fraction: float, step: str) -> None:
-    print(f"{_PROGRESS_PREFIX}{fraction:.3f} {step}", flush=True)
+    return progress(converted_target(gguf_path))
 
 
 def _count_tensors() -> None:
@@ -179,7 +111,7 @@ def _count_tensors() -> None:
         every = max(1, total // 40)
         for i, item in enumerate(iterable):
             if total and i % every == 0:
-                _report(0.1 + 0.7 * i / total, "de-quantising the weights")
+                report(0.1 + 0.7 * i / total, "de-quantising the weights")
             yield item
 
     if hasattr(gguf_utils, "tqdm"):
@@ -194,12 +126,12 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    _report(0.02, "reading the tokenizer")
+    report(0.02, "reading the tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    _report(0.1, "de-quantising the weights")
+    report(0.1, "de-quantising the weights")
     _count_tensors()
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    _report(0.8, "copying the weights")
+    report(0.8, "copying the weights")
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -208,13 +140,12 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     out.mkdir(parents=True)
-    _report(0.85, "writing safetensors")
+    report(0.85, "writing safetensors")
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     (out / "openmaas-source.json").write_text(json.dumps({"gguf": name, "bytes": gguf_path.stat().st_size}))
 
 
 if __name__ == "__main__":
-    os.nice(10)  # a background conversion must not slow the models being served
-    logging.disable(logging.WARNING)
+    child_start()
     convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]))

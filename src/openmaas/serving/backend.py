@@ -145,6 +145,10 @@ class ServingBackend(Protocol):
     def preparing(self, mv: ModelVersion) -> Preparation | None:
         """The one-time preparation running for ``mv`` now (step, progress), else None."""
 
+    def weights(self, mv: ModelVersion) -> dict[str, Any] | None:
+        """How ``mv``'s weights are held when served (a language model's int8 or float32, with the quality
+        guard's figures), once its preparation has told; None for formats served as stored."""
+
     def inference_stats(self, mv: ModelVersion) -> InferenceCounters:
         """Cumulative statistics of ``mv``'s batched inference (zeros for a version never run here)."""
 

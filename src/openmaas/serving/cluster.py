@@ -173,6 +173,9 @@ class RayBackend:
     def preparing(self, mv: ModelVersion) -> Preparation | None:
         return self.local.preparing(mv)
 
+    def weights(self, mv: ModelVersion) -> dict[str, Any] | None:
+        return self.local.weights(mv)  # the record lies beside the artifact, on the shared store
+
     def batching(self, mv: ModelVersion) -> Batching:
         return self.local.batching(mv)
 

@@ -46,6 +46,8 @@ from openmaas.telemetry import Metrics
 log = logging.getLogger(__name__)
 
 _BATCH_FIELDS = frozenset(f.name for f in fields(BatchConfig))
+#: Artifacts smaller than this are prepared by their first load rather than in the background at registration.
+_PREPARE_INLINE_BYTES = 32 << 20
 
 
 def runtime_options(settings: Settings) -> RuntimeOptions:
@@ -56,6 +58,7 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         generation_context=settings.generation_context,
         generation_max_tokens=settings.generation_max_tokens,
         generation_queue=settings.generation_queue,
+        generation_weights=settings.generation_weights,
     )
 
 
@@ -295,6 +298,12 @@ class LocalBackend:
     def preparing(self, mv: ModelVersion) -> Preparation | None:
         return self.pool.preparing(mv)
 
+    def weights(self, mv: ModelVersion) -> dict[str, Any] | None:
+        cls = runtime_class(mv.format)
+        if cls.prepared_weights.__func__ is Runtime.prepared_weights.__func__:  # type: ignore[attr-defined]
+            return None  # served as stored: no path lookup
+        return cls.prepared_weights(self.pool.artifact_path(mv), self.pool.options)
+
     def stats(self) -> list[ModelStats]:
         out = [
             ModelStats(
@@ -316,15 +325,17 @@ class LocalBackend:
         if cls.prepare.__func__ is Runtime.prepare.__func__:  # type: ignore[attr-defined]
             return  # the format needs no preparation: no thread for nothing
         path = self.pool.artifact_path(mv)
-        if not cls.needs_preparation(path):
+        if not cls.needs_preparation(path, self.pool.options):
             return
+        if mv.size_bytes < _PREPARE_INLINE_BYTES:
+            return  # seconds of work: the first load does it, so the model serves from its first call
         where = {"model": mv.model, "version": mv.version}
         log.info("preparing the model in the background: calls get 503 until it is ready", extra=where)
 
         async def run() -> None:
             started = time.perf_counter()
             try:
-                await asyncio.to_thread(cls.prepare, path)
+                await asyncio.to_thread(cls.prepare, path, self.pool.options)
             except Exception:
                 # The first load tries again and reports the problem to its caller.
                 log.exception("preparing a model failed", extra=where)

@@ -1,0 +1,170 @@
+"""Language models served with int8 weights (ONNX Runtime's MatMulNBits kernels): the conversion, its quality guard,
+the float32 fallback, and the runtime that serves the result through the same generation engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from openmaas.entities.generation import SamplingParams
+from openmaas.runtimes import RuntimeOptions
+from openmaas.runtimes.causal_lm import CausalLMRuntime, quantised_folder
+from openmaas.runtimes.quantised import RECORD_FILE, REFERENCE_TEXT, convert, dequantise_rows, quantise_matrix
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def tiny_model(folder: Path, kind: str = "llama", hidden_outlier: bool = False) -> Path:
+    """A small causal LM trained here for a few seconds on the quality guard's own text (so its perplexity there
+    is low and means something), with a BPE tokenizer trained on the same text, saved like any Hugging Face folder.
+
+    ``hidden_outlier``: the final norm silences hidden dimensions 0 and 32 and the output layer gives them huge
+    weights. The float32 model is unchanged (those weights always meet zeros), but each int8 block of the output
+    layer that holds one rounds its other weights to zero: the model int8 breaks, which the guard must catch."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(
+        [REFERENCE_TEXT], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"])
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")  # type: ignore[no-untyped-call]
+    folder.mkdir(parents=True)
+    fast.save_pretrained(str(folder))
+    torch.manual_seed(0)
+    vocab = tok.get_vocab_size()
+    model: torch.nn.Module
+    if kind == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=112,  # not a multiple of the 32-weight block: the down projection's last is padded
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=not hidden_outlier,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=512))
+    ids = torch.tensor([fast(REFERENCE_TEXT)["input_ids"]])
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(120):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    if hidden_outlier:
+        with torch.no_grad():
+            model.model.norm.weight[[0, 32]] = 0.0
+            model.lm_head.weight[:, [0, 32]] = 1e4
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def test_int8_blocks_round_trip_within_half_a_step() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(7, 70)).astype(np.float32)  # 70: two whole blocks and a padded one
+    w[3] = 0.0  # an all-zero row keeps a usable scale
+    blocks, scales = quantise_matrix(w)
+    assert blocks.shape == (7, 3, 32) and blocks.dtype == np.uint8 and scales.shape == (21,)
+    back = dequantise_rows(blocks, scales, np.arange(7), 70)
+    step = np.repeat(scales.reshape(7, 3), 32, axis=1)[:, :70]
+    assert np.all(np.abs(back - w) <= step / 2 + 1e-6)
+    assert np.all(back[3] == 0.0)
+    assert np.allclose(dequantise_rows(blocks, scales, np.array([5, 1, 5]), 70), back[[5, 1, 5]])
+
+
+def test_a_tiny_llama_converts_once_and_serves_int8_with_its_own_figures(tmp_path: Path) -> None:
+    folder = tiny_model(tmp_path / "llama")
+    options = RuntimeOptions(torch_threads=1)
+    assert CausalLMRuntime.needs_preparation(folder, options)
+    assert CausalLMRuntime.prepare(folder, options) is True  # in a child process, as in the server
+    assert not CausalLMRuntime.needs_preparation(folder, options)
+    record = json.loads((tmp_path / "llama.int8" / RECORD_FILE).read_text())
+    assert record["supported"] and record["passed"], record
+    assert abs(record["perplexity_increase"]) < 0.05 and record["greedy_agreement"] > 0.5
+    assert [k["kind"] for k in record["plan"]["kernels"]] == ["projections", "linear", "mlp"] * 2 + ["linear"]
+    weights = CausalLMRuntime.prepared_weights(folder, options)
+    assert weights is not None and weights["serving"] == "int8" and weights["weights"] == "int8"
+
+    quantised = CausalLMRuntime(folder, options)
+    quantised.load()
+    reference = CausalLMRuntime(folder, RuntimeOptions(torch_threads=1, generation_weights="float32"))
+    reference.load()
+    try:
+        assert quantised.weights["serving"] == "int8" and reference.weights["serving"] == "float32"
+        assert quantised.parameters() == reference.parameters()
+        assert quantised.memory_bytes() < reference.memory_bytes() * 0.6
+        # The same engine decodes both: greedy text, several requests at once, each its own answer.
+        prompts = ["The river runs", "Water boils at", "She opened the"]
+        ours, theirs = _greedy(quantised, prompts), _greedy(reference, prompts)
+        assert all(len(t) > 0 for t in ours)
+        assert sum(a == b for a, b in zip(ours, theirs, strict=True)) >= 2, (ours, theirs)
+        nll, scored = quantised.log_likelihood(REFERENCE_TEXT)
+        ref_nll, ref_scored = reference.log_likelihood(REFERENCE_TEXT)
+        assert scored == ref_scored and abs(nll - ref_nll) / ref_nll < 0.05
+    finally:
+        quantised.unload()
+        reference.unload()
+
+
+def test_a_model_the_engine_cannot_quantise_is_served_in_float32_and_says_why(tmp_path: Path) -> None:
+    folder = tiny_model(tmp_path / "gpt2", kind="gpt2")  # GPT-2's layers are Conv1D, not nn.Linear
+    record = convert(folder, tmp_path / "out")
+    assert record["supported"] is False and "Conv1D" in record["reason"]
+    runtime = CausalLMRuntime(folder, RuntimeOptions(torch_threads=1))
+    runtime.load()
+    try:
+        assert runtime.weights["serving"] == "float32" and "Conv1D" in runtime.weights["reason"]
+        assert _greedy(runtime, ["The river runs"])[0]
+    finally:
+        runtime.unload()
+
+
+def test_the_quality_guard_refuses_int8_that_hurts_unless_forced(tmp_path: Path) -> None:
+    folder = tiny_model(tmp_path / "spiky", hidden_outlier=True)
+    quantised_folder(folder)
+    record = json.loads((tmp_path / "spiky.int8" / RECORD_FILE).read_text())
+    assert record["supported"] is True and record["passed"] is False, record
+    assert record["perplexity_increase"] > 0.05
+    assert "limit is +5%" in record["reason"] and "int8-forced" in record["reason"]
+    guarded = CausalLMRuntime.prepared_weights(folder, RuntimeOptions())
+    assert guarded is not None and guarded["serving"] == "float32"
+    forced = CausalLMRuntime(folder, RuntimeOptions(torch_threads=1, generation_weights="int8-forced"))
+    forced.load()
+    try:
+        assert forced.weights["serving"] == "int8" and forced.weights["reason"].startswith("forced past")
+    finally:
+        forced.unload()
+
+
+def _greedy(runtime: CausalLMRuntime, prompts: list[str]) -> list[str]:
+    async def run() -> list[str]:
+        loop = asyncio.get_running_loop()
+        requests = [
+            runtime.generate(runtime.encode(p), SamplingParams(max_tokens=8, temperature=0.0), loop) for p in prompts
+        ]
+        out = []
+        for r in requests:
+            parts = []
+            while True:
+                event = await r.events.get()
+                parts.append(event.text)
+                if event.finish_reason is not None:
+                    assert event.finish_reason in ("length", "stop"), event
+                    break
+            out.append("".join(parts))
+        return out
+
+    return asyncio.run(run())
