@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -229,18 +230,17 @@ def _make_modules() -> dict[str, type]:
         def __init__(self, kernel: Any, sizes: list[int]) -> None:
             super().__init__()
             self.kernel, self.sizes = kernel, sizes
-            self._input: Any = None
-            self._outputs: list[Any] = []
-            self._taken: set[int] = set()
+            self._stash = threading.local()  # per thread: the engine and an evaluation may run the model at once
 
         def part(self, index: int, x: Any) -> Any:
-            if x is not self._input or index in self._taken:
-                self._outputs = list(torch.split(self.kernel(x), self.sizes, dim=-1))
-                self._input, self._taken = x, set()
-            self._taken.add(index)
-            out = self._outputs[index]
-            if len(self._taken) == len(self.sizes):  # every part read: let the tensors go
-                self._input, self._outputs, self._taken = None, [], set()
+            stash = self._stash
+            if getattr(stash, "input", None) is not x or index in stash.taken:
+                stash.outputs = list(torch.split(self.kernel(x), self.sizes, dim=-1))
+                stash.input, stash.taken = x, set()
+            stash.taken.add(index)
+            out = stash.outputs[index]
+            if len(stash.taken) == len(self.sizes):  # every part read: let the tensors go
+                stash.input, stash.outputs, stash.taken = None, [], set()
             return out
 
     class Part(torch.nn.Module):
