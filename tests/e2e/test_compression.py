@@ -263,7 +263,7 @@ def test_digits_pruning_with_fine_tuning(org: tuple[httpx.Client, str, str], tmp
         "dataset": _upload(c, _digits_all(tmp_path)),
         "sparsity": 0.5 if structured else 0.8,
         "structured": structured,
-        "fine_tune_epochs": 30 if structured else 15,  # channels removed take longer to recover
+        "fine_tune_epochs": 30 if structured else 25,  # 15 missed the 0.5-point bar by a sample
         "output_model": f"digits-pruned-{'s' if structured else 'u'}",
     }
     r = c.post("/api/jobs", json={"type": "prune", **body})
