@@ -158,9 +158,15 @@ def test_digits_static_int8_within_half_a_point(
     assert r.status_code == 200, r.text
     assert {o["name"] for o in r.json()["outputs"]} == {"probabilities", "label"}
     # Metered as a job: one usage record of the run's seconds on the model it made, no requests counted.
-    usage = admin.get("/api/usage", params={"group_by": "protocol,model", "org": org_name}).json()
-    runs = [u for u in usage["data"]
-            if u["protocol"] == "job" and u["model"] == f"{org_name}/digits-int8"]  # fmt: skip
+    # The worker writes that record as it exits, which may be just after the job reads as succeeded: poll briefly.
+    deadline = time.monotonic() + 20
+    while True:
+        usage = admin.get("/api/usage", params={"group_by": "protocol,model", "org": org_name}).json()
+        runs = [u for u in usage["data"]
+                if u["protocol"] == "job" and u["model"] == f"{org_name}/digits-int8"]  # fmt: skip
+        if runs or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert len(runs) == 1 and runs[0]["job_seconds"] >= 1 and runs[0]["requests"] == 0, runs
 
 
