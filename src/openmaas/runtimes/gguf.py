@@ -89,10 +89,6 @@ def converted_target(gguf_path: Path) -> Path:
     return gguf_path.parent / "converted"
 
 
-def is_converted(gguf_path: Path) -> bool:
-    return (converted_target(gguf_path) / "config.json").is_file()
-
-
 def conversion_progress(gguf_path: Path) -> Preparation | None:
     """The conversion of ``gguf_path`` running in this process now, else None."""
     return progress(converted_target(gguf_path))
