@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
 
 from fastapi import FastAPI
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Message
 
 from openmaas import __version__
 from openmaas.api import batches as batches_api
 from openmaas.api import billing as billing_api
-from openmaas.api import generation, health, manage, openai, tenancy, usage, v2
+from openmaas.api import generation, health, inprocess, manage, openai, tenancy, usage, v2
 from openmaas.api import jobs as jobs_api
 from openmaas.api.deps import Services
 from openmaas.api.errors import install_error_handlers
@@ -38,6 +36,8 @@ from openmaas.billing.dedicated import DedicatedCapacity
 from openmaas.billing.holds import HoldKeeper, new_holder_id
 from openmaas.billing.service import BillingService
 from openmaas.config import Settings, SettingsError
+from openmaas.console import router as console
+from openmaas.console.web import ConsoleHeaders
 from openmaas.datasets.service import DatasetService
 from openmaas.entities.models import ModelVersion, ServingConfig
 from openmaas.gateway.admission import BATCH_LINE, AdmissionControl, BatchLine, Metering
@@ -59,6 +59,7 @@ from openmaas.store import db
 from openmaas.store.registry import RegistryStore
 from openmaas.telemetry import Metrics
 from openmaas.tenancy.service import TenancyService
+from openmaas.tenancy.sessions import ConsoleSessions
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,14 @@ def build_platform(settings: Settings) -> Platform:
         jobs=jobs,
         submissions=JobSubmission(jobs, datasets, registry),
         evaluations=EvaluationService(sessions, LocalArtifactStore(settings.artifacts_dir)),
+        console_sessions=ConsoleSessions(
+            sessions,
+            tenancy_service,
+            auth.digest,
+            idle=timedelta(minutes=settings.console_idle_minutes),
+            absolute=timedelta(hours=settings.console_session_hours),
+            on_key_changed=auth.forget,
+        ),
         batches=BatchService(
             sessions,
             FileService(
@@ -281,6 +290,9 @@ def create_app(settings: Settings) -> FastAPI:
         # OpenMaaS exports its own Prometheus metrics; FastAPI's OpenTelemetry hooks would cost every request
         # an environment lookup for nothing.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        # /docs is served by the console with vendored Swagger UI files (FastAPI's own page loads a CDN).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.platform = platform
     app.state.services = platform.services
@@ -301,6 +313,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(billing_api.router())
     app.include_router(jobs_api.router(settings.data_dir / "tmp"))
     app.include_router(batches_api.router())
+    console.install(app)
 
     def body_limit(method: str, path: str) -> int:
         if method == "POST" and path in ("/api/models", "/api/datasets"):
@@ -310,6 +323,7 @@ def create_app(settings: Settings) -> FastAPI:
         return settings.max_request_bytes
 
     compress = settings.response_compression
+    app.add_middleware(ConsoleHeaders)
     app.add_middleware(
         RequestContextMiddleware, metrics=platform.metrics, body_limit=body_limit, compress_responses=compress
     )
@@ -334,42 +348,8 @@ def create_app(settings: Settings) -> FastAPI:
 async def _run_line(app: OpenMaaSApp, url: str, body: bytes, line: BatchLine, request_id: str) -> LineOutcome:
     """One batch line through the app itself, in-process: the route, checks, errors and formatting of the online
     call (the line's principal and ids ride in the scope's state, which no network request can set)."""
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": url,
-        "raw_path": url.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        "client": ("batch", 0),
-        "server": ("openmaas", 0),
-        "state": {BATCH_LINE: line, "call_id": request_id},
-    }
-    sent = False
-    status = 500
-    chunks: list[bytes] = []
-
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()  # the runner never disconnects
-        return {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-
-    await app(scope, receive, send)
-    return LineOutcome(status, b"".join(chunks), line.deferred)
+    answer = await inprocess.call(app, "POST", url, body=body, state={BATCH_LINE: line, "call_id": request_id})
+    return LineOutcome(answer.status, answer.body, line.deferred)
 
 
 def _batch_runner(platform: Platform, app: OpenMaaSApp) -> BatchRunner:

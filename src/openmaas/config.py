@@ -103,6 +103,12 @@ class Settings(BaseSettings):
         description="Compress /v1 responses and /v2 inference responses of 1 KiB or more with gzip or deflate when the client's "
         "Accept-Encoding asks for it (about 0.1 ms per 8 KB response; halves embedding responses).",
     )
+    console_idle_minutes: int = Field(
+        default=30, ge=1, le=24 * 60, description="A console session ends after this long without a page or call."
+    )
+    console_session_hours: int = Field(
+        default=12, ge=1, le=24 * 30, description="A console session ends this long after sign-in, however busy."
+    )
     prepare_at_start: bool = Field(
         default=True,
         description="At start, begin in the background the one-time preparation models need (converting the bundled "

@@ -6,6 +6,7 @@ needs (``RegistryDep``, ``BillingDep``, …) and nothing else, so a route cannot
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, TypeVar
@@ -18,6 +19,7 @@ from openmaas.batches.service import BatchService
 from openmaas.billing.dedicated import DedicatedCapacity
 from openmaas.billing.service import BillingService
 from openmaas.datasets.service import DatasetService
+from openmaas.errors import Forbidden, Unauthenticated
 from openmaas.gateway.admission import BATCH_LINE, BatchLine, CallContext
 from openmaas.gateway.auth import Principal
 from openmaas.gateway.service import Gateway
@@ -27,6 +29,7 @@ from openmaas.metering.usage import UsageQueries
 from openmaas.registry.evaluations import EvaluationService
 from openmaas.registry.service import ModelRegistry
 from openmaas.tenancy.service import TenancyService
+from openmaas.tenancy.sessions import ConsoleSessions
 
 T = TypeVar("T")
 
@@ -47,6 +50,7 @@ class Services:
     submissions: JobSubmission
     evaluations: EvaluationService
     batches: BatchService
+    console_sessions: ConsoleSessions
 
 
 def services(request: Request) -> Services:
@@ -85,13 +89,55 @@ def batch_line(request: Request) -> BatchLine | None:
     return line
 
 
+# The console's sign-in cookie (an opaque id; see tenancy/sessions.py) and the scope-state entry through which a
+# console page calls the API in-process as its signed-in member (no network request can set scope state).
+SESSION_COOKIE = "openmaas_session"
+CONSOLE_PRINCIPAL = "openmaas.console_principal"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def same_origin(request: Request) -> bool:
+    """Whether the browser says this request comes from a page of this origin: ``Sec-Fetch-Site: same-origin``,
+    or, from a browser that does not send it, an ``Origin`` equal to this server's."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site == "same-origin"
+    origin = request.headers.get("origin")
+    host = request.headers.get("host")
+    return origin is not None and host is not None and origin == f"{request.url.scheme}://{host}"
+
+
+def check_same_origin(request: Request) -> None:
+    """Refuse a state-changing request that a cookie would authenticate unless it comes from this origin (CSRF)."""
+    if request.method not in SAFE_METHODS and not same_origin(request):
+        raise Forbidden("cross-site request refused: this action must come from the console's own pages")
+
+
+async def session_principal(request: Request, cookie: str) -> Principal:
+    """The principal of a console session cookie (CSRF-checked for unsafe methods); 401 once it has ended."""
+    check_same_origin(request)
+    found = await asyncio.to_thread(services(request).console_sessions.lookup, cookie)
+    if found is None:
+        raise Unauthenticated("Your console session has ended; sign in again.", param="session")
+    return await asyncio.to_thread(services(request).gateway.auth.by_key_id, found.key_id)
+
+
 async def principal(request: Request) -> Principal:
-    """The authenticated caller; 401 in the protocol's format when the key is missing or wrong."""
-    line = batch_line(request)
+    """The authenticated caller; 401 in the protocol's format when the key is missing or wrong.
+
+    A bearer key wins; without one, the console's session cookie (a signed-in member's calls from the console's
+    own pages, e.g. the playground's streaming chat) is accepted, and only from this origin for unsafe methods."""
+    state = request.scope.get("state", {})
+    line: BatchLine | None = state.get(BATCH_LINE)
     if line is not None:
         return line.principal  # the key that created the batch, checked when the batch runner took it
+    console: Principal | None = state.get(CONSOLE_PRINCIPAL)
+    if console is not None:
+        return console
     gw = services(request).gateway
     token = bearer_token(request)
+    if token is None and SESSION_COOKIE in request.cookies and "authorization" not in request.headers:
+        return await session_principal(request, request.cookies[SESSION_COOKIE])
     cached = gw.auth.cached(token)
     if cached is not None:
         return cached

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import html
 import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 
 from openmaas.api.responses import JSONResponse, ProblemResponse
 from openmaas.errors import STATUS, ErrorCode, ModelNotFound, OpenMaaSError
@@ -29,6 +30,12 @@ _OPENAI_TYPES = {
     429: "rate_limit_error",
 }
 
+
+_CONSOLE_ERROR = (
+    '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{status} - OpenMaaS console</title>'
+    '<link rel="stylesheet" href="/console/static/console.css"></head><body><main class="narrow">'
+    '<h1>{status}</h1><p role="alert">{message}</p><p><a href="/console">Back to the console</a></p></main></body></html>'
+)
 
 # Where a protocol's clients expect another status for the same condition.
 _PROTOCOL_STATUS = {("openai", ErrorCode.OVERLOADED): 429}
@@ -73,6 +80,8 @@ def protocol_of(path: str) -> str:
         return "openai"
     if path == "/v2" or path.startswith("/v2/"):
         return "v2"
+    if path == "/console" or path.startswith("/console/"):
+        return "console"
     return "api"
 
 
@@ -105,6 +114,11 @@ def error_response(
         return JSONResponse(body, status_code=status, headers=headers)
     if protocol == "v2":
         return JSONResponse({"error": message}, status_code=status, headers=headers)
+    if protocol == "console":
+        # The console renders its own error pages; this plain page is for what reaches no console route.
+        headers.pop("WWW-Authenticate", None)
+        page = _CONSOLE_ERROR.format(status=status, message=html.escape(message))
+        return HTMLResponse(page, status_code=status, headers=headers)
     problem: dict[str, Any] = {
         "type": f"https://openmaas.dev/errors/{code.value}",
         "title": code.value.replace("_", " ").capitalize(),
@@ -117,7 +131,7 @@ def error_response(
     return ProblemResponse(problem, status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[ErrorCode, str, str | None]:
+def validation_message(exc: RequestValidationError) -> tuple[ErrorCode, str, str | None]:
     errors = exc.errors()
     if not errors:
         return ErrorCode.INVALID_REQUEST, "invalid request", None
@@ -141,7 +155,7 @@ def domain_error_response(path: str, exc: OpenMaaSError) -> Response:
 
 
 def validation_error_response(path: str, exc: RequestValidationError) -> Response:
-    code, message, param = _validation_message(exc)
+    code, message, param = validation_message(exc)
     return error_response(protocol_of(path), code, message, param=param)
 
 

@@ -133,6 +133,11 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
             default=None, description="Only models in this review state (pending: what awaits the platform admin)."
         ),
         visibility: Visibility | None = Query(default=None, description="Only private, shared or public models."),
+        task: str | None = Query(default=None, max_length=64, description="Only models whose card names this task."),
+        q: str | None = Query(
+            default=None, max_length=200, description="Only models whose name, task or description contain this."
+        ),
+        include: Literal["card"] | None = Query(default=None, description="card: each model's latest card too."),
     ) -> JSONResponse:
         models = [
             m
@@ -140,7 +145,28 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
             if (review_state is None or m.review_state == review_state)
             and (visibility is None or m.visibility == visibility)
         ]
-        return JSONResponse({"models": [_model_json(gw, m, with_versions=False) for m in models]})
+        cards = await run_in_threadpool(gw.latest_cards) if include or task or q else {}
+        if task:
+            models = [m for m in models if m.name in cards and cards[m.name].task == task]
+        if q:
+            needle = q.strip().lower()
+            models = [
+                m
+                for m in models
+                if needle in m.name.lower()
+                or (
+                    m.name in cards
+                    and (needle in cards[m.name].task.lower() or needle in cards[m.name].description.lower())
+                )
+            ]
+        out = []
+        for m in models:
+            entry = _model_json(gw, m, with_versions=False)
+            if include == "card":
+                card = cards.get(m.name)
+                entry["card"] = card.model_dump(mode="json") if card is not None else None
+            out.append(entry)
+        return JSONResponse({"models": out})
 
     @r.get("/models/{name:model}")
     async def get_model(name: str, gw: GatewayDep, who: PrincipalDep, evaluations: EvaluationsDep) -> JSONResponse:

@@ -138,7 +138,7 @@ class RequestContextMiddleware:
 
             app_receive: Receive = limited_receive
             respond: Send = send_wrapper
-            if protocol != "api":
+            if protocol in ("openai", "v2"):
                 if encoding and encoding.lower() != b"identity":
                     scope, app_receive = await self._inflated(scope, limited_receive, encoding, limit)
                 # On /v2 only inference responses, as Triton does: tritonclient's asyncio client sends aiohttp's

@@ -52,6 +52,11 @@ class KeyRotate(BaseModel):
     grace_seconds: int = Field(default=3600, ge=0, le=30 * 86400)
 
 
+class UserUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    platform_admin: bool = Field(description="An operator: signs in to the console as the platform admin.")
+
+
 class Login(BaseModel):
     model_config = ConfigDict(extra="forbid")
     email: str
@@ -186,6 +191,20 @@ def router() -> APIRouter:
             actor(request, who), "user.create", f"user:{user.id}", org_id=None, after={"email": user.email}
         )
         return JSONResponse(user.model_dump(mode="json"), status_code=201)
+
+    @r.patch("/users/{user}")
+    async def update_user(
+        user: str, body: UserUpdate, request: Request, gw: GatewayDep, tenancy: TenancyDep, who: PrincipalDep
+    ) -> JSONResponse:
+        """Make a user (by id or email) an operator, who signs in to the console as the platform admin, or no
+        longer one (their operator sessions end at their next page)."""
+        _require_platform_admin(who, "making operators")
+        found = await run_in_threadpool(tenancy.set_platform_admin, user, body.platform_admin)
+        await gw.audit_async(
+            actor(request, who), "user.update", f"user:{found.id}", org_id=None,
+            after={"platform_admin": found.platform_admin},
+        )  # fmt: skip
+        return JSONResponse(found.model_dump(mode="json"))
 
     @r.get("/users")
     async def list_users(tenancy: TenancyDep, who: PrincipalDep) -> JSONResponse:

@@ -229,6 +229,7 @@ class KeyAuthenticator:
                         id=uuid.uuid4().hex,
                         name=BOOTSTRAP_ADMIN_NAME,
                         prefix=key[:8],
+                        suffix=key[-4:],
                         key_hash=digest,
                         kind="platform_admin",
                         org_id=None,
@@ -240,6 +241,7 @@ class KeyAuthenticator:
             elif row.key_hash != digest:
                 row.key_hash = digest
                 row.prefix = key[:8]
+                row.suffix = key[-4:]
             s.commit()
         if generated is not None:
             _write_private(key_file, generated.encode() + b"\n")

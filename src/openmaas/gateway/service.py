@@ -18,7 +18,7 @@ import numpy as np
 
 from openmaas.audit import Actor, AuditLog
 from openmaas.entities.generation import TokenEvent
-from openmaas.entities.models import Model, ModelVersion, Preparation
+from openmaas.entities.models import Model, ModelCard, ModelVersion, Preparation
 from openmaas.entities.speech import Transcript
 from openmaas.errors import Forbidden, InvalidInput, PayloadTooLarge
 from openmaas.gateway.admission import (
@@ -81,6 +81,10 @@ class Gateway:
 
     def list_models(self, principal: Principal) -> list[Model]:
         return [m for m in self.registry.list_models() if self.can_see(principal, m)]
+
+    def latest_cards(self) -> dict[str, ModelCard]:
+        """Every model's latest card by name (filter with ``list_models`` first: this shows no visibility)."""
+        return self.registry.latest_cards()
 
     def get_model(self, principal: Principal, name: str) -> Model:
         """The model ``name`` means to this caller (``org/name``, or a bare name: its own organisation's, the

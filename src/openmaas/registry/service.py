@@ -234,6 +234,9 @@ class ModelRegistry:
     def list_models(self) -> list[Model]:
         return self.store.list_models()
 
+    def latest_cards(self) -> dict[str, ModelCard]:
+        return self.store.latest_cards()
+
     def get_model(self, name: str) -> Model:
         return self.store.get_model(name)
 

@@ -128,6 +128,25 @@ class RegistryStore:
                 shares.setdefault(model_id, []).append(org)
             return [_model(row, lv, shares.get(row.id)) for row, lv in rows]
 
+    def latest_cards(self) -> dict[str, ModelCard]:
+        """Every model's latest card, by model name, in one query (the catalogue lists, searches and filters on
+        them)."""
+        with self._sessions() as s:
+            latest = (
+                select(ModelVersionRow.model_id, func.max(ModelVersionRow.version).label("latest"))
+                .group_by(ModelVersionRow.model_id)
+                .subquery()
+            )
+            rows = s.execute(
+                select(ModelRow.name, ModelVersionRow.card)
+                .join(latest, latest.c.model_id == ModelRow.id)
+                .join(
+                    ModelVersionRow,
+                    (ModelVersionRow.model_id == ModelRow.id) & (ModelVersionRow.version == latest.c.latest),
+                )
+            ).all()
+        return {name: ModelCard.model_validate(card) for name, card in rows}
+
     def add_version(
         self, name: str, *, format: str, sha256: str, size_bytes: int, signature: Signature, card: ModelCard
     ) -> ModelVersion:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -85,6 +86,8 @@ class ApiKeyRow(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), nullable=False)
     prefix: Mapped[str] = mapped_column(String(16), nullable=False)
+    # The secret's last four characters, shown with the prefix so a member can tell keys apart (None before 0011).
+    suffix: Mapped[str | None] = mapped_column(String(8), nullable=True)
     # HMAC-SHA256 of the secret under the server secret; the secret itself is never stored.
     key_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     kind: Mapped[str] = mapped_column(String(32), nullable=False)
@@ -127,6 +130,24 @@ class UserRow(Base):
     # argon2id hash; the password itself is never stored.
     password_hash: Mapped[str] = mapped_column(String(256), nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    # An operator: signs in to the console as the platform admin (set by a platform admin).
+    platform_admin: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
+
+
+class ConsoleSessionRow(Base):
+    """A console sign-in: the browser's cookie holds an opaque random id whose keyed hash is ``id_hash``; the
+    session acts through ``key_id`` (a session key whose secret was never kept), so usage and audit name it."""
+
+    __tablename__ = "console_sessions"
+    __table_args__ = (Index("ix_console_sessions_user", "user_id"),)
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    org_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    key_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
 
 
 class MembershipRow(Base):

@@ -23,6 +23,7 @@ class User(BaseModel):
     id: str
     email: str
     created_at: datetime
+    platform_admin: bool = False
 
 
 class Member(BaseModel):
@@ -57,6 +58,7 @@ class ApiKey(BaseModel):
     id: str
     name: str
     prefix: str
+    suffix: str | None = None
     kind: str
     org_id: str | None
     user_id: str | None

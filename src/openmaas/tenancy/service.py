@@ -28,11 +28,16 @@ def _org(row: OrgRow) -> Org:
     return Org(id=row.id, name=row.name, created_at=row.created_at)
 
 
+def _user(row: UserRow) -> User:
+    return User(id=row.id, email=row.email, created_at=row.created_at, platform_admin=row.platform_admin)
+
+
 def api_key(row: ApiKeyRow) -> ApiKey:
     return ApiKey(
         id=row.id,
         name=row.name,
         prefix=row.prefix,
+        suffix=row.suffix,
         kind=row.kind,
         org_id=row.org_id,
         user_id=row.user_id,
@@ -113,14 +118,21 @@ class TenancyService:
                 s.commit()
             except IntegrityError:
                 raise AlreadyExists(f"a user with email '{email}' already exists", param="email") from None
-            return User(id=row.id, email=row.email, created_at=row.created_at)
+            return _user(row)
 
     def list_users(self) -> list[User]:
         with self._sessions() as s:
-            return [
-                User(id=r.id, email=r.email, created_at=r.created_at)
-                for r in s.scalars(select(UserRow).order_by(UserRow.email))
-            ]
+            return [_user(r) for r in s.scalars(select(UserRow).order_by(UserRow.email))]
+
+    def set_platform_admin(self, user_id: str, platform_admin: bool) -> User:
+        """Make a user an operator (who signs in to the console as the platform admin), or no longer one."""
+        with self._sessions() as s:
+            row = s.get(UserRow, user_id) or s.scalar(select(UserRow).where(UserRow.email == user_id.lower()))
+            if row is None:
+                raise NotFound(f"no user '{user_id}'", param="user")
+            row.platform_admin = platform_admin
+            s.commit()
+            return _user(row)
 
     def add_member(self, org_id: str, email: str, role: Role, password: str | None = None) -> Member:
         """Give a user a role in an org (creating the user when a password is given); re-adding changes the role."""
@@ -195,7 +207,7 @@ class TenancyService:
 
     def create_key(
         self,
-        org_id: str,
+        org_id: str | None,
         name: str,
         scopes: list[Scope],
         *,
@@ -215,6 +227,7 @@ class TenancyService:
             id=uuid.uuid4().hex,
             name=name,
             prefix=secret[:8],
+            suffix=secret[-4:],
             key_hash=self._digest(secret),
             kind=kind,
             org_id=org_id,
