@@ -14,7 +14,7 @@ from openmaas.errors import InvalidRequest
 
 # Tasks the playground has a form for; any other model gets v2 tensors as JSON.
 CHAT_TASKS = ("text-generation",)
-EMBEDDING_TASKS = ("embedding", "sentence-similarity", "feature-extraction")
+EMBEDDING_TASKS = ("embedding", "text-embedding", "sentence-similarity", "feature-extraction")
 SPEECH_TASKS = ("automatic-speech-recognition", "speech-recognition", "speech")
 
 

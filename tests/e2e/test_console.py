@@ -1,0 +1,287 @@
+"""The web console over HTTP (no browser): sessions, CSRF, security headers, isolation, keys, usage, playground.
+The browser suite (tests/browser, ``make test-browser``) drives the same pages in chromium."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import ServerProcess, matmul_chain_model, new_org, register_model, unique
+
+SAME = {"Sec-Fetch-Site": "same-origin"}
+PASSWORD = "console-test-password-1"
+CONSOLE_HEADERS = ("content-security-policy", "x-content-type-options", "referrer-policy")
+
+
+@dataclass
+class Member:
+    org: dict
+    email: str
+    http: httpx.Client  # signed in to the console (cookie), same-origin by default
+
+
+def sign_in(server: ServerProcess, email: str, org: str = "", password: str = PASSWORD) -> httpx.Client:
+    http = httpx.Client(base_url=server.url, headers=SAME, timeout=120)
+    r = http.post("/console/sign-in", data={"email": email, "password": password, "org": org})
+    assert r.status_code == 303, r.text
+    assert r.headers["location"] == "/console"
+    return http
+
+
+def new_member(server: ServerProcess, admin: httpx.Client, label: str, role: str = "admin") -> Member:
+    org = new_org(admin, label)
+    email = f"{unique(label)}@example.test"
+    r = admin.post(f"/api/orgs/{org['name']}/members", json={"email": email, "role": role, "password": PASSWORD})
+    assert r.status_code == 201, r.text
+    return Member(org, email, sign_in(server, email))
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("console") / "m.onnx"
+    matmul_chain_model(path, 4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def alice(server: ServerProcess, admin: httpx.Client) -> Iterator[Member]:
+    m = new_member(server, admin, "alice")
+    yield m
+    m.http.close()
+
+
+@pytest.fixture(scope="module")
+def bob(server: ServerProcess, admin: httpx.Client) -> Iterator[Member]:
+    m = new_member(server, admin, "bob")
+    yield m
+    m.http.close()
+
+
+@pytest.fixture(scope="module")
+def operator(server: ServerProcess, admin: httpx.Client) -> Iterator[httpx.Client]:
+    email = f"{unique('operator')}@example.test"
+    assert admin.post("/api/users", json={"email": email, "password": PASSWORD}).status_code == 201
+    r = admin.patch(f"/api/users/{email}", json={"platform_admin": True})
+    assert r.status_code == 200 and r.json()["platform_admin"] is True, r.text
+    http = sign_in(server, email)
+    yield http
+    http.close()
+
+
+def test_sign_in_sets_an_opaque_http_only_cookie_and_wrong_details_get_one_message(
+    server: ServerProcess, alice: Member
+) -> None:
+    anon = httpx.Client(base_url=server.url, headers=SAME)
+    r = anon.get("/console/keys")
+    assert r.status_code == 303 and r.headers["location"] == "/console/sign-in?next=%2Fconsole%2Fkeys"
+    for email, password in ((alice.email, "not-the-password"), ("nobody@example.test", PASSWORD)):
+        r = anon.post("/console/sign-in", data={"email": email, "password": password})
+        assert r.status_code == 401
+        assert "wrong email, password or organisation" in r.text
+        assert "set-cookie" not in r.headers
+    r = anon.post("/console/sign-in", data={"email": alice.email, "password": PASSWORD, "next": "/console/usage"})
+    assert r.status_code == 303 and r.headers["location"] == "/console/usage"
+    cookie = r.headers["set-cookie"]
+    assert "openmaas_session=" in cookie and "HttpOnly" in cookie and "SameSite=lax" in cookie
+    assert "Secure" not in cookie  # plain http here; set over https
+    token = r.cookies["openmaas_session"]
+    assert not token.startswith("om_")  # never an API key: the cookie is not a bearer token
+    r = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 401
+    # An open redirect is not possible through ?next=.
+    r = anon.post("/console/sign-in", data={"email": alice.email, "password": PASSWORD, "next": "https://evil.test/"})
+    assert r.headers["location"] == "/console"
+    anon.close()
+
+
+def test_sign_in_rotates_the_session_and_sign_out_ends_it(server: ServerProcess, alice: Member) -> None:
+    http = sign_in(server, alice.email)
+    first = http.cookies["openmaas_session"]
+    assert http.get("/console").status_code == 200
+    r = http.post("/console/sign-in", data={"email": alice.email, "password": PASSWORD})
+    assert r.status_code == 303
+    second = http.cookies["openmaas_session"]
+    assert second != first
+    stale = httpx.Client(base_url=server.url, cookies={"openmaas_session": first})
+    assert stale.get("/console").status_code == 303  # the session planted before sign-in is gone
+    r = http.post("/console/sign-out")
+    assert r.status_code == 303 and r.headers["location"] == "/console/sign-in"
+    after = httpx.Client(base_url=server.url, cookies={"openmaas_session": second}, headers=SAME)
+    assert after.get("/console").status_code == 303
+    r = after.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "x"})
+    assert r.status_code == 401 and "session has ended" in r.json()["error"]["message"]
+    stale.close()
+    after.close()
+    http.close()
+
+
+def test_every_console_response_carries_the_security_headers(alice: Member) -> None:
+    for r in (
+        alice.http.get("/console"),
+        alice.http.get("/console/models", headers={"HX-Request": "true", "HX-Target": "model-list"}),
+        alice.http.get("/console/static/console.css"),
+        alice.http.get("/console/static/vendor/htmx.min.js"),
+        alice.http.get("/console/no-such-page"),
+        alice.http.get("/console/models/no-such-model"),
+        httpx.get(f"{alice.http.base_url}/console/keys"),  # the redirect to sign-in
+    ):
+        for name in CONSOLE_HEADERS:
+            assert name in r.headers, (r.request.url, name)
+        csp = r.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp
+        assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["referrer-policy"] == "same-origin"
+    page = alice.http.get("/console").text
+    assert "<script>" not in page and " onclick=" not in page and "javascript:" not in page
+    assert alice.http.get("/console/no-such-page").status_code == 404
+
+
+def test_cross_site_requests_with_the_cookie_are_refused_and_bearer_calls_are_unaffected(
+    server: ServerProcess, alice: Member, admin: httpx.Client
+) -> None:
+    cookie = {"openmaas_session": alice.http.cookies["openmaas_session"]}
+    # The session reads the API as the member (the console's invoice downloads link to it)...
+    assert alice.http.get(f"/api/orgs/{alice.org['name']}/keys").status_code == 200
+    keys_before = admin.get(f"/api/orgs/{alice.org['name']}/keys").json()["keys"]
+    for headers in (
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "https://evil.test"},
+        {},  # neither header: not provably same-origin
+    ):
+        c = httpx.Client(base_url=server.url, cookies=cookie, headers=headers)
+        r = c.post("/console/keys", data={"name": "evil", "scopes": "inference"})
+        assert r.status_code == 403, (headers, r.status_code)
+        assert "cross-site request refused" in r.text
+        r = c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "x"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
+        # ...but changes nothing through it from another site.
+        r = c.post(f"/api/orgs/{alice.org['name']}/keys", json={"name": "evil"})
+        assert r.status_code == 403 and r.json()["code"] == "permission_denied"
+        c.close()
+    assert admin.get(f"/api/orgs/{alice.org['name']}/keys").json()["keys"] == keys_before
+    # A browser without Sec-Fetch-Site but with this origin's Origin is accepted.
+    c = httpx.Client(base_url=server.url, cookies=cookie, headers={"Origin": server.url})
+    r = c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "x"})
+    assert r.status_code == 200, r.text
+    c.close()
+    # A bearer call carrying a stray cookie of another site's making is judged by its key alone.
+    r = httpx.post(f"{server.url}/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "x"},
+                   headers={"Authorization": admin.headers["authorization"], "Sec-Fetch-Site": "cross-site"},
+                   cookies=cookie)  # fmt: skip
+    assert r.status_code == 200
+
+
+def test_a_member_sees_only_their_organisation_and_operator_pages_are_404(
+    server: ServerProcess, alice: Member, bob: Member, onnx_file: Path, admin: httpx.Client
+) -> None:
+    bobs = unique("bob-private")
+    created = admin.post(f"/api/orgs/{bob.org['name']}/keys", json={"name": "k", "scopes": ["manage", "inference"]})
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {created.json()['key']}"}) as b:
+        assert register_model(b, onnx_file, bobs).status_code == 201
+    full = f"{bob.org['name']}/{bobs}"
+    assert full in bob.http.get("/console/models").text
+    page = alice.http.get("/console/models", params={"q": bobs}).text
+    assert full not in page and "0 models" in page
+    assert alice.http.get(f"/console/models/{full}").status_code == 404
+    assert alice.http.get("/console/playground", params={"model": full}).text.count(full) == 0
+    body = '{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}'
+    r = alice.http.post("/console/playground/infer", data={"model": full, "body": body})
+    assert r.status_code == 404
+    for path in ("/console/operator", "/console/operator/audit", f"/console/operator/orgs/{bob.org['name']}"):
+        r = alice.http.get(path)
+        assert r.status_code == 404 and "no such page" in r.text
+    r = alice.http.post("/console/operator/orgs", data={"name": unique("sneaky")})
+    assert r.status_code == 404
+    r = alice.http.post(f"/console/operator/orgs/{alice.org['name']}/credits", data={"amount": "5", "reference": "x"})
+    assert r.status_code == 404
+    assert admin.get(f"/api/orgs/{alice.org['name']}/wallet").json()["balance_micros"] == 0
+
+
+def test_keys_show_the_secret_once_and_list_only_prefix_and_last_four(alice: Member, server: ServerProcess) -> None:
+    r = alice.http.post("/console/keys", data={"name": "backend", "scopes": ["inference"], "rpm": "600"})
+    assert r.status_code == 200, r.text
+    assert r.headers["cache-control"].startswith("no-store")
+    secret = r.text.split('id="secret" class="mono wide" readonly value="')[1].split('"')[0]
+    assert secret.startswith("om_")
+    listed = alice.http.get("/console/keys")
+    assert secret not in listed.text
+    assert f"{secret[:8]}…{secret[-4:]}" in listed.text
+    # The key works with the API like any other, for the member's organisation.
+    r = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {secret}"})
+    assert r.status_code == 200
+    key_id = next(k for k in alice.http.get("/console/keys").text.split('action="/console/keys/')[1:] if "revoke" in k)
+    r = alice.http.post(f"/console/keys/{key_id.split('/')[0]}/revoke")
+    assert r.status_code == 303
+    assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+    r = alice.http.post("/console/keys", data={"name": "x", "scopes": ["inference"], "rpm": "lots"})
+    assert r.status_code == 400 and "rpm&#39; must be a whole number" in r.text
+
+
+def test_the_playground_compares_sentences_metered_to_the_members_organisation(
+    alice: Member, admin: httpx.Client
+) -> None:
+    page = alice.http.get("/console/playground", params={"model": "all-minilm-l6-v2"})
+    assert page.status_code == 200 and "Embed and compare" in page.text
+    r = alice.http.post(
+        "/console/playground/embeddings",
+        data={"model": "all-minilm-l6-v2", "text": "A cat sits on the mat.\nA kitten rests on a rug.\nStocks fell."},
+        headers={"HX-Request": "true"},
+    )
+    assert r.status_code == 200, r.text
+    cells = [float(c.split(">")[-1]) for c in r.text.split("</td>")[:-1]]
+    assert len(cells) == 9
+    assert cells[0] == pytest.approx(1.0, abs=1e-3)
+    assert cells[1] > cells[2]  # the two sentences about cats are closer than cat and stocks
+    usage = admin.get("/api/usage", params={"org": alice.org["name"], "group_by": "model"}).json()
+    assert {row["model"]: row["requests"] for row in usage["data"]}.get("all-minilm-l6-v2", 0) >= 1
+    r = alice.http.post("/console/playground/embeddings", data={"model": "all-minilm-l6-v2", "text": " \n "},
+                        headers={"HX-Request": "true"})  # fmt: skip
+    assert r.status_code == 400 and "one sentence a line" in r.text
+
+
+def test_usage_page_and_csv_agree_with_the_api(alice: Member, admin: httpx.Client) -> None:
+    for _ in range(2):
+        r = alice.http.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": ["a", "b"]})
+        assert r.status_code == 200
+    api = admin.get("/api/usage", params={"org": alice.org["name"], "group_by": "day,model"}).json()
+    r = alice.http.get("/console/usage.csv")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert [(row["day"], row["model"], int(row["requests"])) for row in rows] == [
+        (d["day"], d["model"], d["requests"]) for d in api["data"]
+    ]
+    page = alice.http.get("/console/usage", params={"model": "all-minilm-l6-v2"})
+    assert page.status_code == 200 and "<svg" in page.text and "all-minilm-l6-v2" in page.text
+    assert alice.http.get("/console/usage", params={"start": "yesterday"}).status_code == 400
+
+
+def test_every_page_renders_for_a_member_and_for_an_operator(alice: Member, operator: httpx.Client) -> None:
+    for path in ("/console", "/console/models", "/console/models/all-minilm-l6-v2", "/console/playground",
+                 "/console/playground?model=gemma-3-270m", "/console/playground?model=digits-cnn",
+                 "/console/keys", "/console/usage", "/console/billing", "/console/jobs", "/console/batches",
+                 "/console/provider"):  # fmt: skip
+        r = alice.http.get(path)
+        assert r.status_code == 200, (path, r.text[-2000:])
+        assert 'role="alert"' not in r.text, (path, r.text[-2000:])
+    for path in ("/console", "/console/operator", "/console/operator/audit", "/console/models",
+                 "/console/playground"):  # fmt: skip
+        r = operator.get(path)
+        assert r.status_code == 200, (path, r.text[-2000:])
+        assert 'role="alert"' not in r.text, (path, r.text[-2000:])
+    assert "Hash chain: intact" in operator.get("/console/operator/audit").text
+
+
+def test_the_api_reference_page_loads_nothing_from_a_cdn(server: ServerProcess) -> None:
+    r = httpx.get(f"{server.url}/docs")
+    assert r.status_code == 200
+    assert "/console/static/vendor/swagger-ui-bundle.js" in r.text
+    assert "cdn." not in r.text and "https://" not in r.text.split("<body>")[0]
+    assert httpx.get(f"{server.url}/console/static/vendor/swagger-ui-bundle.js").status_code == 200
