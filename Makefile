@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test test-slow test-cluster test-all lint bench install dev clean readme-check grpc
+.PHONY: serve test test-slow test-cluster test-browser test-all lint bench install dev clean readme-check grpc vendor
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -30,7 +30,7 @@ serve: $(VENV)/.installed
 	$(BIN)/openmaas serve
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not cluster and not browser" $(PYTEST_ARGS)
 
 # The slow suite (real models quantised and scored end to end); CI runs it after `make test`.
 test-slow: $(VENV)/.installed-dev
@@ -41,18 +41,28 @@ test-slow: $(VENV)/.installed-dev
 test-cluster: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m cluster tests/cluster $(PYTEST_ARGS)
 
+# The console in a real browser: Playwright driving Debian's chromium (apt-get install chromium; no browser
+# download); screenshots of every page land in build/screenshots. CI runs it after the cluster suite.
+test-browser: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m browser tests/browser $(PYTEST_ARGS)
+
 test-all: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests $(wildcard bench)
-	$(BIN)/ruff format --check src tests $(wildcard bench)
+	$(BIN)/ruff check src tests scripts $(wildcard bench)
+	$(BIN)/ruff format --check src tests scripts $(wildcard bench)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 # The gRPC messages, generated from their .proto (commit the result).
 grpc: $(VENV)/.installed-dev
 	cd src/openmaas/api/grpc && ../../../../$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. inference.proto
+
+# The console's vendored browser assets (htmx, Swagger UI; axe-core for the tests), fetched again from the npm
+# registry at the versions their vendor.json pins (edit a version there to upgrade).
+vendor:
+	$(PYTHON) scripts/vendor_assets.py --refresh
 
 # Replays the README's quick start on a fresh clone of HEAD (port 8000 must be free); CI runs it after the tests.
 readme-check:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Form, Request
@@ -38,25 +38,25 @@ def _int_or_none(value: str, name: str) -> int | None:
     return n
 
 
-def day_chart(rows: list[dict[str, Any]], unit: str, width: int = 720, height: int = 180) -> dict[str, Any]:
-    """Bars of ``unit`` per day (summed over models), as coordinates for an SVG drawn by the template (no script)."""
+def day_chart(
+    rows: list[dict[str, Any]], unit: str, start: str, end: str, width: int = 720, height: int = 180
+) -> dict[str, Any]:
+    """Bars of ``unit`` per day from ``start`` to ``end`` (summed over models; days without usage at zero), as
+    coordinates for an SVG the template draws (no script)."""
     per_day: dict[str, float] = {}
     for row in rows:
         per_day[row["day"]] = per_day.get(row["day"], 0) + float(row.get(unit) or 0)
-    days = sorted(per_day)
+    first, last = date.fromisoformat(start), date.fromisoformat(end)
+    days = [(first + timedelta(days=i)).isoformat() for i in range(min((last - first).days + 1, 366))]
     top = max(per_day.values(), default=0) or 1
     slot = width / max(len(days), 1)
-    bars = [
-        {
-            "day": d,
-            "value": per_day[d],
-            "x": round(i * slot + slot * 0.1, 1),
-            "w": round(slot * 0.8, 1),
-            "h": round(per_day[d] / top * (height - 20), 1),
-            "y": round(height - per_day[d] / top * (height - 20), 1),
-        }
-        for i, d in enumerate(days)
-    ]
+    bar = min(slot * 0.8, 48)
+    bars = []
+    for i, d in enumerate(days):
+        value = per_day.get(d, 0)
+        h = round(value / top * (height - 20), 1)
+        bars.append({"day": d, "value": value, "x": round(i * slot + (slot - bar) / 2, 1), "w": round(bar, 1),
+                     "h": h, "y": round(height - h, 1)})  # fmt: skip
     return {"bars": bars, "width": width, "height": height, "top": top, "unit": unit}
 
 
@@ -139,7 +139,7 @@ def router(env: Environment, route_class: type) -> APIRouter:
             data=data,
             rows=rows,
             by_model=sorted(by_model.values(), key=lambda a: -a["requests"]),
-            chart=day_chart(rows, unit),
+            chart=day_chart(rows, unit, data["from"], data["to"]),
             models=models,
             start=data["from"],
             end=data["to"],

@@ -36,6 +36,13 @@ def install(app: FastAPI) -> None:
     async def home() -> Response:
         return RedirectResponse(PREFIX, status_code=307)
 
+    icon = (HERE / "static" / "favicon.svg").read_bytes()
+
+    @root.get("/favicon.ico")
+    async def favicon() -> Response:
+        # Browsers ask for it on pages without an icon link (an invoice opened from the console, /docs).
+        return Response(icon, media_type="image/svg+xml", headers={"Cache-Control": "public, max-age=86400"})
+
     @root.get("/docs")
     async def docs() -> HTMLResponse:
         # Swagger UI from the vendored files: /docs works with no network (FastAPI's default loads a CDN).

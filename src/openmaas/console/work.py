@@ -32,6 +32,23 @@ def micros(value: str, name: str) -> int:
     return int(amount * 1_000_000)
 
 
+def _metrics(text: str) -> dict[str, float]:
+    """``accuracy=0.93, f1=0.91`` as a card's metrics."""
+    out: dict[str, float] = {}
+    for part in text.replace("\n", ",").split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise InvalidRequest(f"write metrics as name=value, e.g. accuracy=0.93 (got '{part.strip()}')",
+                                 param="metrics") from None  # fmt: skip
+        if not sep or not name.strip():
+            raise InvalidRequest(f"write metrics as name=value (got '{part.strip()}')", param="metrics")
+    return out
+
+
 async def _forward(p: Page, path: str) -> Any:
     """Pass the request's own (multipart) body to an API route in-process: the API parses, limits and checks it."""
     body = await p.request.body()
@@ -156,6 +173,10 @@ def router(env: Environment, route_class: type) -> APIRouter:
         form = await request.form()
         card = {k: str(form.get(k) or "").strip() for k in ("task", "description", "intended_use", "training_data",
                                                             "limitations", "license", "privacy")}  # fmt: skip
+        card_json: dict[str, Any] = {k: v for k, v in card.items() if v}
+        metrics = _metrics(str(form.get("metrics") or ""))
+        if metrics:
+            card_json["metrics"] = metrics
         upload = form.get("file")
         name = str(form.get("name") or "").strip()
         if upload is None or isinstance(upload, str) or not upload.filename:
@@ -165,7 +186,7 @@ def router(env: Environment, route_class: type) -> APIRouter:
         boundary = b"openmaas-console-" + secrets.token_hex(16).encode()
         parts = [
             (b"name", None, name.encode()),
-            (b"card", None, orjson.dumps({k: v for k, v in card.items() if v})),
+            (b"card", None, orjson.dumps(card_json)),
             (b"file", upload.filename.encode(), await upload.read()),
         ]
         body = b"".join(
