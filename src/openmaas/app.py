@@ -316,9 +316,14 @@ def create_app(settings: Settings) -> FastAPI:
     console.install(app)
 
     def body_limit(method: str, path: str) -> int:
-        if method == "POST" and path in ("/api/models", "/api/datasets"):
+        if method == "POST" and path in (
+            "/api/models",
+            "/api/datasets",
+            "/console/provider/models",
+            "/console/datasets",
+        ):
             return settings.max_upload_bytes
-        if method == "POST" and path == "/v1/files":
+        if method == "POST" and path in ("/v1/files", "/console/batches"):
             return batch_lines.MAX_BYTES + 1024 * 1024  # the file and its multipart envelope
         return settings.max_request_bytes
 

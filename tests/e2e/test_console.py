@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,3 +289,90 @@ def test_the_api_reference_page_loads_nothing_from_a_cdn(server: ServerProcess) 
     assert "/console/static/vendor/swagger-ui-bundle.js" in r.text
     assert "cdn." not in r.text and "https://" not in r.text.split("<body>")[0]
     assert httpx.get(f"{server.url}/console/static/vendor/swagger-ui-bundle.js").status_code == 200
+
+
+def test_rotating_a_key_shows_the_new_secret_once_and_the_old_one_keeps_working_for_the_grace(
+    alice: Member, server: ServerProcess
+) -> None:
+    r = alice.http.post("/console/keys", data={"name": "to-rotate", "scopes": ["inference"]})
+    old = r.text.split('readonly value="')[1].split('"')[0]
+    key_id = alice.http.get("/console/keys").text.split("to-rotate")[1].split('action="/console/keys/')[1].split("/")[0]
+    r = alice.http.post(f"/console/keys/{key_id}/rotate", data={"grace_seconds": "3600"})
+    assert r.status_code == 200 and r.headers["cache-control"].startswith("no-store")
+    new = r.text.split('readonly value="')[1].split('"')[0]
+    assert new != old and "Key rotated" in r.text
+    for secret in (old, new):
+        assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+
+
+@pytest.mark.skipif(not shutil.which("espeak-ng") or not shutil.which("sox"), reason="espeak-ng and sox make speech")
+def test_the_playground_transcribes_an_uploaded_recording(alice: Member, tmp_path: Path) -> None:
+    raw, wav = tmp_path / "raw.wav", tmp_path / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(raw), "We need three more chairs for the meeting room."], check=True)
+    subprocess.run(["sox", str(raw), "-r", "16000", "-c", "1", str(wav)], check=True)
+    page = alice.http.get("/console/playground", params={"model": "whisper-tiny-en"})
+    assert 'hx-post="/console/playground/transcribe"' in page.text
+    with wav.open("rb") as f:
+        r = alice.http.post("/console/playground/transcribe", data={"model": "whisper-tiny-en"},
+                            files={"file": ("speech.wav", f, "audio/wav")}, headers={"HX-Request": "true"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert "chairs" in r.text.lower() or "meeting" in r.text.lower(), r.text
+    r = alice.http.post("/console/playground/transcribe", data={"model": "whisper-tiny-en"},
+                        files={"file": ("x.wav", b"not audio", "audio/wav")}, headers={"HX-Request": "true"})  # fmt: skip
+    assert r.status_code == 400 and 'role="alert"' in r.text
+
+
+def test_a_batch_uploaded_from_the_console_runs_and_its_results_download(alice: Member) -> None:
+    lines = "".join(
+        json.dumps({"custom_id": f"l{i}", "method": "POST", "url": "/v1/embeddings",
+                    "body": {"model": "all-minilm-l6-v2", "input": f"line {i}"}}) + "\n"
+        for i in range(3)
+    )  # fmt: skip
+    r = alice.http.post("/console/batches", data={"purpose": "batch", "endpoint": "/v1/embeddings"},
+                        files={"file": ("lines.jsonl", lines.encode(), "application/jsonl")})  # fmt: skip
+    assert r.status_code == 303, r.text
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        page = alice.http.get("/console/batches").text
+        if "completed" in page:
+            break
+        time.sleep(0.5)
+    assert "3/3" in page
+    output = page.split('href="/v1/files/')[1].split('"')[0]
+    r = alice.http.get(f"/v1/files/{output}")  # the download link works on the session
+    assert r.status_code == 200
+    assert len(r.text.strip().splitlines()) == 3
+
+
+def test_subscriptions_statements_and_job_pages(alice: Member, admin: httpx.Client, onnx_file: Path,
+                                                server: ServerProcess) -> None:  # fmt: skip
+    # Alice's organisation sells its own model on a subscription, and subscribes to it (as a consumer would).
+    name = unique("sold")
+    r = alice.http.post("/console/provider/models", data={"name": name, "task": "tabular-regression",
+                        "metrics": "rmse=0.1"}, files={"file": ("m.onnx", onnx_file.read_bytes())})  # fmt: skip
+    assert r.status_code == 303, r.text
+    full = r.headers["location"].removeprefix("/console/models/")
+    model_page = alice.http.get(r.headers["location"])
+    assert model_page.status_code == 200 and "rmse" in model_page.text
+    r = alice.http.post(f"/console/provider/models/{full}/plans", data={"plan": "monthly", "kind": "subscription",
+                        "monthly_fee": "0", "included_units": "100", "overage_price": "0.001"})  # fmt: skip
+    assert r.status_code == 303, r.text
+    r = alice.http.post(f"/console/provider/models/{full}/plans", data={"plan": "bad", "kind": "usage", "price": "-1"})
+    assert r.status_code == 400 and "zero or more" in r.text
+    plan_id = admin.get(f"/api/models/{full}/plans").json()["plans"][0]["id"]
+    r = alice.http.post("/console/billing/subscriptions", data={"model": full, "plan": plan_id})
+    assert r.status_code == 303, r.text
+    billing = alice.http.get("/console/billing").text
+    assert full in billing and "Cancel" in billing
+    sub_id = billing.split('action="/console/billing/subscriptions/')[1].split("/")[0]
+    assert alice.http.post(f"/console/billing/subscriptions/{sub_id}/cancel").status_code == 303
+    period = "2026-01"
+    r = alice.http.get(f"/console/billing/statements/{period}")
+    assert r.status_code == 200 and "Provider statement, 2026-01" in r.text
+    assert alice.http.get("/console/billing/statements/2026-13").status_code == 400
+    # A job that cannot start names its problem; one that can shows its page and can be cancelled.
+    r = alice.http.post("/console/jobs", data={"type": "train", "task": "tabular-classification", "dataset": "nope",
+                                               "output_model": "x"})  # fmt: skip
+    assert r.status_code in (400, 404) and 'role="alert"' in r.text
+    r = alice.http.post("/console/jobs", data={"spec": "{not json"})
+    assert r.status_code == 400 and "not valid JSON" in r.text

@@ -144,6 +144,7 @@ def router(env: Environment, route_class: type) -> APIRouter:
     async def start_batch(request: Request) -> Response:
         """Upload a JSONL file (purpose batch) and start a batch on it in one step."""
         p = await page(request, env)
+        await request.body()  # kept for the forward below (form() alone would consume the stream)
         form = await request.form()
         endpoint = str(form.get("endpoint") or "/v1/embeddings")
         uploaded = await _forward(p, "/v1/files")
