@@ -376,3 +376,24 @@ def test_subscriptions_statements_and_job_pages(alice: Member, admin: httpx.Clie
     assert r.status_code in (400, 404) and 'role="alert"' in r.text
     r = alice.http.post("/console/jobs", data={"spec": "{not json"})
     assert r.status_code == 400 and "not valid JSON" in r.text
+
+
+def test_a_provider_edits_a_card_through_the_console_and_another_org_cannot(
+    alice: Member, bob: Member, onnx_file: Path, admin: httpx.Client
+) -> None:
+    r = alice.http.post("/console/provider/models", data={"name": unique("carded"), "task": "tabular-regression"},
+                        files={"file": ("m.onnx", onnx_file.read_bytes())})  # fmt: skip
+    full = r.headers["location"].removeprefix("/console/models/")
+    form = {"version": "1", "task": "tabular-regression", "description": "Doubles things.", "metrics": "rmse=0.25",
+            "license": "MIT"}  # fmt: skip
+    r = alice.http.post(f"/console/provider/models/{full}/card", data=form)
+    assert r.status_code == 303, r.text
+    card = admin.get(f"/api/models/{full}/versions/1").json()["card"]
+    assert card["description"] == "Doubles things." and card["metrics"] == {"rmse": 0.25} and card["license"] == "MIT"
+    assert "Doubles things." in alice.http.get(f"/console/models/{full}").text
+    events = admin.get("/api/audit", params={"org": alice.org["name"], "limit": 1000}).json()["events"]
+    assert any(e["action"] == "model.card" and e["before"]["description"] == "" for e in events)
+    # Bob cannot see it, so cannot edit it (404, no existence leak); a malformed metric is a 400.
+    assert bob.http.post(f"/console/provider/models/{full}/card", data=form).status_code == 404
+    r = alice.http.post(f"/console/provider/models/{full}/card", data={**form, "metrics": "rmse=low"})
+    assert r.status_code == 400 and "name=value" in r.text

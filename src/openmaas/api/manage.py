@@ -183,6 +183,23 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
         measured = await run_in_threadpool(evaluations.measured, mv.model)
         return JSONResponse(_version_json(mv, measured, gw.weights(mv)))
 
+    @r.put("/models/{name:model}/versions/{version}/card")
+    async def set_card(
+        name: str, version: int, card: ModelCard, request: Request, gw: GatewayDep, registry: RegistryDep,
+        who: PrincipalDep,
+    ) -> JSONResponse:  # fmt: skip
+        """Replace a version's model card (the owner's words: intended use, data, metrics, licence...). The
+        artifact and signature stay as they are; a public model's card must stay complete."""
+        mv = gw.model_version(who, name, version)
+        model = gw.get_model(who, name)
+        _require_owner(who, model)
+        updated = await run_in_threadpool(registry.set_card, model.name, mv.version, card)
+        await gw.audit_async(
+            actor(request, who), "model.card", f"model:{model.name}:{mv.version}", org_id=model.owner_org_id,
+            before=mv.card.model_dump(mode="json"), after=updated.card.model_dump(mode="json"),
+        )  # fmt: skip
+        return JSONResponse(_version_json(updated, {}, gw.weights(updated)))
+
     # -- evaluation reports ----------------------------------------------------------------------------------------
 
     @r.get("/models/{name:model}/versions/{version}/evaluations")

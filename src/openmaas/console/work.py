@@ -18,6 +18,7 @@ from openmaas.errors import InvalidRequest
 JOB_TYPES = ("train", "evaluate", "quantize", "prune", "distill")
 TRAIN_TASKS = ("tabular-classification", "tabular-regression", "image-classification", "text-classification")
 TERMINAL = ("succeeded", "failed", "cancelled")
+CARD_TEXT = ("task", "description", "intended_use", "training_data", "limitations", "license", "privacy")
 
 
 def micros(value: str, name: str) -> int:
@@ -172,8 +173,7 @@ def router(env: Environment, route_class: type) -> APIRouter:
         """The upload form goes to ``POST /api/models`` as it came; its card fields become the card JSON there."""
         p = await page(request, env)
         form = await request.form()
-        card = {k: str(form.get(k) or "").strip() for k in ("task", "description", "intended_use", "training_data",
-                                                            "limitations", "license", "privacy")}  # fmt: skip
+        card = {k: str(form.get(k) or "").strip() for k in CARD_TEXT}
         card_json: dict[str, Any] = {k: v for k, v in card.items() if v}
         metrics = _metrics(str(form.get("metrics") or ""))
         if metrics:
@@ -200,6 +200,17 @@ def router(env: Environment, route_class: type) -> APIRouter:
                              content_type=f"multipart/form-data; boundary={boundary.decode()}")  # fmt: skip
         created = json_or_raise(answer)
         return RedirectResponse(f"{PREFIX}/models/{created['model']}", status_code=303)
+
+    @r.post("/provider/models/{name:model}/card")
+    async def edit_card(request: Request, name: str, version: int = Form(ge=1)) -> Response:
+        """The card form, over the version's card (fields the form does not show, like classes, are kept)."""
+        p = await page(request, env)
+        form = await request.form()
+        current = (await p.get(f"/api/models/{name}/versions/{version}"))["card"]
+        card = {**current, **{k: str(form.get(k) or "").strip() for k in CARD_TEXT}}
+        card["metrics"] = _metrics(str(form.get("metrics") or ""))
+        await p.send("PUT", f"/api/models/{name}/versions/{version}/card", card)
+        return RedirectResponse(f"{PREFIX}/models/{name}", status_code=303)
 
     @r.post("/provider/models/{name:model}/plans")
     async def add_plan(

@@ -213,6 +213,18 @@ class ModelRegistry:
         """The platform admin approves or rejects a model's pending request to be public."""
         return self.update_access(name, **review_changes(self.store.get_model(name), decision, reason))
 
+    def set_card(self, name: str, version: int, card: ModelCard) -> ModelVersion:
+        """Edit a version's card. A public model's card must stay complete (it was reviewed complete)."""
+        model = self.store.get_model(name)
+        missing = card.missing_for_publication()
+        if (model.visibility == "public" or model.review_state == "pending") and missing:
+            raise InvalidRequest(
+                f"a public model's card must stay complete; missing: {', '.join(missing)}", param="card"
+            )
+        updated = self.store.set_card(name, version, card)
+        self.invalidate(name)
+        return updated
+
     def set_serving(self, name: str, serving: ServingConfig) -> Model:
         model = self.store.set_serving(name, serving)
         self.invalidate(name)

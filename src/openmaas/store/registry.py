@@ -128,6 +128,20 @@ class RegistryStore:
                 shares.setdefault(model_id, []).append(org)
             return [_model(row, lv, shares.get(row.id)) for row, lv in rows]
 
+    def set_card(self, name: str, version: int, card: ModelCard) -> ModelVersion:
+        """Replace the card of one version (its artifact and signature never change)."""
+        with self._sessions() as s:
+            row = s.scalar(
+                select(ModelVersionRow)
+                .join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
+                .where(ModelRow.name == name, ModelVersionRow.version == version)
+            )
+            if row is None:
+                raise ModelNotFound(name, version)
+            row.card = card.model_dump(mode="json")
+            s.commit()
+            return _version(name, row)
+
     def latest_cards(self) -> dict[str, ModelCard]:
         """Every model's latest card, by model name, in one query (the catalogue lists, searches and filters on
         them)."""
