@@ -81,6 +81,8 @@ class ModelRegistry:
         self._cache: dict[tuple[str, int | None], tuple[float, ModelVersion]] = {}
         self._models: dict[str, tuple[float, Model]] = {}
         self._refs: dict[str, tuple[float, tuple[str, ...]]] = {}
+        # Every model and every latest card (the catalogue lists, searches and filters them on each page).
+        self._lists: dict[str, tuple[float, Any]] = {}
         self._lock = threading.Lock()
 
     def register(
@@ -149,6 +151,7 @@ class ModelRegistry:
                 del self._cache[key]
             self._models.pop(name, None)
             self._refs.clear()
+            self._lists.clear()
 
     def find(self, ref: str, namespace: str | None, visible: Callable[[Model], bool]) -> Model:
         """The model a caller in ``namespace`` means by ``ref``, among those ``visible`` to it.
@@ -235,6 +238,7 @@ class ModelRegistry:
             self._cache.clear()
             self._models.clear()
             self._refs.clear()
+            self._lists.clear()
 
     def exists(self, name: str) -> bool:
         try:
@@ -244,10 +248,13 @@ class ModelRegistry:
         return True
 
     def list_models(self) -> list[Model]:
-        return self.store.list_models()
+        """Every model, cached briefly (a change made here shows at once; other processes' within the TTL)."""
+        found: list[Model] = self._cached(self._lists, "models", self.store.list_models)
+        return found
 
     def latest_cards(self) -> dict[str, ModelCard]:
-        return self.store.latest_cards()
+        found: dict[str, ModelCard] = self._cached(self._lists, "cards", self.store.latest_cards)
+        return found
 
     def get_model(self, name: str) -> Model:
         return self.store.get_model(name)
