@@ -76,6 +76,7 @@ def test_every_mutating_api_route_writes_an_audit_event(app_client: tuple[TestCl
     user = step(
         "POST", "/api/users", lambda: c.post("/api/users", json={"email": "u@x.org", "password": "long-password-1"})
     )
+    step("PATCH", "/api/users/{user}", lambda: c.patch("/api/users/u@x.org", json={"platform_admin": False}))
     step(
         "POST",
         "/api/orgs/{org}/members",
@@ -123,6 +124,11 @@ def test_every_mutating_api_route_writes_an_audit_event(app_client: tuple[TestCl
         lambda: c.patch("/api/models/m", json={"visibility": "public"}, headers=as_owner),
     )
     step("POST", "/api/models/{name}/review", lambda: c.post("/api/models/m/review", json={"decision": "approve"}))
+    step(
+        "PUT",
+        "/api/models/{name}/versions/{version}/card",
+        lambda: c.put("/api/models/m/versions/1/card", json={**CARD, "description": "edited"}, headers=as_owner),
+    )
 
     # -- billing ----------------------------------------------------------------------------------------------------
     plan = {"name": "sub", "kind": "subscription", "monthly_fee_micros": 1}

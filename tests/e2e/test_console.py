@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -397,3 +399,22 @@ def test_a_provider_edits_a_card_through_the_console_and_another_org_cannot(
     assert bob.http.post(f"/console/provider/models/{full}/card", data=form).status_code == 404
     r = alice.http.post(f"/console/provider/models/{full}/card", data={**form, "metrics": "rmse=low"})
     assert r.status_code == 400 and "name=value" in r.text
+
+
+def test_the_cli_makes_an_operator_who_signs_in_to_the_console(server: ServerProcess, admin: httpx.Client,
+                                                               admin_key: str) -> None:  # fmt: skip
+    email = f"{unique('cli-op')}@example.test"
+    assert admin.post("/api/users", json={"email": email, "password": PASSWORD}).status_code == 201
+    run = subprocess.run([sys.executable, "-m", "openmaas", "users", "operator", email, "--url", server.url],
+                         env={**os.environ, "OPENMAAS_API_KEY": admin_key}, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "is now an operator" in run.stdout
+    http = sign_in(server, email)
+    assert http.get("/console/operator").status_code == 200
+    run = subprocess.run([sys.executable, "-m", "openmaas", "users", "operator", email, "--off", "--url", server.url],
+                         env={**os.environ, "OPENMAAS_API_KEY": admin_key}, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert run.returncode == 0 and "no longer an operator" in run.stdout
+    assert http.get("/console/operator").status_code == 303  # the operator session ended with the role
+    http.close()

@@ -66,6 +66,9 @@ def _password(confirm: bool) -> str:
 @users_app.command("create")
 def users_create(
     email: str,
+    operator: Annotated[
+        bool, typer.Option("--operator", help="An operator: signs in to the web console as the platform admin.")
+    ] = False,
     url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = None,
     data_dir: DataDirOpt = Path(".openmaas"),
@@ -73,14 +76,30 @@ def users_create(
     """Create a user (platform admin); the password is asked for, never taken on the command line."""
     password = _password(confirm=True)
     user = call(url, api_key, data_dir, lambda c: c.post("/api/users", {"email": email, "password": password}))
-    console.print(f"Created user {user['email']} (id {user['id']})")
+    if operator:
+        user = call(url, api_key, data_dir, lambda c: c.patch(f"/api/users/{user['id']}", {"platform_admin": True}))
+    role = " as an operator (console: /console, no organisation)" if operator else ""
+    console.print(f"Created user {user['email']} (id {user['id']}){role}")
+
+
+@users_app.command("operator")
+def users_operator(
+    email: str,
+    off: Annotated[bool, typer.Option("--off", help="No longer an operator (their operator sessions end).")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+    data_dir: DataDirOpt = Path(".openmaas"),
+) -> None:
+    """Make a user an operator of the platform (signs in to the web console as the platform admin), or not."""
+    user = call(url, api_key, data_dir, lambda c: c.patch(f"/api/users/{email}", {"platform_admin": not off}))
+    console.print(f"{user['email']} is {'now' if user['platform_admin'] else 'no longer'} an operator")
 
 
 @users_app.command("list")
 def users_list(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, data_dir: DataDirOpt = Path(".openmaas")) -> None:
     """List all users (platform admin)."""
     users = call(url, api_key, data_dir, lambda c: c.get("/api/users"))["users"]
-    console.print(_table(["email", "id", "created_at"], users))
+    console.print(_table(["email", "id", "platform_admin", "created_at"], users))
 
 
 @users_app.command("add")
