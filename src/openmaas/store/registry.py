@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,6 +38,15 @@ def _version(name: str, row: ModelVersionRow) -> ModelVersion:
         signature=Signature.model_validate(row.signature),
         card=ModelCard.model_validate(row.card),
         created_at=row.created_at,
+    )
+
+
+def _latest_versions() -> Any:
+    """A subquery: each model's id and its latest version number."""
+    return (
+        select(ModelVersionRow.model_id, func.max(ModelVersionRow.version).label("latest"))
+        .group_by(ModelVersionRow.model_id)
+        .subquery()
     )
 
 
@@ -113,11 +124,7 @@ class RegistryStore:
 
     def list_models(self) -> list[Model]:
         with self._sessions() as s:
-            latest = (
-                select(ModelVersionRow.model_id, func.max(ModelVersionRow.version).label("latest"))
-                .group_by(ModelVersionRow.model_id)
-                .subquery()
-            )
+            latest = _latest_versions()
             rows = s.execute(
                 select(ModelRow, latest.c.latest)
                 .outerjoin(latest, latest.c.model_id == ModelRow.id)
@@ -146,11 +153,7 @@ class RegistryStore:
         """Every model's latest card, by model name, in one query (the catalogue lists, searches and filters on
         them)."""
         with self._sessions() as s:
-            latest = (
-                select(ModelVersionRow.model_id, func.max(ModelVersionRow.version).label("latest"))
-                .group_by(ModelVersionRow.model_id)
-                .subquery()
-            )
+            latest = _latest_versions()
             rows = s.execute(
                 select(ModelRow.name, ModelVersionRow.card)
                 .join(latest, latest.c.model_id == ModelRow.id)
