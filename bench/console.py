@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import machine, percentile, start_server
 
 from openmaas.config import Settings
+from openmaas.metering.writer import DAILY_SUMS
 from openmaas.store import db
 from openmaas.store.tables import ModelRow, ModelVersionRow, UsageRecordRow
 from openmaas.tenancy.passwords import hash_password
@@ -38,7 +39,7 @@ TASKS = ["text-embedding", "tabular-classification", "tabular-regression", "imag
 
 def seed(data_dir: Path, n_orgs: int, n_models: int, n_records: int) -> tuple[str, str]:
     """Fill the database; returns (member's org name, member's email)."""
-    from sqlalchemy import insert
+    from sqlalchemy import insert, text
 
     from openmaas.store.tables import MembershipRow, OrgRow, UserRow
 
@@ -88,6 +89,11 @@ def seed(data_dir: Path, n_orgs: int, n_models: int, n_records: int) -> tuple[st
         conn.execute(insert(ModelVersionRow), versions)
         for i in range(0, len(records), 20_000):
             conn.execute(insert(UsageRecordRow), records[i : i + 20_000])
+        # As the metering writer would have kept it with each record (the roll-up migration 0012 fills).
+        sums = ", ".join(f"sum({c})" for c in DAILY_SUMS)
+        conn.execute(text(f"INSERT INTO usage_daily (org_id, day, model, key_id, protocol, records, "
+                          f"{', '.join(DAILY_SUMS)}) SELECT coalesce(org_id, ''), day, model, key_id, protocol, "
+                          f"count(*), {sums} FROM usage_records GROUP BY 1, 2, 3, 4, 5"))  # fmt: skip
     engine.dispose()
     return orgs[0]["name"], member
 

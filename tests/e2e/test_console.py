@@ -8,9 +8,11 @@ import io
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -417,4 +419,60 @@ def test_the_cli_makes_an_operator_who_signs_in_to_the_console(server: ServerPro
                          timeout=60)  # fmt: skip
     assert run.returncode == 0 and "no longer an operator" in run.stdout
     assert http.get("/console/operator").status_code == 303  # the operator session ended with the role
+    http.close()
+
+
+def test_the_operator_closes_a_month_and_the_member_reads_the_invoice_line_by_line(
+    server: ServerProcess, alice: Member, operator: httpx.Client, admin: httpx.Client, onnx_file: Path
+) -> None:
+    r = alice.http.post("/console/provider/models", data={"name": unique("monthly")},
+                        files={"file": ("m.onnx", onnx_file.read_bytes())})  # fmt: skip
+    full = r.headers["location"].removeprefix("/console/models/")
+    r = alice.http.post(f"/console/provider/models/{full}/plans", data={"plan": "basic", "kind": "subscription",
+                        "monthly_fee": "5", "included_units": "10"})  # fmt: skip
+    assert r.status_code == 303, r.text
+    plan_id = admin.get(f"/api/models/{full}/plans").json()["plans"][0]["id"]
+    # A subscription that ran through a past month (written into the server's database, as an import would).
+    with sqlite3.connect(Path(server.data_dir) / "openmaas.db") as db:
+        db.execute("INSERT INTO subscriptions (id, org_id, plan_id, model, started_at, ends_at) VALUES (?, ?, ?, ?, ?, ?)",
+                   (uuid.uuid4().hex, alice.org["id"], plan_id, full, "2026-04-01 00:00:00.000000",
+                    "2026-05-01 00:00:00.000000"))  # fmt: skip
+    page = operator.post("/console/operator/periods", data={"period": "2026-04"})
+    assert page.status_code == 200 and "Period 2026-04 closed" in page.text, page.text
+    billing = alice.http.get("/console/billing").text
+    invoice_id = billing.split('href="/console/billing/invoices/')[1].split('"')[0]
+    page = alice.http.get(f"/console/billing/invoices/{invoice_id}")
+    assert page.status_code == 200 and "2026-04" in page.text and "basic, 30 of 30 days" in page.text
+    assert "5.00" in page.text
+    r = alice.http.get(f"/console/billing/invoices/{invoice_id}/lines/1", headers={"HX-Request": "true"})
+    assert r.status_code == 200 and "The calls behind line 1" in r.text
+    # Another organisation's member cannot open it.
+    other = new_member(server, admin, "nosy")
+    assert other.http.get(f"/console/billing/invoices/{invoice_id}").status_code == 404
+    other.http.close()
+
+
+def test_a_member_of_two_organisations_switches_between_them(server: ServerProcess, admin: httpx.Client) -> None:
+    first, second = new_org(admin, "first"), new_org(admin, "second")
+    email = f"{unique('both')}@example.test"
+    admin.post(f"/api/orgs/{first['name']}/members", json={"email": email, "role": "admin", "password": PASSWORD})
+    admin.post(f"/api/orgs/{second['name']}/members", json={"email": email, "role": "viewer"})
+    anon = httpx.Client(base_url=server.url, headers=SAME)
+    r = anon.post("/console/sign-in", data={"email": email, "password": PASSWORD})
+    assert r.status_code == 401 and "name the organisation" in r.text
+    anon.close()
+    http = sign_in(server, email, first["name"])
+    old = http.cookies["openmaas_session"]
+    page = http.get("/console").text
+    assert 'action="/console/switch"' in page and f"{first['name']} (admin)" in page
+    r = http.post("/console/switch", data={"org": second["name"]})
+    assert r.status_code == 303
+    assert http.cookies["openmaas_session"] != old
+    assert f"{second['name']} (viewer)" in http.get("/console").text
+    assert http.get("/console/keys").status_code == 403  # a viewer does not manage keys
+    r = http.post("/console/switch", data={"org": "not-mine"})
+    assert r.status_code == 404
+    stale = httpx.Client(base_url=server.url, cookies={"openmaas_session": old})
+    assert stale.get("/console").status_code == 303  # the first session ended with the switch
+    stale.close()
     http.close()

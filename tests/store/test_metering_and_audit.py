@@ -170,3 +170,64 @@ def test_tenancy_orgs_members_keys_and_sessions(engine: Engine) -> None:
         tenancy.set_quota(org.id, "bananas", 3)
     assert tenancy.set_quota(org.id, "requests", 3) == {"requests": 3}
     assert tenancy.all_quotas() == {org.id: {"requests": 3}}
+
+
+def test_the_daily_rollup_equals_the_records_for_every_grouping(engine: Engine) -> None:
+    """Summaries read usage_daily; whatever the grouping, they equal sums over the raw records (duplicates,
+    records without an organisation and several days, models, keys and protocols included)."""
+    import random
+
+    from sqlalchemy import func
+
+    from openmaas.store.tables import UsageRecordRow
+
+    upgrade(engine)
+    writer = GroupCommitWriter(engine)
+    usage = UsageQueries(session_factory(engine))
+    rng = random.Random(7)
+    now = datetime.now(UTC)
+    records = []
+    for i in range(400):
+        records.append(
+            UsageRecord(
+                request_id=f"d{i % 370}",  # 30 duplicates by request id: stored once, summed once
+                org_id=rng.choice(["o1", "o2", None]),
+                key_id=rng.choice(["k1", "k2"]),
+                model=rng.choice(["m1", "m2", "acme/m3"]),
+                version=1,
+                protocol=rng.choice(["openai", "v2", "grpc"]),
+                latency_ms=1.0,
+                input_tokens=rng.randrange(0, 50),
+                output_tokens=rng.randrange(0, 9),
+                items=rng.randrange(1, 4),
+                audio_ms=rng.choice([0, 1500]),
+                created_at=now - timedelta(days=rng.randrange(0, 3)),
+            )
+        )
+    try:
+
+        async def main() -> None:
+            for start in range(0, len(records), 50):
+                await asyncio.gather(*(writer.record(r) for r in records[start : start + 50]))
+
+        asyncio.run(main())
+    finally:
+        writer.close()
+    first = (now - timedelta(days=2)).strftime("%Y-%m-%d")
+    last = now.strftime("%Y-%m-%d")
+    columns = {"model": UsageRecordRow.model, "key": UsageRecordRow.key_id, "day": UsageRecordRow.day,
+               "org": UsageRecordRow.org_id, "protocol": UsageRecordRow.protocol}  # fmt: skip
+    with session_factory(engine)() as s:
+        for groups in (["model"], ["day", "model"], ["key", "protocol"], ["org"], []):
+            for org, all_orgs in (("o1", False), (None, False), (None, True)):
+                got = usage.summary(org, first, last, groups, all_orgs=all_orgs)
+                q = select(*[columns[g] for g in groups], func.sum(UsageRecordRow.requests),
+                           func.sum(UsageRecordRow.input_tokens), func.sum(UsageRecordRow.audio_ms))  # fmt: skip
+                if not all_orgs:
+                    q = q.where(UsageRecordRow.org_id == org if org else UsageRecordRow.org_id.is_(None))
+                if groups:
+                    q = q.group_by(*[columns[g] for g in groups])
+                want = {tuple(row[: len(groups)]): (row[-3], row[-2], row[-1] / 1000) for row in s.execute(q)}
+                assert {tuple(r[g] for g in groups): (r["requests"], r["input_tokens"], r["audio_seconds"])
+                        for r in got} == want, (groups, org, all_orgs)  # fmt: skip
+    assert sum(r["requests"] for r in usage.summary(None, first, last, [], all_orgs=True)) == 370

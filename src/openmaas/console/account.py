@@ -185,6 +185,19 @@ def router(env: Environment, route_class: type) -> APIRouter:
             month=month,
         )
 
+    @r.get("/billing/invoices/{invoice_id}")
+    async def invoice(request: Request, invoice_id: str) -> Response:
+        """An issued invoice, line by line; each line's calls load on demand ("explain my bill")."""
+        p = await page(request, env)
+        found = await p.get(f"/api/invoices/{invoice_id}")
+        return p.render("invoice.html", invoice=found)
+
+    @r.get("/billing/invoices/{invoice_id}/lines/{n}")
+    async def invoice_line(request: Request, invoice_id: str, n: int) -> Response:
+        p = await page(request, env)
+        found = await p.get(f"/api/invoices/{invoice_id}/lines/{n}/records")
+        return p.render("_line_records.html", records=found["records"], n=n)
+
     @r.get("/billing/statements/{period}")
     async def statement(request: Request, period: str) -> Response:
         p = await page(request, env)

@@ -24,6 +24,18 @@ def _form(env: Environment, request: Request, *, status: int = 200, message: str
     return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
 
 
+def _set_cookie(response: Response, request: Request, token: str, max_age: int) -> None:
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        max_age=max_age,
+        path="/",
+        httponly=True,
+        samesite="lax",
+        secure=request.url.scheme == "https",
+    )
+
+
 def router(env: Environment, route_class: type) -> APIRouter:
     r = APIRouter(prefix=PREFIX, route_class=route_class, include_in_schema=False)
 
@@ -65,15 +77,23 @@ def router(env: Environment, route_class: type) -> APIRouter:
             after={"operator": found.operator},
         )  # fmt: skip
         response = RedirectResponse(destination, status_code=303)
-        response.set_cookie(
-            SESSION_COOKIE,
-            token,
-            max_age=int(svc.console_sessions.absolute.total_seconds()),
-            path="/",
-            httponly=True,
-            samesite="lax",
-            secure=request.url.scheme == "https",
-        )
+        _set_cookie(response, request, token, int(svc.console_sessions.absolute.total_seconds()))
+        return response
+
+    @r.post("/switch")
+    async def switch(request: Request, org: str = Form(max_length=128)) -> Response:
+        """Move to another organisation the member belongs to: a new session there, this one ended."""
+        check_same_origin(request)
+        token = request.cookies.get(SESSION_COOKIE)
+        if not token:
+            raise Unauthenticated("sign in to use the console", param="session")
+        svc = services(request)
+        try:
+            new = await asyncio.to_thread(svc.console_sessions.switch, token, org)
+        except InvalidCredentials:
+            raise Unauthenticated("sign in to use the console", param="session") from None
+        response = RedirectResponse(PREFIX, status_code=303)
+        _set_cookie(response, request, new, int(svc.console_sessions.absolute.total_seconds()))
         return response
 
     @r.post("/sign-out")

@@ -19,7 +19,7 @@ from openmaas.api import inprocess
 from openmaas.api.deps import CONSOLE_PRINCIPAL, SESSION_COOKIE, check_same_origin, services
 from openmaas.errors import ErrorCode, NotFound, OpenMaaSError, Unauthenticated
 from openmaas.gateway.auth import Principal
-from openmaas.tenancy.sessions import SignedIn
+from openmaas.tenancy.sessions import Membership, SignedIn
 
 HERE = Path(__file__).parent
 PREFIX = "/console"
@@ -105,6 +105,8 @@ class Page:
     principal: Principal
     env: Environment
     errors: list[str] = field(default_factory=list)
+    # The organisations the member may switch to (the header's switcher, when there are several).
+    orgs: list[Membership] = field(default_factory=list)
 
     @property
     def org(self) -> str | None:
@@ -143,6 +145,7 @@ class Page:
             signed=self.signed,
             path=self.request.url.path,
             errors=self.errors,
+            memberships=self.orgs,
             base_url=str(self.request.base_url).rstrip("/"),
             **context,
         )
@@ -202,7 +205,10 @@ async def page(request: Request, env: Environment, *, operator: bool = False) ->
     signed, who = await signed_in(request)
     if operator and not who.is_platform_admin:
         raise NotFound(f"no such page: {request.url.path}")
-    return Page(request, signed, who, env)
+    orgs = [] if request.headers.get("hx-request") else await asyncio.to_thread(
+        services(request).console_sessions.memberships, signed.user_id
+    )  # fmt: skip
+    return Page(request, signed, who, env, orgs=orgs)
 
 
 def to_sign_in(request: Request) -> Response:

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from openmaas.errors import InvalidRequest
 from openmaas.metering.records import UNITS
-from openmaas.store.tables import ChargeRow, IdempotencyKeyRow, UsageCounterRow, UsageRecordRow
+from openmaas.store.tables import ChargeRow, IdempotencyKeyRow, UsageCounterRow, UsageDailyRow, UsageRecordRow
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 GROUPS = {
@@ -20,6 +20,22 @@ GROUPS = {
     "day": UsageRecordRow.day,
     "org": UsageRecordRow.org_id,
     "protocol": UsageRecordRow.protocol,
+}
+# The same over the daily roll-up (its org_id is "" for records without an organisation).
+DAILY_GROUPS = {
+    "model": UsageDailyRow.model,
+    "key": UsageDailyRow.key_id,
+    "day": UsageDailyRow.day,
+    "org": UsageDailyRow.org_id,
+    "protocol": UsageDailyRow.protocol,
+}
+DAILY_UNITS = {
+    "requests": UsageDailyRow.requests,
+    "input_tokens": UsageDailyRow.input_tokens,
+    "output_tokens": UsageDailyRow.output_tokens,
+    "items": UsageDailyRow.items,
+    "audio_seconds": UsageDailyRow.audio_ms,
+    "job_seconds": UsageDailyRow.job_seconds,
 }
 # The usage record column behind each unit (audio is kept in milliseconds).
 UNIT_COLUMNS = {
@@ -47,6 +63,11 @@ def parse_group_by(raw: str | None) -> list[str]:
         if n not in allowed:
             raise InvalidRequest(f"cannot group usage by '{n}'; use any of {', '.join(allowed)}", param="group_by")
     return list(dict.fromkeys(names))
+
+
+def _org(dim: str, value: Any) -> Any:
+    """A group's value as the API shows it: no organisation is None (the roll-up stores "")."""
+    return None if dim == "org" and value == "" else value
 
 
 def _quantity(unit: str, value: int) -> int | float:
@@ -84,34 +105,43 @@ class UsageQueries:
     ) -> list[dict[str, Any]]:
         """Sums per group over days ``start``..``end`` (inclusive, YYYY-MM-DD); one org unless ``all_orgs``.
 
+        Read from the daily roll-up (``usage_daily``, kept with each record), not from every record.
         ``cost_micros`` is what the calls paid from the wallet under pay-as-you-go plans (exactly the charges of
         these records); subscription fees, overage and dedicated capacity are billed per month, on the invoice."""
         dims = [g for g in group_by if g != "unit"]
-        cols = [GROUPS[d].label(d) for d in dims]
-        sums = [func.coalesce(func.sum(c), 0).label(u) for u, c in UNIT_COLUMNS.items()]
-        where = [UsageRecordRow.day >= start, UsageRecordRow.day <= end]
-        if not all_orgs:
-            where.append(UsageRecordRow.org_id.is_(None) if org_id is None else UsageRecordRow.org_id == org_id)
-        elif org_id is not None:
-            where.append(UsageRecordRow.org_id == org_id)
+        cols = [DAILY_GROUPS[d].label(d) for d in dims]
+        sums = [func.coalesce(func.sum(c), 0).label(u) for u, c in DAILY_UNITS.items()]
+        where = [UsageDailyRow.day >= start, UsageDailyRow.day <= end]
+        if not all_orgs or org_id is not None:
+            where.append(UsageDailyRow.org_id == (org_id or ""))
         q = select(*cols, *sums).where(*where)
+        if dims:
+            q = q.group_by(*[DAILY_GROUPS[d] for d in dims]).order_by(*[DAILY_GROUPS[d] for d in dims])
+        # Costs from the charges (pay-as-you-go calls only), joined to their records for the groups.
+        charged = [UsageRecordRow.day >= start, UsageRecordRow.day <= end]
+        if not all_orgs or org_id is not None:
+            charged.append(ChargeRow.org_id == org_id if org_id is not None else UsageRecordRow.org_id.is_(None))
         costs = (
-            select(*cols, ChargeRow.unit.label("charged_unit"), func.sum(ChargeRow.amount_micros).label("cost"))
-            .select_from(UsageRecordRow)
-            .join(ChargeRow, ChargeRow.request_id == UsageRecordRow.request_id)
-            .where(*where)
+            select(
+                *[GROUPS[d].label(d) for d in dims],
+                ChargeRow.unit.label("charged_unit"),
+                func.sum(ChargeRow.amount_micros).label("cost"),
+            )
+            .select_from(ChargeRow)
+            .join(UsageRecordRow, UsageRecordRow.request_id == ChargeRow.request_id)
+            .where(*charged)
             .group_by(*[GROUPS[d] for d in dims], ChargeRow.unit)
         )
-        if dims:
-            q = q.group_by(*[GROUPS[d] for d in dims]).order_by(*[GROUPS[d] for d in dims])
         out: list[dict[str, Any]] = []
         with self._sessions() as s:
             cost_of: dict[tuple[Any, ...], dict[str, int]] = {}
             for row in s.execute(costs).mappings():
-                cost_of.setdefault(tuple(row[d] for d in dims), {})[row["charged_unit"]] = int(row["cost"] or 0)
+                cost_of.setdefault(tuple(_org(d, row[d]) for d in dims), {})[row["charged_unit"]] = int(
+                    row["cost"] or 0
+                )
             for row in s.execute(q).mappings():
-                base = {d: row[d] for d in dims}
-                paid = cost_of.get(tuple(row[d] for d in dims), {})
+                base = {d: _org(d, row[d]) for d in dims}
+                paid = cost_of.get(tuple(base[d] for d in dims), {})
                 if "unit" in group_by:
                     for unit in UNITS:
                         if row[unit]:

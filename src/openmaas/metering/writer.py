@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
 from openmaas.metering.records import UsageRecord, idempotency_scope, month_of
-from openmaas.store.tables import IdempotencyKeyRow, UsageCounterRow, UsageRecordRow
+from openmaas.store.tables import IdempotencyKeyRow, UsageCounterRow, UsageDailyRow, UsageRecordRow
 from openmaas.telemetry import Metrics
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,11 @@ class GroupCommitWriter:
         self._add_to_counters = upsert.on_conflict_do_update(
             index_elements=["org_id", "month", "unit"],
             set_={"quantity": UsageCounterRow.quantity + upsert.excluded.quantity},
+        )
+        daily = _insert(engine, UsageDailyRow)
+        self._add_to_daily = daily.on_conflict_do_update(
+            index_elements=["org_id", "day", "model", "key_id", "protocol"],
+            set_={c: getattr(UsageDailyRow, c) + daily.excluded[c] for c in ("records", *DAILY_SUMS)},
         )
         self._max_group = max_group
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -200,6 +205,9 @@ class GroupCommitWriter:
                     conn.execute(
                         self._add_to_counters, {"org_id": org_id, "month": month, "unit": unit, "quantity": quantity}
                     )
+            days = _daily_rollup([r.row() for r in to_store if id(r) in stored])
+            if days:
+                conn.execute(self._add_to_daily, days)
             for r in records:
                 if r.charge is None:
                     continue
@@ -215,6 +223,26 @@ class GroupCommitWriter:
             for statement, rows in extra.values():
                 conn.execute(statement, rows)
         return [id(r) in stored for r in records]
+
+
+# The record columns the daily roll-up sums (usage_daily, migration 0012).
+DAILY_SUMS = ("requests", "input_tokens", "output_tokens", "items", "audio_ms", "job_seconds")
+
+
+def _daily_rollup(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored records summed per (organisation, day, model, key, protocol), in a stable order (no deadlocks
+    between writers on PostgreSQL: every transaction takes the rows' locks in the same order)."""
+    sums: dict[tuple[str, str, str, str, str], dict[str, Any]] = {}
+    for row in rows:
+        group = (row["org_id"] or "", row["day"], row["model"], row["key_id"], row["protocol"])
+        found = sums.get(group)
+        if found is None:
+            found = sums[group] = {"org_id": group[0], "day": group[1], "model": group[2], "key_id": group[3],
+                                   "protocol": group[4], "records": 0, **dict.fromkeys(DAILY_SUMS, 0)}  # fmt: skip
+        found["records"] += 1
+        for name in DAILY_SUMS:
+            found[name] += row[name] or 0
+    return [sums[g] for g in sorted(sums)]
 
 
 def _set_result(future: asyncio.Future[bool], value: bool) -> None:

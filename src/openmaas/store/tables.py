@@ -210,6 +210,28 @@ class IdempotencyKeyRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
 
 
+class UsageDailyRow(Base):
+    """Usage records summed per organisation, day, model, key and protocol, in the metering transaction: usage
+    summaries (the API's /api/usage, the console's pages) read these instead of every record."""
+
+    __tablename__ = "usage_daily"
+    __table_args__ = (Index("ix_usage_daily_day", "day"),)
+
+    # "" for records without an organisation (the platform admin's own calls).
+    org_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    protocol: Mapped[str] = mapped_column(String(16), primary_key=True)
+    records: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    requests: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    items: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    audio_ms: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    job_seconds: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
 class UsageCounterRow(Base):
     """Running monthly totals per org and unit, kept in the metering transaction (quota checks read these)."""
 

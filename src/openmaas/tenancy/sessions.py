@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from openmaas.errors import InvalidCredentials
+from openmaas.errors import InvalidCredentials, NotFound
 from openmaas.store.tables import ApiKeyRow, ConsoleSessionRow, MembershipRow, OrgRow, UserRow, utcnow
 from openmaas.tenancy.passwords import verify_password
 from openmaas.tenancy.roles import ALL_SCOPES, Role
@@ -97,6 +97,10 @@ class ConsoleSessions:
                     )
                 org, role = rows[0][0], rows[0][1]  # type: ignore[assignment]
             user_id, org_id = user.id, org.id if org is not None else None
+        return self._start(user_id, email, org_id, role)
+
+    def _start(self, user_id: str, email: str, org_id: str | None, role: Role) -> str:
+        """A new session (and the key it acts through) for ``user_id`` in ``org_id`` (None: as an operator)."""
         now = datetime.now(UTC)
         expires = now + self.absolute
         # The session acts through a key of its own; its secret is dropped here and exists nowhere.
@@ -124,6 +128,21 @@ class ConsoleSessions:
             )
             s.commit()
         return token
+
+    def switch(self, token: str, org_ref: str) -> str:
+        """A new session for the same user in another organisation they belong to (this one ends); no password
+        again, since the session proves who they are."""
+        found = self.lookup(token)
+        if found is None:
+            raise InvalidCredentials("your session has ended; sign in again", param="session")
+        with self._sessions() as s:
+            org = s.get(OrgRow, org_ref) or s.scalar(select(OrgRow).where(OrgRow.name == org_ref))
+            membership = s.get(MembershipRow, (org.id, found.user_id)) if org is not None else None
+            if org is None or membership is None:
+                raise NotFound("you are not a member of that organisation", param="org")
+            org_id, role = org.id, membership.role
+        self.sign_out(token)
+        return self._start(found.user_id, found.email, org_id, role)  # type: ignore[arg-type]
 
     def lookup(self, token: str | None) -> SignedIn | None:
         """The live session for a cookie value, else None (an expired or idle one is ended here)."""
