@@ -98,8 +98,10 @@ class Session:
         self.page.screenshot(path=str(self.shots / f"{name}-{self.scheme}.png"), full_page=True)
 
     def expected_failures(self, since: int) -> None:
-        """Forget the browser's "Failed to load resource" messages since ``since`` (answers the test asked for)."""
-        self.errors[since:] = [e for e in self.errors[since:] if not e.startswith("Failed to load resource")]
+        """Forget the messages since ``since`` that report an error status the test asked for (the browser's
+        "Failed to load resource", htmx's "Response Status Error Code")."""
+        expected = ("Failed to load resource", "Response Status Error Code")
+        self.errors[since:] = [e for e in self.errors[since:] if not e.startswith(expected)]
 
     def close(self) -> None:
         assert self.errors == [], (self.errors, self.failed)  # no CSP violation, no script error
