@@ -116,8 +116,10 @@ def test_with_room_for_one_model_three_busy_models_take_turns_instead_of_evictin
     async def scenario() -> None:
         pool = _pool(versions, Metrics(), instances=lambda mv: 2)
         mvs = [mv for mv, _ in versions.values()]
-        # Two copies of a model take about twice its file; 2.8 files hold one model, never two.
-        pool.budget_bytes = int(mvs[0].size_bytes * 2.8)
+        # Two copies of a model take about twice its file (the pool measures a load's growth of the process's
+        # memory too, which other models' threads running meanwhile inflate: a CI run measured 3.06 files); 3.6
+        # files hold one model, never two (four files).
+        pool.budget_bytes = int(mvs[0].size_bytes * 3.6)
 
         async def client(mv: ModelVersion) -> int:
             for _ in range(4):
