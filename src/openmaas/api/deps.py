@@ -29,7 +29,7 @@ from openmaas.metering.usage import UsageQueries
 from openmaas.registry.evaluations import EvaluationService
 from openmaas.registry.service import ModelRegistry
 from openmaas.tenancy.service import TenancyService
-from openmaas.tenancy.sessions import ConsoleSessions
+from openmaas.tenancy.sessions import ConsoleSessions, SignedIn
 
 T = TypeVar("T")
 
@@ -113,13 +113,26 @@ def check_same_origin(request: Request) -> None:
         raise Forbidden("cross-site request refused: this action must come from the console's own pages")
 
 
+async def console_session(request: Request, cookie: str | None) -> tuple[SignedIn, Principal] | None:
+    """The live console session of a cookie value and the principal it acts as; None when there is none (never
+    was, expired, signed out, or its key revoked)."""
+    svc = services(request)
+    found = await asyncio.to_thread(svc.console_sessions.lookup, cookie) if cookie else None
+    if found is None:
+        return None
+    try:
+        return found, await asyncio.to_thread(svc.gateway.auth.by_key_id, found.key_id)
+    except Unauthenticated:
+        return None
+
+
 async def session_principal(request: Request, cookie: str) -> Principal:
     """The principal of a console session cookie (CSRF-checked for unsafe methods); 401 once it has ended."""
     check_same_origin(request)
-    found = await asyncio.to_thread(services(request).console_sessions.lookup, cookie)
-    if found is None:
+    session = await console_session(request, cookie)
+    if session is None:
         raise Unauthenticated("Your console session has ended; sign in again.", param="session")
-    return await asyncio.to_thread(services(request).gateway.auth.by_key_id, found.key_id)
+    return session[1]
 
 
 async def principal(request: Request) -> Principal:

@@ -134,10 +134,7 @@ def router(env: Environment, route_class: type) -> APIRouter:
     async def try_speech(request: Request) -> Response:
         """The uploaded form is passed to /v1/audio/transcriptions as it came (the API checks and limits it)."""
         p = await page(request, env)
-        body = await request.body()
-        answer = await p.api("POST", "/v1/audio/transcriptions", raw=body,
-                             content_type=request.headers.get("content-type", ""))  # fmt: skip
-        return p.render("_transcript.html", result=json_or_raise(answer))
+        return p.render("_transcript.html", result=await p.forward("/v1/audio/transcriptions"))
 
     @r.post("/playground/infer")
     async def try_tensors(

@@ -16,7 +16,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openmaas.api import inprocess
-from openmaas.api.deps import CONSOLE_PRINCIPAL, SESSION_COOKIE, check_same_origin, services
+from openmaas.api.deps import CONSOLE_PRINCIPAL, SESSION_COOKIE, check_same_origin, console_session, services
 from openmaas.errors import ErrorCode, NotFound, OpenMaaSError, Unauthenticated
 from openmaas.gateway.auth import Principal
 from openmaas.tenancy.sessions import Membership, SignedIn
@@ -131,6 +131,13 @@ class Page:
         answer = await self.api(method, path, body=body, **kwargs)
         return json_or_raise(answer)
 
+    async def forward(self, path: str) -> Any:
+        """POST this request's own (multipart) body to an API route as it came: the API parses, limits and checks
+        it; its JSON, or its error raised."""
+        body = await self.request.body()
+        answer = await self.api("POST", path, raw=body, content_type=self.request.headers.get("content-type", ""))
+        return json_or_raise(answer)
+
     async def try_get(self, path: str, default: Any = None, **query: Any) -> Any:
         """A GET whose failure (e.g. too little right for this section) leaves ``default`` and a note."""
         try:
@@ -186,16 +193,10 @@ def json_or_raise(answer: inprocess.Answer) -> Any:
 
 async def signed_in(request: Request) -> tuple[SignedIn, Principal]:
     """The live session of this request and its principal; raise Unauthenticated otherwise."""
-    token = request.cookies.get(SESSION_COOKIE)
-    svc = services(request)
-    found = await asyncio.to_thread(svc.console_sessions.lookup, token) if token else None
-    if found is None:
+    session = await console_session(request, request.cookies.get(SESSION_COOKIE))
+    if session is None:
         raise Unauthenticated("sign in to use the console", param="session")
-    try:
-        who = await asyncio.to_thread(svc.gateway.auth.by_key_id, found.key_id)
-    except Unauthenticated:
-        raise Unauthenticated("sign in to use the console", param="session") from None
-    return found, who
+    return session
 
 
 async def page(request: Request, env: Environment, *, operator: bool = False) -> Page:

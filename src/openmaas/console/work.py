@@ -12,7 +12,7 @@ from fastapi import APIRouter, Form, Request
 from jinja2 import Environment
 from starlette.responses import RedirectResponse, Response
 
-from openmaas.console.web import PREFIX, Page, json_or_raise, page
+from openmaas.console.web import PREFIX, json_or_raise, page
 from openmaas.errors import InvalidRequest
 
 JOB_TYPES = ("train", "evaluate", "quantize", "prune", "distill")
@@ -50,13 +50,6 @@ def _metrics(text: str) -> dict[str, float]:
     return out
 
 
-async def _forward(p: Page, path: str) -> Any:
-    """Pass the request's own (multipart) body to an API route in-process: the API parses, limits and checks it."""
-    body = await p.request.body()
-    answer = await p.api("POST", path, raw=body, content_type=p.request.headers.get("content-type", ""))
-    return json_or_raise(answer)
-
-
 def router(env: Environment, route_class: type) -> APIRouter:
     r = APIRouter(prefix=PREFIX, route_class=route_class, include_in_schema=False)
 
@@ -74,7 +67,7 @@ def router(env: Environment, route_class: type) -> APIRouter:
     @r.post("/datasets")
     async def upload_dataset(request: Request) -> Response:
         p = await page(request, env)
-        await _forward(p, "/api/datasets")
+        await p.forward("/api/datasets")
         return RedirectResponse(f"{PREFIX}/jobs", status_code=303)
 
     @r.post("/jobs")
@@ -148,7 +141,7 @@ def router(env: Environment, route_class: type) -> APIRouter:
         await request.body()  # kept for the forward below (form() alone would consume the stream)
         form = await request.form()
         endpoint = str(form.get("endpoint") or "/v1/embeddings")
-        uploaded = await _forward(p, "/v1/files")
+        uploaded = await p.forward("/v1/files")
         await p.send("POST", "/v1/batches", {"input_file_id": uploaded["id"], "endpoint": endpoint,
                                              "completion_window": "24h"})  # fmt: skip
         return RedirectResponse(f"{PREFIX}/batches", status_code=303)
