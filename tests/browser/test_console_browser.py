@@ -278,22 +278,40 @@ def test_streaming_chat_shows_tokens_as_they_arrive(
         time.sleep(2)
     s = Session(browser, console_server, people, screenshots)
     s.sign_in(people.consumer)
+    # One short call on the member's session first, so the model's first load (seconds, longer on a busy machine)
+    # is not mistaken for a stream that shows nothing; it fails here, with the server's answer, if the call does.
+    warm = s.context.request.post(
+        "/v1/chat/completions",
+        data={"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        headers={"Origin": console_server.url},
+        timeout=300_000,
+    )
+    assert warm.status == 200, (warm.status, warm.text(), server_log_tail(console_server))
     s.visit("/console/playground?model=gemma-3-270m", "playground-chat")
     s.page.fill("#prompt", "Write two sentences about the sea.")
     s.page.fill("#max_tokens", "40")
     s.page.click("#send")
     lengths: list[int] = []
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         lengths.append(len(s.page.inner_text("#reply")))
         if s.page.is_disabled("#stop") and lengths[-1] > 0:
             break
         time.sleep(0.02)
     grew = sorted({n for n in lengths if n > 0})
-    assert len(grew) >= 3, lengths  # text appeared in steps, not all at once
+    state = {"reply": s.page.inner_text("#reply"), "usage": s.page.inner_text("#reply-usage"),
+             "stop_disabled": s.page.is_disabled("#stop"), "samples": len(lengths), "errors": s.errors,
+             "failed": s.failed}  # fmt: skip
+    assert len(grew) >= 3, (grew, state, server_log_tail(console_server))  # text appeared in steps, not at once
     s.page.wait_for_selector("#reply-usage:has-text('completion tokens')")
     s.check("playground-chat-reply")
     s.close()
+
+
+def server_log_tail(server: ServerProcess, lines: int = 40) -> str:
+    """The server's last log lines, minus the test's own polling, for a failure message."""
+    kept = [line for line in server.log().splitlines() if '"path":"/api/models/gemma-3-270m"' not in line]
+    return "\n".join(kept[-lines:])
 
 
 @pytest.fixture
