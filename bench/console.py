@@ -146,7 +146,15 @@ def main() -> int:
                 rows.append(("member", path, *time_page(m, path, args.rounds)))
                 print(f"member   {path:45s} p50 {rows[-1][2]:7.1f} ms  p95 {rows[-1][3]:7.1f} ms", flush=True)
             o = sign_in(url, "operator@bench.test")
-            for path in ["/console", "/console/operator", "/console/operator/audit", "/console/models"]:
+            for path in [
+                "/console",
+                "/console/operator",
+                "/console/operator/audit",
+                "/console/models",
+                "/console/models?page=20",
+                "/console/models?q=model-09",
+                "/console/playground",
+            ]:
                 rows.append(("operator", path, *time_page(o, path, args.rounds)))
                 print(f"operator {path:45s} p50 {rows[-1][2]:7.1f} ms  p95 {rows[-1][3]:7.1f} ms", flush=True)
         finally:

@@ -476,3 +476,40 @@ def test_a_member_of_two_organisations_switches_between_them(server: ServerProce
     assert stale.get("/console").status_code == 303  # the first session ended with the switch
     stale.close()
     http.close()
+
+
+def test_the_catalogue_lists_fifty_models_a_page_and_the_api_pages_with_a_total(
+    server: ServerProcess, admin: httpx.Client, onnx_file: Path
+) -> None:
+    carol = new_member(server, admin, "carol")
+    created = admin.post(f"/api/orgs/{carol.org['name']}/keys", json={"name": "k", "scopes": ["manage"]})
+    prefix = unique("pager")
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {created.json()['key']}"},
+                      timeout=60) as c:  # fmt: skip
+        for i in range(53):
+            card = {"task": f"{prefix}-task"} if i < 2 else None
+            assert register_model(c, onnx_file, f"{prefix}-{i:02d}", card=card).status_code == 201
+        names = [f"{carol.org['name']}/{prefix}-{i:02d}" for i in range(53)]
+        got = c.get("/api/models", params={"q": prefix, "limit": 20, "offset": 40, "include": "card", "facets": "task"})
+        body = got.json()
+        assert (body["total"], body["offset"], body["limit"]) == (53, 40, 20)
+        assert [m["name"] for m in body["models"]] == names[40:]  # by name, the rest of the list
+        assert f"{prefix}-task" in body["facets"]["task"]  # facets see every model, not the page
+        assert len(c.get("/api/models", params={"q": prefix}).json()["models"]) == 53  # no limit: every model
+        for bad in ({"limit": 0}, {"limit": 1001}, {"offset": -1}, {"facets": "colour"}):
+            assert c.get("/api/models", params=bad).status_code == 400, bad  # the error catalogue's invalid_request
+
+    try:
+        first = carol.http.get("/console/models", params={"q": prefix}).text
+        assert "1\u201350 of 53 models" in first and "Page 1 of 2" in first
+        assert names[49] in first and names[50] not in first
+        assert 'rel="next"' in first and 'rel="prev"' not in first
+        second = carol.http.get("/console/models", params={"q": prefix, "page": 2}).text
+        assert "51\u201353 of 53 models" in second and names[50] in second and names[0] not in second
+        assert 'rel="prev"' in second and 'rel="next"' not in second
+        assert f'<option value="{prefix}-task"' in second  # the task menu lists every task, whatever the page
+        past = carol.http.get("/console/models", params={"q": prefix, "page": 9})
+        assert past.status_code == 200 and "No model on this page: there are 2." in past.text
+        assert carol.http.get("/console/models", params={"page": "two"}).status_code == 400
+    finally:
+        carol.http.close()

@@ -138,6 +138,15 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
             default=None, max_length=200, description="Only models whose name, task or description contain this."
         ),
         include: Literal["card"] | None = Query(default=None, description="card: each model's latest card too."),
+        facets: Literal["task"] | None = Query(
+            default=None,
+            description="task: also list the tasks named by the cards of the models you can see (after review_state and "
+            "visibility, before q and task), for a filter menu.",
+        ),
+        limit: int | None = Query(
+            default=None, ge=1, le=1000, description="At most this many models (by name), from offset; all if unset."
+        ),
+        offset: int = Query(default=0, ge=0, description="Skip this many matching models (with limit: pages)."),
     ) -> JSONResponse:
         models = [
             m
@@ -145,7 +154,12 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
             if (review_state is None or m.review_state == review_state)
             and (visibility is None or m.visibility == visibility)
         ]
-        cards = await run_in_threadpool(gw.latest_cards) if include or task or q else {}
+        cards = await run_in_threadpool(gw.latest_cards) if include or task or q or facets else {}
+        facet_values = (
+            {"task": sorted({cards[m.name].task for m in models if m.name in cards and cards[m.name].task})}
+            if facets == "task"
+            else None
+        )
         if task:
             models = [m for m in models if m.name in cards and cards[m.name].task == task]
         if q:
@@ -159,6 +173,8 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
                     and (needle in cards[m.name].task.lower() or needle in cards[m.name].description.lower())
                 )
             ]
+        total = len(models)
+        models = models[offset : offset + limit if limit is not None else None]
         out = []
         for m in models:
             entry = _model_json(gw, m, with_versions=False)
@@ -166,7 +182,10 @@ def router(scratch: Path, max_upload_bytes: int) -> APIRouter:
                 card = cards.get(m.name)
                 entry["card"] = card.model_dump(mode="json") if card is not None else None
             out.append(entry)
-        return JSONResponse({"models": out})
+        body: dict[str, Any] = {"models": out, "total": total, "offset": offset, "limit": limit}
+        if facet_values is not None:
+            body["facets"] = facet_values
+        return JSONResponse(body)
 
     @r.get("/models/{name:model}")
     async def get_model(name: str, gw: GatewayDep, who: PrincipalDep, evaluations: EvaluationsDep) -> JSONResponse:

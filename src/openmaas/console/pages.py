@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Form, Query, Request
 from jinja2 import Environment
 from starlette.responses import Response
 
@@ -13,6 +13,7 @@ from openmaas.console.web import PREFIX, Page, json_or_raise, page
 from openmaas.errors import InvalidRequest
 
 # Tasks the playground has a form for; any other model gets v2 tensors as JSON.
+CATALOGUE_PAGE = 50  # models a catalogue page lists
 CHAT_TASKS = ("text-generation",)
 EMBEDDING_TASKS = ("embedding", "text-embedding", "sentence-similarity", "feature-extraction")
 SPEECH_TASKS = ("automatic-speech-recognition", "speech-recognition", "speech")
@@ -69,14 +70,33 @@ def router(env: Environment, route_class: type) -> APIRouter:
         )
 
     @r.get("/models")
-    async def catalogue(request: Request, q: str = "", task: str = "") -> Response:
+    async def catalogue(
+        request: Request, q: str = "", task: str = "", page_no: int = Query(1, alias="page")
+    ) -> Response:
         p = await page(request, env)
-        found = await p.get("/api/models", include="card", q=q.strip()[:200], task=task.strip()[:64])
-        every = await p.get("/api/models", include="card") if (q or task) else found
-        tasks = sorted({(m.get("card") or {}).get("task") or "" for m in every["models"]} - {""})
-        models = found["models"]
+        q, task, page_no = q.strip()[:200], task.strip()[:64], max(1, page_no)
+        found = await p.get(
+            "/api/models",
+            include="card",
+            facets="task",
+            q=q,
+            task=task,
+            limit=CATALOGUE_PAGE,
+            offset=(page_no - 1) * CATALOGUE_PAGE,
+        )
+        pages = max(1, -(-found["total"] // CATALOGUE_PAGE))
         fragment = bool(request.headers.get("hx-request")) and request.headers.get("hx-target") == "model-list"
-        return p.render("_model_list.html" if fragment else "models.html", models=models, q=q, task=task, tasks=tasks)
+        return p.render(
+            "_model_list.html" if fragment else "models.html",
+            models=found["models"],
+            total=found["total"],
+            first=(page_no - 1) * CATALOGUE_PAGE + 1,
+            page_no=page_no,
+            pages=pages,
+            q=q,
+            task=task,
+            tasks=found["facets"]["task"],
+        )
 
     @r.get("/models/{name:model}")
     async def model_page(request: Request, name: str) -> Response:
