@@ -250,6 +250,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(_start, platform)
         await platform.backend.start()
+        # What start-up built (libraries, the platform's parts) lives as long as the process: keep it out of the
+        # cyclic collector's full passes, which otherwise walk it all and stall a request for tens of ms. Frozen
+        # before any background preparation starts, so nothing short-lived is frozen with it.
+        gc.collect()
+        gc.freeze()
         if settings.prepare_at_start:
             for mv in await run_in_threadpool(_latest_versions, platform):
                 platform.gateway.prepare(mv)  # in the background: e.g. the bundled GGUF model's conversion
@@ -266,10 +271,6 @@ def create_app(settings: Settings) -> FastAPI:
                 max_bytes=settings.max_request_bytes,
             )
             await grpc_surface.start()
-        # What start-up built (libraries, models, the catalogue) lives as long as the process: keep it out of the
-        # cyclic collector's full passes, which otherwise walk it all and stall a request for tens of ms.
-        gc.collect()
-        gc.freeze()
         app.state.ready = True
         app.state.batch_runner.start()
         log.info("openmaas ready", extra={"version": __version__, "data_dir": str(settings.data_dir)})
