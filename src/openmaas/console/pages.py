@@ -84,7 +84,7 @@ def router(env: Environment, route_class: type) -> APIRouter:
             limit=CATALOGUE_PAGE,
             offset=(page_no - 1) * CATALOGUE_PAGE,
         )
-        pages = max(1, -(-found["total"] // CATALOGUE_PAGE))
+        pages = max(1, math.ceil(found["total"] / CATALOGUE_PAGE))
         fragment = bool(request.headers.get("hx-request")) and request.headers.get("hx-target") == "model-list"
         return p.render(
             "_model_list.html" if fragment else "models.html",
