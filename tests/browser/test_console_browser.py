@@ -305,6 +305,24 @@ def test_streaming_chat_shows_tokens_as_they_arrive(
     assert len(grew) >= 3, (grew, state, server_log_tail(console_server))  # text appeared in steps, not at once
     s.page.wait_for_selector("#reply-usage:has-text('completion tokens')")
     s.check("playground-chat-reply")
+    # Text completion on the same form: /v1/completions, streamed into the same reply.
+    s.page.select_option("#mode", "completion")
+    s.page.fill("#prompt", "The capital of France is")
+    s.page.fill("#max_tokens", "8")
+    s.page.fill("#temperature", "0")
+    with s.page.expect_response("**/v1/completions") as answer:
+        s.page.click("#send")
+    assert answer.value.status == 200
+    s.page.wait_for_selector("#stop:disabled")
+    s.page.wait_for_selector("#reply-usage:has-text('completion tokens')")
+    same = s.context.request.post(
+        "/v1/completions",
+        data={"model": "gemma-3-270m", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0},
+        headers={"Origin": console_server.url},
+        timeout=300_000,
+    )
+    assert same.status == 200, same.text()
+    assert s.page.inner_text("#reply").strip() == same.json()["choices"][0]["text"].strip() != ""
     s.close()
 
 

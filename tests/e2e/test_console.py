@@ -513,3 +513,39 @@ def test_the_catalogue_lists_fifty_models_a_page_and_the_api_pages_with_a_total(
         assert carol.http.get("/console/models", params={"page": "two"}).status_code == 400
     finally:
         carol.http.close()
+
+
+def test_an_evaluation_started_from_its_form_runs_and_its_report_shows_on_the_model_page(
+    alice: Member, tmp_path: Path
+) -> None:
+    from openmaas.catalogue.tabular import breast_cancer_split
+
+    _, x_te, _, y_te = breast_cancer_split()
+    data = tmp_path / "bc.csv"
+    with data.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([f"f{i}" for i in range(x_te.shape[1])] + ["label"])
+        w.writerows([*map(repr, map(float, x)), int(y)] for x, y in zip(x_te, y_te, strict=True))
+    r = alice.http.post(
+        "/console/datasets", data={"name": "bc-held-out"}, files={"file": ("bc.csv", data.read_bytes())}
+    )
+    assert r.status_code == 303, r.text
+    jobs_page = alice.http.get("/console/jobs").text
+    for heading in ("Evaluate a model", "Quantise to int8", "Prune a classifier", "Distil into a smaller model"):
+        assert heading in jobs_page
+    dataset = jobs_page.split('<select id="ev-data" name="dataset" required><option value="')[1].split('"')[0]
+    # A number the form cannot take is named; nothing is started.
+    r = alice.http.post("/console/jobs", data={"type": "evaluate", "model": "breast-cancer-logreg", "version": "one",
+                                               "dataset": dataset})  # fmt: skip
+    assert r.status_code == 400 and "&#39;version&#39; must be a whole number" in r.text
+    r = alice.http.post("/console/jobs", data={"type": "evaluate", "model": "breast-cancer-logreg", "version": "",
+                                               "dataset": dataset, "task": "", "target": "label"})  # fmt: skip
+    assert r.status_code == 303, r.text
+    job_url = r.headers["location"]
+    deadline = time.monotonic() + 300
+    while "succeeded" not in (fragment := alice.http.get(job_url, headers={"HX-Request": "true"}).text):
+        assert "failed" not in fragment, alice.http.get(job_url).text[-3000:]
+        assert time.monotonic() < deadline, fragment
+        time.sleep(0.5)
+    model_page = alice.http.get("/console/models/breast-cancer-logreg").text
+    assert "accuracy" in model_page and "confusion matrix of report" in model_page

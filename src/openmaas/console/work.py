@@ -50,6 +50,72 @@ def _metrics(text: str) -> dict[str, float]:
     return out
 
 
+# Which form fields each job type takes, and the spec field each one fills (the API validates the values).
+_FORM_FIELDS: dict[str, dict[str, str]] = {
+    "train": {"task": "task", "dataset": "dataset", "target": "target", "output_model": "output_model"},
+    "evaluate": {"model": "model", "version": "version", "dataset": "dataset", "target": "target", "task": "task"},
+    "quantize": {"model": "model", "version": "version", "method": "method", "eval_dataset": "eval_dataset",
+                 "calibration_dataset": "calibration_dataset", "target": "target", "output_model": "output_model",
+                 "max_metric_drop": "max_metric_drop"},
+    "prune": {"model": "model", "version": "version", "dataset": "dataset", "sparsity": "sparsity",
+              "target": "target", "output_model": "output_model", "max_metric_drop": "max_metric_drop",
+              "fine_tune_epochs": "fine_tune_epochs"},
+    "distill": {"model": "teacher", "version": "teacher_version", "dataset": "dataset", "target": "target",
+                "output_model": "output_model", "max_metric_drop": "max_metric_drop", "epochs": "epochs"},
+}  # fmt: skip
+_WHOLE = {"version", "teacher_version", "fine_tune_epochs", "epochs"}
+_FRACTION = {"sparsity", "max_metric_drop"}
+_LIMIT = 20_000  # characters in one field (a JSON spec is the longest)
+
+
+def _number(value: str, name: str, whole: bool) -> int | float:
+    try:
+        number: int | float = int(value) if whole else float(value)
+    except ValueError:
+        kind = "a whole number" if whole else "a number like 0.5"
+        raise InvalidRequest(f"'{name}' must be {kind} (got '{value[:40]}')", param=name) from None
+    return number
+
+
+def job_from_form(form: dict[str, str]) -> dict[str, Any]:
+    """A job spec from a console form: ``spec`` (JSON) as it is, else ``type`` and the fields that type takes.
+    Empty fields are left out, so the API's defaults apply; numbers are checked here, the rest by the API."""
+    if any(len(v) > _LIMIT for v in form.values()):
+        raise InvalidRequest(f"a form field is longer than {_LIMIT:,} characters")
+    spec = form.get("spec", "").strip()
+    if spec:
+        try:
+            body = orjson.loads(spec)
+        except orjson.JSONDecodeError:
+            raise InvalidRequest("the job's spec is not valid JSON", param="spec") from None
+        if not isinstance(body, dict):
+            raise InvalidRequest("the job's spec must be a JSON object", param="spec")
+        return body
+    kind = form.get("type", "train").strip()
+    if kind not in _FORM_FIELDS:
+        raise InvalidRequest(f"type must be one of {', '.join(JOB_TYPES)}", param="type")
+    out: dict[str, Any] = {"type": kind}
+    for field, target in _FORM_FIELDS[kind].items():
+        value = form.get(field, "").strip()
+        if not value:
+            continue
+        if target in _WHOLE or target in _FRACTION:
+            out[target] = _number(value, field, whole=target in _WHOLE)
+        else:
+            out[target] = value
+    epochs = form.get("epochs", "").strip()
+    if kind == "train" and epochs:
+        out["params"] = {"epochs": _number(epochs, "epochs", whole=True)}
+    if kind == "prune":
+        out["structured"] = form.get("structured", "") in ("on", "true", "1")
+    if kind == "distill":
+        hidden = form.get("student_hidden", "").strip()
+        if hidden:
+            widths = [w.strip() for w in hidden.split(",") if w.strip()]
+            out["student"] = {"hidden": [_number(w, "student_hidden", whole=True) for w in widths]}
+    return out
+
+
 def router(env: Environment, route_class: type) -> APIRouter:
     r = APIRouter(prefix=PREFIX, route_class=route_class, include_in_schema=False)
 
@@ -71,40 +137,13 @@ def router(env: Environment, route_class: type) -> APIRouter:
         return RedirectResponse(f"{PREFIX}/jobs", status_code=303)
 
     @r.post("/jobs")
-    async def start_job(
-        request: Request,
-        type: str = Form(default="train", max_length=16),
-        task: str = Form(default="", max_length=64),
-        dataset: str = Form(default="", max_length=64),
-        target: str = Form(default="", max_length=128),
-        output_model: str = Form(default="", max_length=128),
-        model: str = Form(default="", max_length=200),
-        epochs: str = Form(default="", max_length=6),
-        spec: str = Form(default="", max_length=20_000),
-    ) -> Response:
-        """A training job from the form's fields, or any job from its JSON spec (which wins when given)."""
+    async def start_job(request: Request) -> Response:
+        """A job from one of the page's forms (training, evaluation, quantisation, pruning, distillation), or any
+        job from its JSON spec (which wins when given)."""
         p = await page(request, env)
-        body: dict[str, Any]
-        if spec.strip():
-            try:
-                body = orjson.loads(spec)
-            except orjson.JSONDecodeError:
-                raise InvalidRequest("the job's spec is not valid JSON", param="spec") from None
-            if not isinstance(body, dict):
-                raise InvalidRequest("the job's spec must be a JSON object", param="spec")
-        else:
-            if type not in JOB_TYPES:
-                raise InvalidRequest(f"type must be one of {', '.join(JOB_TYPES)}", param="type")
-            body = {"type": type}
-            for k, v in (("task", task), ("dataset", dataset), ("target", target), ("output_model", output_model),
-                         ("model", model)):  # fmt: skip
-                if v.strip():
-                    body[k] = v.strip()
-            if epochs.strip():
-                if not epochs.strip().isdigit():
-                    raise InvalidRequest("epochs must be a whole number", param="epochs")
-                body["params"] = {"epochs": int(epochs)}
-        created = await p.send("POST", "/api/jobs", body)
+        form = await request.form()
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        created = await p.send("POST", "/api/jobs", job_from_form(fields))
         return RedirectResponse(f"{PREFIX}/jobs/{created['id']}", status_code=303)
 
     @r.get("/jobs/{job_id}")

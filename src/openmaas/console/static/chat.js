@@ -1,4 +1,4 @@
-// The playground's chat: POST /v1/chat/completions with stream=true on the member's session (the session cookie;
+// The playground's chat and text completion: POST /v1/chat/completions (or /v1/completions) with stream=true on the member's session (the session cookie;
 // same-origin, so the CSRF check passes) and show each token as it arrives.
 "use strict";
 (() => {
@@ -15,24 +15,28 @@
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const data = new FormData(form);
-    const messages = [];
-    if (data.get("system")) messages.push({ role: "system", content: data.get("system") });
-    messages.push({ role: "user", content: data.get("prompt") });
-    const body = {
-      model: form.dataset.model,
-      messages,
+    const chat = data.get("mode") !== "completion";
+    const body = { model: form.dataset.model };
+    if (chat) {
+      body.messages = [];
+      if (data.get("system")) body.messages.push({ role: "system", content: data.get("system") });
+      body.messages.push({ role: "user", content: data.get("prompt") });
+    } else {
+      body.prompt = data.get("prompt");
+    }
+    Object.assign(body, {
       max_tokens: Number(data.get("max_tokens") || 48),
       temperature: Number(data.get("temperature") || 0),
       stream: true,
       stream_options: { include_usage: true },
-    };
+    });
     reply.textContent = "";
     usage.textContent = "";
     send.disabled = true;
     stop.disabled = false;
     controller = new AbortController();
     try {
-      const response = await fetch("/v1/chat/completions", {
+      const response = await fetch(chat ? "/v1/chat/completions" : "/v1/completions", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify(body),
@@ -61,8 +65,9 @@
             if (payload === "[DONE]") continue;
             const chunk = JSON.parse(payload);
             if (chunk.error) { reply.textContent += `\n[${chunk.error.message}]`; continue; }
-            const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-            if (delta && delta.content) reply.textContent += delta.content;
+            const choice = chunk.choices && chunk.choices[0];
+            const text = choice && (chat ? choice.delta && choice.delta.content : choice.text);
+            if (text) reply.textContent += text;
             if (chunk.usage) {
               usage.textContent = `${chunk.usage.prompt_tokens} prompt + ${chunk.usage.completion_tokens} completion tokens`;
             }
