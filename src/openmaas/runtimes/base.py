@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -115,8 +116,16 @@ class Runtime(ABC):
         """Weights the loaded model holds (for evaluation reports); None where the format does not tell."""
         return None
 
+    #: True when the intra-op threads ``set_threads`` asks for are an OpenMP team of the calling thread (PyTorch).
+    #: Each thread that runs such a team keeps one, and once the process holds more OpenMP threads than cores,
+    #: GNU OpenMP stops spinning between parallel regions: every region then waits for its workers to wake, and a
+    #: lone request took twice as long for as long as the process lived. The pool therefore runs every
+    #: multi-threaded call of such a runtime on one thread of the process (``CoreShare.wide``), and a copy's own
+    #: thread only ever runs it on one thread.
+    threads_follow_caller: ClassVar[bool] = False
+
     def set_threads(self, threads: int) -> None:  # noqa: B027 - optional hook, default does nothing
-        """Use ``threads`` intra-op threads from now on (called on the copy's own thread; optional)."""
+        """Use ``threads`` intra-op threads from now on (called on the thread that runs the next call; optional)."""
 
     @abstractmethod
     def unload(self) -> None:

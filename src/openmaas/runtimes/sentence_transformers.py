@@ -38,6 +38,7 @@ class SentenceTransformerRuntime(Runtime):
     format = "sentence-transformers"
     serves = "embedding"
     platform = "sentence_transformers"
+    threads_follow_caller = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -64,7 +65,7 @@ class SentenceTransformerRuntime(Runtime):
         from sentence_transformers import SentenceTransformer
 
         route_library_logs()
-        torch.set_num_threads(self.options.torch_threads)
+        torch.set_num_threads(1)  # the copy's own thread never runs an OpenMP team (threads_follow_caller)
         model = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
         model.eval()
         dim = int(model.get_embedding_dimension() or 0)

@@ -63,6 +63,10 @@ class Instance:
     async def infer(self, inputs: dict[str, np.ndarray]) -> RuntimeResult:
         threads = self.cores.begin()
         try:
+            if threads > 1 and self.runtime.threads_follow_caller:
+                # The process's one thread with an OpenMP team of several (see Runtime.threads_follow_caller).
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self.cores.wide(), functools.partial(self._infer, threads, inputs))
             return await self.call(functools.partial(self._infer, threads, inputs))
         finally:
             self.cores.end()
@@ -79,6 +83,19 @@ class CoreShare:
     def __init__(self, max_threads: int) -> None:
         self.max_threads = max(1, max_threads)
         self.busy = 0
+        self._wide: ThreadPoolExecutor | None = None
+
+    def wide(self) -> ThreadPoolExecutor:
+        """The one thread that runs multi-threaded calls of runtimes whose threads follow their caller; one
+        call at a time reaches it (a copy gets several threads only while no other copy is busy)."""
+        if self._wide is None:
+            self._wide = ThreadPoolExecutor(1, thread_name_prefix="openmaas-wide")
+        return self._wide
+
+    def close(self) -> None:
+        if self._wide is not None:
+            self._wide.shutdown(wait=False)
+            self._wide = None
 
     def begin(self) -> int:
         self.busy += 1
@@ -523,3 +540,4 @@ class ResidencyPool:
             task.cancel()
         await asyncio.gather(*loads, return_exceptions=True)
         await self._drop(list(self._resident.values()))
+        self._cores.close()
