@@ -121,6 +121,11 @@ class Settings(BaseSettings):
         description="Copies of each loaded model, each run by its own thread; batches run on them in parallel. "
         "Several single-threaded copies use a small machine better than one copy with several threads.",
     )
+    model_processes: bool = Field(
+        default=True,
+        description="Run each copy of a PyTorch embedding model in a process of its own (copies as threads of the "
+        "server's process share its interpreter lock: two answered two clients at twice one's latency).",
+    )
     onnx_threads: int = Field(default=1, ge=1, description="Intra-op threads of each ONNX Runtime model copy.")
     torch_threads: int = Field(
         default_factory=_default_threads,

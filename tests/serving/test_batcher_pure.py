@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Coroutine
+from typing import Any
 
 import numpy as np
 import pytest
@@ -155,7 +157,7 @@ def test_an_online_request_runs_before_every_queued_batch_line() -> None:
     steps: list[list[float]] = []
     gate = asyncio.Event()
 
-    async def worker(inputs: dict[str, np.ndarray]) -> RuntimeResult:
+    async def worker(inputs: dict[str, np.ndarray], spare: bool) -> RuntimeResult:
         steps.append(inputs["x"][:, 0].tolist())
         await gate.wait()
         gate.clear()
@@ -197,7 +199,7 @@ def test_while_online_traffic_is_about_batch_lines_leave_a_copy_free_and_take_sh
     gates = [asyncio.Event(), asyncio.Event()]
 
     def worker(k: int):  # type: ignore[no-untyped-def]
-        async def run(inputs: dict[str, np.ndarray]) -> RuntimeResult:
+        async def run(inputs: dict[str, np.ndarray], spare: bool) -> RuntimeResult:
             steps.append((k, len(inputs["x"])))
             await gates[k].wait()
             gates[k].clear()
@@ -237,3 +239,42 @@ def test_while_online_traffic_is_about_batch_lines_leave_a_copy_free_and_take_sh
         await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_batch_gets_every_core_only_when_the_model_has_been_alone_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two clients in a closed loop rarely overlap when a batch is taken, but the other's request arrives while it
+    runs: a copy with every core beside another with one made both slower."""
+    import asyncio
+
+    from openmaas.serving import batcher as module
+    from openmaas.serving.batcher import BatchConfig, Batcher
+    from openmaas.telemetry import Metrics
+
+    monkeypatch.setattr(module, "CROWD_MEMORY_S", 0.2)
+    spare_flags: list[bool] = []
+
+    async def worker(inputs: dict[str, np.ndarray], spare: bool) -> RuntimeResult:
+        spare_flags.append(spare)
+        await asyncio.sleep(0.02)
+        return RuntimeResult(outputs={"y": inputs["x"]})
+
+    async def scenario() -> None:
+        batcher = Batcher("m:1", [worker, worker], BatchConfig(max_batch_size=8), Metrics())
+        batcher.start()
+
+        def one() -> Coroutine[Any, Any, RuntimeResult]:
+            return batcher.submit({"x": np.zeros((1, 1), np.float32)}, 1, 1, None)
+
+        await one()  # alone: every core
+        first = asyncio.ensure_future(one())
+        await asyncio.sleep(0.005)
+        await asyncio.gather(first, one())  # the second arrives while the first runs: one core
+        await one()  # alone again, but the model was crowded a moment ago: still one core
+        await asyncio.sleep(0.25)
+        await one()  # alone for longer than the memory: every core again
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert spare_flags == [True, True, False, False, True], spare_flags

@@ -335,7 +335,13 @@ def _backend_factory(settings: Settings, sessions: sessionmaker[Session]) -> Cal
 
     artifacts = LocalArtifactStore(settings.artifacts_dir)
     store = RegistryStore(sessions)
-    options = replace(runtime_options(settings), torch_threads=settings.job_threads, onnx_threads=settings.job_threads)
+    # Copies stay in this process: the job is one caller, and its report measures this process's memory.
+    options = replace(
+        runtime_options(settings),
+        torch_threads=settings.job_threads,
+        onnx_threads=settings.job_threads,
+        copy_processes=False,
+    )
     return lambda: local_backend(
         settings,
         options,

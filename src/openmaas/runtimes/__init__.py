@@ -35,8 +35,14 @@ def runtime_class(fmt: str) -> type[Runtime]:
 
 
 def create_runtime(fmt: str, path: Path, options: RuntimeOptions) -> Runtime:
-    """A not-yet-loaded runtime for an artifact of format ``fmt``."""
-    return runtime_class(fmt)(path, options)
+    """A not-yet-loaded runtime for an artifact of format ``fmt`` (in a process of its own where the format asks
+    for one and ``options.copy_processes`` allows)."""
+    cls = runtime_class(fmt)
+    if cls.own_process and options.copy_processes:
+        from openmaas.runtimes.process import ProcessRuntime
+
+        return ProcessRuntime(cls, path, options)
+    return cls(path, options)
 
 
 __all__ = ["RUNTIMES", "Runtime", "RuntimeOptions", "RuntimeResult", "create_runtime", "runtime_class"]

@@ -37,6 +37,8 @@ class RuntimeOptions:
     #: Language models' weights in memory: ``int8`` (quantised, float32 where the quality guard or the engine
     #: refuses), ``int8-forced`` (quantised even past the quality guard) or ``float32``.
     generation_weights: str = "int8"
+    #: Serve each copy of a runtime that asks for it (``Runtime.own_process``) in a child process.
+    copy_processes: bool = False
 
 
 @dataclass
@@ -95,6 +97,10 @@ class Runtime(ABC):
         (without loading it); None: not a text model."""
         return None
 
+    def begin_load(self) -> None:  # noqa: B027 - optional hook, default does nothing
+        """Start the slow part of loading that may overlap other copies' (a child process importing its libraries);
+        ``load`` finishes it. Called, when at all, just before ``load`` on the same thread."""
+
     @abstractmethod
     def load(self) -> None:
         """Read the artifact into memory; after this ``signature`` and ``infer`` work."""
@@ -116,6 +122,10 @@ class Runtime(ABC):
         """Weights the loaded model holds (for evaluation reports); None where the format does not tell."""
         return None
 
+    #: Served in a process of its own per copy (``runtimes/process.py``) when the options allow: copies as threads
+    #: of one process share its interpreter lock, which a PyTorch forward pass over a few rows holds for most of
+    #: its time.
+    own_process: ClassVar[bool] = False
     #: True when the intra-op threads ``set_threads`` asks for are an OpenMP team of the calling thread (PyTorch).
     #: Each thread that runs such a team keeps one, and once the process holds more OpenMP threads than cores,
     #: GNU OpenMP stops spinning between parallel regions: every region then waits for its workers to wake, and a

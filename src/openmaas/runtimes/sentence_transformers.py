@@ -39,6 +39,7 @@ class SentenceTransformerRuntime(Runtime):
     serves = "embedding"
     platform = "sentence_transformers"
     threads_follow_caller = True
+    own_process = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

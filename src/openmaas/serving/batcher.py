@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 #: While an online request came this recently (seconds), batch lines leave a model copy free for the next one.
 ONLINE_QUIET_S = 0.5
+#: A batch may use every core only if the model has had nothing else running or waiting for this long (seconds):
+#: two clients in a closed loop rarely overlap at the moment a batch is taken, but the other one's request comes
+#: while it runs, and two copies then compete for the cores (one with all of them, one beside it).
+CROWD_MEMORY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -172,8 +176,10 @@ def split_result(result: RuntimeResult, sizes: list[int]) -> list[RuntimeResult]
     return parts
 
 
-# Runs one batch on one model instance (its own thread) and returns the result.
-Worker = Callable[[dict[str, np.ndarray]], Awaitable[RuntimeResult]]
+# Runs one batch on one model instance (its own thread) and returns the result. The flag says whether nothing else
+# waited when the batch was taken: only then may the copy use more than one core (another batch would otherwise
+# start on the other copy at once, and the two would compete for the cores).
+Worker = Callable[[dict[str, np.ndarray], bool], Awaitable[RuntimeResult]]
 
 
 class Batcher:
@@ -219,6 +225,8 @@ class Batcher:
         self._recent_batch_s = 0.05
         #: When the last online request arrived (time.monotonic()).
         self._last_online = -1e9
+        #: When a batch was last taken while another ran or requests were left waiting (time.monotonic()).
+        self._last_crowded = -1e9
 
     @property
     def depth(self) -> int:
@@ -362,18 +370,21 @@ class Batcher:
             # Most recently used copy first: at low load one copy (one thread pool) does all the work.
             worker = self._free.pop()
             rows = sum(p.rows for p in batch)
+            if self._queue or self._low or self._running_rows:
+                self._last_crowded = now
+            spare = now - self._last_crowded > CROWD_MEMORY_S
             self._running_rows[worker] = sum(p.rows for p in batch if p.priority <= 0)
-            task = asyncio.get_running_loop().create_task(self._run_batch(worker, batch, rows))
+            task = asyncio.get_running_loop().create_task(self._run_batch(worker, batch, rows, spare))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _run_batch(self, worker: int, batch: list[Pending], rows: int) -> None:
+    async def _run_batch(self, worker: int, batch: list[Pending], rows: int, spare: bool) -> None:
         self._batch_size.observe(rows)
         started = time.perf_counter()
         try:
             inputs = concat_inputs(batch)
             gathered = time.perf_counter()
-            result = await self._workers[worker](inputs)
+            result = await self._workers[worker](inputs, spare)
             inferred = time.perf_counter()
             parts = split_result(result, [p.rows for p in batch])
             self.stats.executed(

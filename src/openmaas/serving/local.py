@@ -59,6 +59,7 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         generation_max_tokens=settings.generation_max_tokens,
         generation_queue=settings.generation_queue,
         generation_weights=settings.generation_weights,
+        copy_processes=settings.model_processes,
     )
 
 

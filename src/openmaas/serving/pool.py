@@ -60,8 +60,9 @@ class Instance:
     async def call(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
-    async def infer(self, inputs: dict[str, np.ndarray]) -> RuntimeResult:
-        threads = self.cores.begin()
+    async def infer(self, inputs: dict[str, np.ndarray], spare: bool = True) -> RuntimeResult:
+        """Run a batch; ``spare``: nothing else waited for the model when it was taken (see ``CoreShare.begin``)."""
+        threads = self.cores.begin(spare)
         try:
             if threads > 1 and self.runtime.threads_follow_caller:
                 # The process's one thread with an OpenMP team of several (see Runtime.threads_follow_caller).
@@ -97,9 +98,12 @@ class CoreShare:
             self._wide.shutdown(wait=False)
             self._wide = None
 
-    def begin(self) -> int:
+    def begin(self, spare: bool = True) -> int:
+        """Threads for a batch that starts now: every core only when no other copy is busy and nothing else
+        waited when the batch was taken (``spare``); under load another batch starts on another copy at once,
+        and a copy with several threads beside it made both slower than one thread each."""
         self.busy += 1
-        return self.max_threads if self.busy == 1 else 1
+        return self.max_threads if self.busy == 1 and spare else 1
 
     def end(self) -> None:
         self.busy -= 1
@@ -500,9 +504,11 @@ class ResidencyPool:
             for i in range(max(1, count)):
                 executor = ThreadPoolExecutor(1, thread_name_prefix=f"openmaas-{mv.model}-{i}")
                 runtime = create_runtime(mv.format, self._artifact_path(mv), self._options)
-                instance = Instance(runtime, executor, self._cores)
-                instances.append(instance)
-                await instance.call(runtime.load)
+                instances.append(Instance(runtime, executor, self._cores))
+            for instance in instances:  # copies in processes of their own start side by side
+                await instance.call(instance.runtime.begin_load)
+            for instance in instances:
+                await instance.call(instance.runtime.load)
         except Exception as e:
             await self._release_instances(instances)
             log.exception("model load failed", extra={"model": mv.model, "version": mv.version})

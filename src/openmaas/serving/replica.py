@@ -66,7 +66,10 @@ class ModelReplica:
     """The class each cluster deployment runs (wrapped by ``serve.deployment`` at run time)."""
 
     def __init__(self, spec: ReplicaSpec) -> None:
-        settings = Settings.model_validate({**spec.settings, "model_memory_mb": spec.memory_mb})
+        # Ray scales a replica by processes already; its copies stay threads inside it (its memory is declared).
+        settings = Settings.model_validate(
+            {**spec.settings, "model_memory_mb": spec.memory_mb, "model_processes": False}
+        )
         self.spec = spec
         self._configs: dict[tuple[str, int], ServingConfig] = {}
         artifacts = LocalArtifactStore(settings.artifacts_dir)
