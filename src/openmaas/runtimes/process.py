@@ -29,7 +29,7 @@ import numpy as np
 import orjson
 
 from openmaas.entities.tensors import Signature
-from openmaas.runtimes.base import Runtime, RuntimeOptions, RuntimeResult
+from openmaas.runtimes.base import Runtime, RuntimeOptions, RuntimeResult, process_rss
 
 log = logging.getLogger(__name__)
 
@@ -251,14 +251,6 @@ def _relay(stream: IO[bytes], pid: int) -> None:
 # -- the child's side -------------------------------------------------------------------------------------------
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def child(fmt: str, path: str, options_json: str) -> int:
     # The protocol owns the real stdout; anything a library prints goes to stderr (the server's log).
     out = os.fdopen(os.dup(1), "wb")
@@ -278,7 +270,7 @@ def child(fmt: str, path: str, options_json: str) -> int:
         {
             "op": "ready",
             "signature": runtime.signature.model_dump(mode="json"),
-            "rss_bytes": _rss_bytes(),
+            "rss_bytes": process_rss(),
             "parameters": runtime.parameters(),
         },
     )

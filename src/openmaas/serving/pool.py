@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ import numpy as np
 from openmaas.entities.models import ModelVersion, Preparation
 from openmaas.errors import ModelLoadFailed, ModelNotReady, Overloaded
 from openmaas.runtimes import Runtime, RuntimeOptions, RuntimeResult, create_runtime, runtime_class
+from openmaas.runtimes.base import process_rss
 from openmaas.serving.batcher import BatchConfig, Batcher
 from openmaas.serving.stats import InferenceCounters
 from openmaas.telemetry import Metrics
@@ -34,15 +34,6 @@ Key = tuple[str, int]
 
 # How long a load waits for busy models to finish so it can evict them, before answering 503.
 _ADMISSION_WAIT_S = 30.0
-
-
-def process_rss() -> int:
-    """Resident set size of this process in bytes (Linux /proc; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 @dataclass(eq=False)
