@@ -6,7 +6,7 @@ took 7 ms (two processes take 10 ms each on one core), and the event loop's own 
 runtime class that sets ``own_process`` is served through ``ProcessRuntime``: the child loads the real runtime and
 answers ``infer`` calls, one at a time, framed on its stdin and stdout (a JSON header, then raw array bytes: nothing
 is pickled). The child exits when its stdin closes, so it goes with the server however the server ends; a child
-that dies is started again by the next call, and the call that found it dead fails with ``ModelCopyLost``.
+that dies is started again, and a call that was in it is asked once more of the new one.
 
 Run as ``python -m openmaas.runtimes.process FORMAT PATH OPTIONS_JSON``.
 """
@@ -39,7 +39,7 @@ _QUIET = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMER
 
 
 class ModelCopyLost(RuntimeError):
-    """The copy's process ended while a call was in flight (the next call starts it again)."""
+    """The copy's process ended during a call, and so did the one started to ask it again."""
 
 
 # -- framing ----------------------------------------------------------------------------------------------------
@@ -122,6 +122,7 @@ class ProcessRuntime(Runtime):
         self.serves = inner.serves
         self._proc: subprocess.Popen[bytes] | None = None
         self._ready: dict[str, Any] = {}
+        self._signature: Signature | None = None
         self._threads = 1
         self._lock = threading.Lock()
         self._starting: subprocess.Popen[bytes] | None = None
@@ -165,12 +166,13 @@ class ProcessRuntime(Runtime):
             _stop(proc)
             raise RuntimeError(header["message"])
         self._proc, self._ready = proc, header
+        self._signature = Signature.model_validate(header["signature"])
 
     @property
     def signature(self) -> Signature:
-        if not self._ready:
+        if self._signature is None:
             raise RuntimeError("the model is not loaded")
-        return Signature.model_validate(self._ready["signature"])
+        return self._signature
 
     def set_threads(self, threads: int) -> None:
         self._threads = threads
@@ -222,7 +224,7 @@ class ProcessRuntime(Runtime):
                 if proc is not None:
                     _stop(proc)
             self._starting = None
-            self._proc, self._ready = None, {}
+            self._proc, self._ready, self._signature = None, {}, None
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

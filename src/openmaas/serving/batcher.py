@@ -176,9 +176,9 @@ def split_result(result: RuntimeResult, sizes: list[int]) -> list[RuntimeResult]
     return parts
 
 
-# Runs one batch on one model instance (its own thread) and returns the result. The flag says whether nothing else
-# waited when the batch was taken: only then may the copy use more than one core (another batch would otherwise
-# start on the other copy at once, and the two would compete for the cores).
+# Runs one batch on one model instance (its own thread) and returns the result. The flag says whether the model had
+# nothing else running or waiting for CROWD_MEMORY_S when the batch was taken: only then may the copy use more than
+# one core (another batch would otherwise soon start on the other copy, and the two would compete for the cores).
 Worker = Callable[[dict[str, np.ndarray], bool], Awaitable[RuntimeResult]]
 
 

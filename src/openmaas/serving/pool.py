@@ -52,7 +52,7 @@ class Instance:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
     async def infer(self, inputs: dict[str, np.ndarray], spare: bool = True) -> RuntimeResult:
-        """Run a batch; ``spare``: nothing else waited for the model when it was taken (see ``CoreShare.begin``)."""
+        """Run a batch; ``spare``: the batcher found its model alone for a while (see ``CoreShare.begin``)."""
         threads = self.cores.begin(spare)
         try:
             if threads > 1 and self.runtime.threads_follow_caller:
@@ -90,9 +90,9 @@ class CoreShare:
             self._wide = None
 
     def begin(self, spare: bool = True) -> int:
-        """Threads for a batch that starts now: every core only when no other copy is busy and nothing else
-        waited when the batch was taken (``spare``); under load another batch starts on another copy at once,
-        and a copy with several threads beside it made both slower than one thread each."""
+        """Threads for a batch that starts now: every core only when no other copy is busy and the batcher found
+        the model alone for a while (``spare``); under load another batch soon starts on another copy, and a copy
+        with several threads beside it made both slower than one thread each."""
         self.busy += 1
         return self.max_threads if self.busy == 1 and spare else 1
 
