@@ -1,9 +1,10 @@
 """Text generation runtimes: Hugging Face causal LMs (a folder with safetensors) and GGUF files.
 
 A GGUF file is converted once (de-quantised into a safetensors folder, in a child process; see ``gguf.py``), and
-every causal LM is then quantised once to int8 (``quantised.py``; also a child process, with a quality guard);
-both folders are kept beside the artifact and every later load reads them directly. Decoding runs on the model's
-``Engine`` (``engine.py``), the same for int8 and float32 weights.
+every causal LM is then built once into a fused int8 ONNX decoder graph (``quantised.py``; also a child process,
+with a quality guard); both folders are kept beside the artifact and every later load reads them directly.
+Decoding runs on the model's ``Engine`` (``engine.py``), the same loop for both: the int8 graph through
+``OnnxDecoder``, float32 weights (the fallback) through transformers and ``TorchDecoder`` (``decoder.py``).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from openmaas.entities.generation import SamplingParams
 from openmaas.entities.models import Preparation
 from openmaas.entities.tensors import Signature, TensorSpec
 from openmaas.errors import Overloaded
-from openmaas.runtimes.base import Runtime, RuntimeOptions, RuntimeResult, route_library_logs
+from openmaas.runtimes.base import Runtime, RuntimeOptions, RuntimeResult, process_rss, route_library_logs
 from openmaas.runtimes.conversion import convert_once, progress
+from openmaas.runtimes.decoder import OnnxDecoder, TorchDecoder
 from openmaas.runtimes.engine import Engine, Generation
 from openmaas.runtimes.gguf import conversion_progress, converted_folder, converted_target, describe_gguf
-from openmaas.runtimes.quantised import RECORD_FILE, load_quantised
+from openmaas.runtimes.quantised import RECORD_FILE
 
 #: Conversation rendered as a plain transcript: what suits a base (not instruction-tuned) model. A model folder
 #: whose tokenizer has its own chat template uses that instead.
@@ -66,7 +68,8 @@ class CausalLMRuntime(Runtime):
         self.chat_stop: tuple[str, ...] = PLAIN_CHAT_STOPS
         self._bytes = 0
         self._parameters = 0
-        self._model: Any = None
+        self._model: Any = None  # the float32 transformers model, where that is what serves
+        self._onnx: OnnxDecoder | None = None  # the int8 graph, where that is what serves
         self._lock = threading.Lock()
         #: How the loaded weights are held: the quantisation record, plus ``serving`` (int8 or float32) and why.
         self.weights: dict[str, Any] = {}
@@ -119,7 +122,7 @@ class CausalLMRuntime(Runtime):
 
     def load(self) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         route_library_logs()
         folder = self.model_folder()
@@ -129,29 +132,36 @@ class CausalLMRuntime(Runtime):
             record = json.loads((quantised_folder(folder) / RECORD_FILE).read_text())
             self.weights = weights_summary(record, self.options)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        window = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        self.context_window = min(window, self.options.generation_context)
+        decoder: TorchDecoder | OnnxDecoder
         if self.weights["serving"] == "int8":
-            model, self._bytes = load_quantised(_int8_target(folder), self.options.torch_threads)
+            before = process_rss()
+            self._onnx = OnnxDecoder(_int8_target(folder), self.options.torch_threads, self.context_window)
+            self._onnx.greedy([int(self.tokenizer.bos_token_id or 0)], 1)  # weights packed, first buffers made
+            self._bytes = max(0, process_rss() - before)
+            self._parameters = int(self.weights.get("parameters") or 0)
+            decoder = self._onnx
         else:
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
             model.eval()  # type: ignore[no-untyped-call]
             self._bytes = int(sum(p.numel() * p.element_size() for p in model.parameters()))
-        config = model.config
-        window = int(getattr(config, "max_position_embeddings", 0) or 2048)
-        self.context_window = min(window, self.options.generation_context)
+            self._parameters = int(sum(p.numel() for p in model.parameters()))
+            self._model = model
+            decoder = TorchDecoder(model)
         if self.tokenizer.chat_template:
             self.chat_template, self.chat_stop = self.tokenizer.chat_template, ()
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos_ids = _ids(getattr(config, "eos_token_id", None))
+        if (folder / "generation_config.json").is_file():
+            eos_ids |= _ids(GenerationConfig.from_pretrained(str(folder), local_files_only=True).eos_token_id)
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(int(self.tokenizer.eos_token_id))
         end_of_turn = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")
         if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
             eos_ids.add(end_of_turn)
-        counted = int(sum(p.numel() for p in model.parameters()))
-        self._parameters = int(self.weights.get("parameters") or counted)
-        self._model = model
         self.engine = Engine(
-            model, self.tokenizer, self._lock, eos_ids, self.options.generation_batch, self.options.torch_threads
+            decoder, self.tokenizer, self._lock, eos_ids, self.options.generation_batch, self.options.torch_threads
         )
         self.engine.start()
 
@@ -220,6 +230,9 @@ class CausalLMRuntime(Runtime):
             ids = list(self.tokenizer(text)["input_ids"])[: self.context_window]
             if len(ids) < 2:
                 return 0.0, 0
+        if self._onnx is not None:
+            return self._onnx.log_likelihood(ids), len(ids) - 1
+        with self._lock:
             batch = torch.tensor([ids])
             with torch.no_grad():
                 loss = self._model(input_ids=batch, labels=batch).loss
@@ -231,6 +244,7 @@ class CausalLMRuntime(Runtime):
         self.engine = None
         self.tokenizer = None
         self._model = None
+        self._onnx = None
 
 
 async def _collect(request: Generation) -> tuple[str, int]:
@@ -272,8 +286,16 @@ class GGUFRuntime(CausalLMRuntime):
 
 
 def _int8_target(folder: Path) -> Path:
-    """Where the int8 conversion of the float32 ``folder`` goes: beside it."""
-    return folder.parent / f"{folder.name}.int8"
+    """Where the int8 graph of the float32 ``folder`` goes: beside it. (``.int8`` folders of earlier releases, int8
+    weights inside the transformers model, are left unread.)"""
+    return folder.parent / f"{folder.name}.onnx-int8"
+
+
+def _ids(value: Any) -> set[int]:
+    """Token ids from a config's ``eos_token_id`` (an int, a list, or None)."""
+    if value is None:
+        return set()
+    return {int(v) for v in value} if isinstance(value, list | tuple) else {int(value)}
 
 
 def _record_path(folder: Path) -> Path:

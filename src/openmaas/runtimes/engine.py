@@ -59,9 +59,9 @@ class Engine:
     """The decode loop of one loaded causal LM, on its own thread."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, lock: threading.Lock, eos_ids: set[int], max_batch: int, threads: int
+        self, decoder: Any, tokenizer: Any, lock: threading.Lock, eos_ids: set[int], max_batch: int, threads: int
     ) -> None:
-        self.model = model
+        self.decoder = decoder  # a TorchDecoder or an OnnxDecoder (decoder.py)
         self.tokenizer = tokenizer
         self.tokenizer_lock = lock  # the Rust tokenizer must not be used from two threads at once
         self.eos_ids = eos_ids
@@ -95,8 +95,7 @@ class Engine:
 
         torch.set_num_threads(self.threads)
         active: list[_Sequence] = []
-        cache: Any = None
-        mask: Any = None
+        state: Any = None
         while not self._stopping:
             joining: list[Generation] = []
             while len(active) + len(joining) < self.max_batch:
@@ -113,24 +112,19 @@ class Engine:
                 with torch.inference_mode():
                     if joining:
                         active += [self._start(g) for g in joining]
-                        logits, cache, mask = self._prefill(active)
+                        logits, state = self.decoder.join(state, [s.ids for s in active], len(joining))
                     else:
-                        logits, cache, mask = self._step(active, cache, mask)
+                        logits, state = self.decoder.step(state, [s.ids[-1] for s in active])
                     keep = self._advance(active, logits)
             except Exception as e:  # a runtime failure ends every request in the batch, never the engine
                 log.exception("generation step failed")
                 for s in active:
                     self._finish(s, "error", error=f"{type(e).__name__}: {e}")
-                active, cache, mask = [], None, None
+                active, state = [], None
                 continue
             if len(keep) < len(active):
                 active = [active[i] for i in keep]
-                if active:
-                    index = torch.tensor(keep, dtype=torch.long)
-                    cache.batch_select_indices(index)
-                    mask = mask[index]
-                else:
-                    cache, mask = None, None
+                state = self.decoder.keep(state, keep) if active else None
         for s in active:
             self._finish(s, "error", error="the model was unloaded")
         while True:
@@ -145,37 +139,6 @@ class Engine:
         generator = torch.Generator()
         generator.manual_seed(request.params.seed if request.params.seed is not None else int.from_bytes(os.urandom(7)))
         return _Sequence(request=request, ids=list(request.prompt_ids), generator=generator)
-
-    def _prefill(self, active: list[_Sequence]) -> tuple[Any, Any, Any]:
-        """Read every active sequence in full (left-padded), giving a fresh cache for the new batch."""
-        import torch
-
-        width = max(len(s.ids) for s in active)
-        ids = torch.zeros((len(active), width), dtype=torch.long)
-        mask = torch.zeros((len(active), width), dtype=torch.long)
-        for row, s in enumerate(active):
-            ids[row, width - len(s.ids) :] = torch.tensor(s.ids)
-            mask[row, width - len(s.ids) :] = 1
-        position = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float(), out.cache, mask
-
-    def _step(self, active: list[_Sequence], cache: Any, mask: Any) -> tuple[Any, Any, Any]:
-        """Read each sequence's newest token."""
-        import torch
-
-        ids = torch.tensor([[s.ids[-1]] for s in active], dtype=torch.long)
-        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
-        position = mask.sum(-1, keepdim=True) - 1
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1, :].float(), out.cache, mask
 
     def _advance(self, active: list[_Sequence], logits: Any) -> list[int]:
         """Sample each sequence's next token, emit text, and return the rows still generating."""
