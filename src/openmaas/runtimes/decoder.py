@@ -128,10 +128,12 @@ class OnnxDecoder:
             shape = list(buffer.shape)
             binding.bind_input(past, "cpu", 0, np.float32, shape, buffer.ctypes.data)
             binding.bind_output(present, "cpu", 0, np.float32, shape, buffer.ctypes.data)
-        binding.bind_output(self.logits_name)
+        # The graph keeps the last position's logits only; written straight into this array (reading the
+        # binding's outputs back would copy every cache buffer too).
+        logits = np.empty((len(ids), 1, self.vocab), np.float32)
+        binding.bind_output(self.logits_name, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         with self._lock:
             self.session.run_with_iobinding(binding)
-        logits: np.ndarray = binding.copy_outputs_to_cpu()[-1]
         return logits[:, -1, :]
 
     def _empty(self, rows: int, capacity: int) -> _Slots:
