@@ -172,6 +172,7 @@ def convert(source: Path, out: Path) -> dict[str, Any]:
     try:
         build_graph(source, out)
     except (NotImplementedError, ValueError, KeyError, AttributeError) as e:
+        _drop_graph(out)
         record.update(
             supported=False,
             passed=False,
@@ -188,9 +189,7 @@ def convert(source: Path, out: Path) -> dict[str, Any]:
         greedy_q = [decoder.greedy(tokenizer(p)["input_ids"], GREEDY_TOKENS) for p in PROMPTS]
     except RuntimeError as e:  # ONNX Runtime refuses the graph's shapes, e.g. an attention head size it lacks
         decoder = None  # the session lets go of the files
-        for f in out.iterdir():
-            if f.name.startswith("model.onnx"):
-                f.unlink()
+        _drop_graph(out)
         record.update(supported=False, passed=False, reason=f"the int8 graph does not run: {_last_line(e)}")
         return _finish(out, record, started)
     increase = ppl_q / ppl_ref - 1 if ppl_ref > 0 else 0.0
@@ -210,6 +209,13 @@ def convert(source: Path, out: Path) -> dict[str, Any]:
             f"+{MAX_PERPLEXITY_INCREASE:.0%}); OPENMAAS_GENERATION_WEIGHTS=int8-forced serves it anyway"
         )
     return _finish(out, record, started)
+
+
+def _drop_graph(out: Path) -> None:
+    """Remove what the builder wrote of a graph that will not serve (the record stays)."""
+    for f in out.iterdir():
+        if f.name.startswith("model.onnx"):
+            f.unlink()
 
 
 def _last_line(error: Exception) -> str:
