@@ -255,13 +255,13 @@ def main() -> None:
         converted = next((data / "artifacts" / "sha256").glob("*/converted"))
         gguf = converted.parent / "blob"
 
-        from openmaas.runtimes import RuntimeOptions
-        from openmaas.runtimes.causal_lm import CausalLMRuntime
-
         # The libraries every model in a server shares are loaded before measuring: what a load adds is the model's.
         import onnxruntime  # noqa: F401
         import torch  # noqa: F401
         import transformers  # noqa: F401
+
+        from openmaas.runtimes import RuntimeOptions
+        from openmaas.runtimes.causal_lm import CausalLMRuntime
 
         memory: dict[str, float] = {}
         for weights, label in (("int8", "in-process runtime (int8)"), ("float32", "in-process runtime (float32)")):
