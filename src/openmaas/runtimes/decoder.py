@@ -208,9 +208,8 @@ class OnnxDecoder:
         total = 0.0
         slots = self._empty(1, self._capacity(len(ids) + 1))
         for position in range(len(ids) - 1):
-            mask = np.ones((1, position + 1), np.int64)
-            row = self._run(slots, np.array([[ids[position]]], np.int64), mask)[0].astype(np.float64)
-            slots.lengths = [position + 1]
+            logits, slots = self.step(slots, [ids[position]])
+            row = logits[0].numpy().astype(np.float64)
             top = row.max()
             total += float(np.log(np.exp(row - top).sum()) + top - row[ids[position + 1]])
         return total

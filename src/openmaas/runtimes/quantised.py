@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -130,13 +131,12 @@ def build_graph(source: Path, out: Path) -> None:
         "hf_remote": "false",
     }
     cache = out / "builder-cache"
-    extra = builder.parse_extra_options(
-        str(source), str(source), str(out), "int8", "cpu", str(cache), [f"{k}={v}" for k, v in options.items()]
-    )
-    builder.create_model(str(source), str(source), str(out), "int8", "cpu", str(cache), **extra)
-    if cache.exists():
-        import shutil
-
+    try:
+        extra = builder.parse_extra_options(
+            str(source), str(source), str(out), "int8", "cpu", str(cache), [f"{k}={v}" for k, v in options.items()]
+        )
+        builder.create_model(str(source), str(source), str(out), "int8", "cpu", str(cache), **extra)
+    finally:
         shutil.rmtree(cache, ignore_errors=True)
 
 
@@ -229,7 +229,7 @@ def _graph_summary(out: Path) -> dict[str, int]:
     import onnx
 
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
-    kinds = ("MatMulNBits", "GroupQueryAttention", "GatherBlockQuantized")
+    kinds = ("MatMulNBits", "GroupQueryAttention")
     return {k: sum(1 for n in graph.node if n.op_type == k) for k in kinds}
 
 
