@@ -31,7 +31,8 @@ GENAI_CONFIG = "genai_config.json"
 
 
 class TorchDecoder:
-    """A transformers causal LM: a join prefills the whole batch again (left-padded), steps use its cache."""
+    """A transformers causal LM: a join prefills the whole batch again (left-padded), steps use its cache. The
+    engine calls it under ``torch.inference_mode``."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -46,10 +47,7 @@ class TorchDecoder:
             ids[row, width - len(seq) :] = torch.tensor(seq)
             mask[row, width - len(seq) :] = 1
         position = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1
-            )
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float(), (out.cache, mask)
 
     def step(self, state: Any, tokens: list[int]) -> tuple[Any, Any]:
@@ -59,10 +57,9 @@ class TorchDecoder:
         ids = torch.tensor([[t] for t in tokens], dtype=torch.long)
         mask = torch.cat([mask, torch.ones((len(tokens), 1), dtype=torch.long)], dim=1)
         position = mask.sum(-1, keepdim=True) - 1
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=1
-            )
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=1
+        )
         return out.logits[:, -1, :].float(), (out.cache, mask)
 
     def keep(self, state: Any, rows: list[int]) -> Any:
