@@ -82,6 +82,7 @@ def test_a_tiny_llama_converts_once_and_serves_int8_with_its_own_figures(tmp_pat
     assert abs(record["perplexity_increase"]) < 0.05 and record["greedy_agreement"] > 0.5
     # One graph: attention fused per layer, every projection and the output layer int8 blocks.
     assert record["graph"]["GroupQueryAttention"] == 2 and record["graph"]["MatMulNBits"] >= 2 * 4 + 1, record
+    assert record["graph"]["logits_index"] == 1, record  # rewritten: prompts of different lengths share a prefill
     weights = CausalLMRuntime.prepared_weights(folder, options)
     assert weights is not None and weights["serving"] == "int8" and weights["weights"] == "int8"
 
@@ -107,17 +108,21 @@ def test_a_tiny_llama_converts_once_and_serves_int8_with_its_own_figures(tmp_pat
 
 
 def test_the_graph_decodes_a_changing_batch_as_each_row_alone(tmp_path: Path) -> None:
-    """Rows of different lengths share one run a step; one joins mid-way (read alone, its slot appended), one
-    leaves; every row's greedy tokens equal what it decodes alone, and the cache grows past its first capacity."""
+    """Rows of different lengths share one run a step; two prompts of different lengths are read together in one
+    right-padded run, at the start and again mid-way (while the others give their newest token); one row leaves;
+    every row's greedy tokens equal what it decodes alone, and the cache grows past its first capacity."""
     from openmaas.runtimes.decoder import OnnxDecoder
 
     folder = tiny_model(tmp_path / "llama")
     graph = quantised_folder(folder)
     decoder = OnnxDecoder(graph, threads=1, context=512)
+    assert decoder.indexed  # each row's logits come from its own last position, not the padded run's
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder))
-    prompts = [tok(p)["input_ids"] for p in ("The river runs", "Water boils at one hundred degrees", "She")]
+    texts = ("The river runs", "Water boils at one hundred degrees", "She", "The rain in the")
+    prompts = [tok(p)["input_ids"] for p in texts]
+    assert len({len(p) for p in prompts}) == len(prompts)
     alone = [decoder.greedy(ids, 300) for ids in prompts]  # 300 tokens: past the first 256-position capacity
 
     def argmax(logits: object) -> list[int]:
@@ -125,14 +130,15 @@ def test_the_graph_decodes_a_changing_batch_as_each_row_alone(tmp_path: Path) ->
 
     sequences = [list(prompts[0]), list(prompts[1])]
     logits, state = decoder.join(None, sequences, 2)
-    out: list[list[int]] = [[], [], []]
+    out: list[list[int]] = [[], [], [], []]
     rows = [0, 1]
     for step in range(300):
         for row, token in zip(rows, argmax(logits), strict=True):
             out[row].append(token)
-        if step == 5:  # the third prompt joins: the others give their newest token, it its whole prompt
-            rows.append(2)
-            logits, state = decoder.join(state, [[out[0][-1]], [out[1][-1]], list(prompts[2])], 1)
+        if step == 5:  # two prompts join: the others give their newest token, they their whole prompts
+            rows += [2, 3]
+            joining = [[out[0][-1]], [out[1][-1]], list(prompts[2]), list(prompts[3])]
+            logits, state = decoder.join(state, joining, 2)
             continue
         if step == 200:  # the first leaves
             keep = [i for i, r in enumerate(rows) if r != 0]
@@ -142,7 +148,18 @@ def test_the_graph_decodes_a_changing_batch_as_each_row_alone(tmp_path: Path) ->
     assert out[0] == alone[0][: len(out[0])] and len(out[0]) == 201
     assert out[1] == alone[1]
     assert out[2] == alone[2][: len(out[2])] and len(out[2]) == 294
+    assert out[3] == alone[3][: len(out[3])] and len(out[3]) == 294
     assert state.capacity > 256
+
+
+def test_joining_prompts_share_a_prefill_while_padding_them_costs_little() -> None:
+    from openmaas.runtimes.decoder import prefill_groups
+
+    assert prefill_groups([5]) == [[0]]
+    assert prefill_groups([8, 10, 9, 12]) == [[0, 1, 2, 3]]  # padded 48 positions for 39 tokens
+    # A long prompt does not make short ones pay for its length, and vice versa; the order is kept.
+    assert prefill_groups([10, 12, 400, 380, 9]) == [[0, 1], [2, 3], [4]]
+    assert prefill_groups([1500, 1400]) == [[0], [1]]  # together they would read over 2,048 positions
 
 
 @pytest.mark.parametrize(

@@ -117,6 +117,8 @@ def build_graph(source: Path, out: Path) -> None:
     builder does not support the model."""
     import onnxruntime_genai.models.builder as builder
 
+    from openmaas.runtimes.decoder import index_logit_rows
+
     loaded = builder.AutoConfig.from_pretrained
 
     def patched(*args: Any, **kwargs: Any) -> Any:
@@ -138,6 +140,7 @@ def build_graph(source: Path, out: Path) -> None:
         builder.create_model(str(source), str(source), str(out), "int8", "cpu", str(cache), **extra)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+    index_logit_rows(out / "model.onnx")  # joining prompts of different lengths can then share a run
 
 
 def convert(source: Path, out: Path) -> dict[str, Any]:
@@ -225,12 +228,17 @@ def _last_line(error: Exception) -> str:
 
 
 def _graph_summary(out: Path) -> dict[str, int]:
-    """How many nodes of the kinds that matter the graph has (MatMulNBits, GroupQueryAttention)."""
+    """How many nodes of the kinds that matter the graph has (MatMulNBits, GroupQueryAttention), and whether it
+    takes each row's logits position (``logits_index``: 1, prompts of different lengths share a prefill)."""
     import onnx
+
+    from openmaas.runtimes.decoder import LOGITS_INDEX
 
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     kinds = ("MatMulNBits", "GroupQueryAttention")
-    return {k: sum(1 for n in graph.node if n.op_type == k) for k in kinds}
+    summary = {k: sum(1 for n in graph.node if n.op_type == k) for k in kinds}
+    summary[LOGITS_INDEX] = int(any(i.name == LOGITS_INDEX for i in graph.input))
+    return summary
 
 
 def _finish(out: Path, record: dict[str, Any], started: float) -> dict[str, Any]:
