@@ -2,7 +2,7 @@
 in-process runtime (int8 weights, as served, and the float32 reference) and (when installed) llama.cpp's own
 OpenAI-compatible server on the same GGUF file; with the int8 model's memory and its quality guard's figures.
 
-    python bench/generation.py [--tokens 64] [--append docs/benchmarks.md] [--data-dir DIR]
+    python bench/generation.py [--tokens 128] [--rounds 3] [--append docs/benchmarks.md] [--data-dir DIR]
 
 Each stream asks for ``--tokens`` tokens (greedy) and counts the content chunks it receives (one token each on both
 servers). Reported per concurrency: aggregate tokens/s, time to first token (p50) and inter-token latency (p50 and
@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,13 @@ def _percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def median_round(measure: Callable[..., Coroutine[Any, Any, dict[str, float]]], rounds: int) -> dict[str, float]:
+    """Measure ``rounds`` times and keep the round with the median tokens/s (its other figures with it). Round r
+    starts at prompt r (``measure(first=r)``): a server's prompt cache never holds the prompt a stream sends."""
+    results = sorted((asyncio.run(measure(first=r)) for r in range(rounds)), key=lambda r: r["tokens_per_s"])
+    return results[len(results) // 2]
 
 
 def summarise(streams: list[dict[str, Any]], wall: float) -> dict[str, float]:
@@ -89,13 +98,15 @@ def _stream_stats(started: float, arrivals: list[float]) -> dict[str, Any]:
     }
 
 
-async def http_round(base: str, model: str, concurrency: int, tokens: int, key: str | None) -> dict[str, float]:
+async def http_round(
+    base: str, model: str, concurrency: int, tokens: int, key: str | None, first: int = 0
+) -> dict[str, float]:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=600) as client:
         bodies = [
             {
                 "model": model,
-                "prompt": PROMPTS[i % len(PROMPTS)],
+                "prompt": PROMPTS[(first + i) % len(PROMPTS)],
                 "max_tokens": tokens,
                 "temperature": 0,
                 "stream": True,
@@ -107,7 +118,7 @@ async def http_round(base: str, model: str, concurrency: int, tokens: int, key: 
         return summarise(list(streams), time.perf_counter() - started)
 
 
-async def in_process_round(runtime: Any, concurrency: int, tokens: int) -> dict[str, float]:
+async def in_process_round(runtime: Any, concurrency: int, tokens: int, first: int = 0) -> dict[str, float]:
     from openmaas.entities.generation import SamplingParams
 
     loop = asyncio.get_running_loop()
@@ -125,8 +136,18 @@ async def in_process_round(runtime: Any, concurrency: int, tokens: int) -> dict[
         return _stream_stats(started, arrivals)
 
     started = time.perf_counter()
-    streams = await asyncio.gather(*[one(PROMPTS[i % len(PROMPTS)]) for i in range(concurrency)])
+    streams = await asyncio.gather(*[one(PROMPTS[(first + i) % len(PROMPTS)]) for i in range(concurrency)])
     return summarise(list(streams), time.perf_counter() - started)
+
+
+def warm_up(base: str, key: str | None) -> None:
+    """One short completion: the model loaded (and, for OpenMaaS, converted unless cached) before measuring."""
+    httpx.post(
+        f"{base}/v1/completions",
+        json={"model": MODEL, "prompt": "Hi", "max_tokens": 1},
+        headers={"Authorization": f"Bearer {key}"} if key else {},
+        timeout=900,
+    ).raise_for_status()
 
 
 def rss_mb() -> float:
@@ -167,14 +188,18 @@ def start_llama_cpp(python: str, gguf: Path, threads: int) -> tuple[subprocess.P
 
 
 def markdown(
-    results: dict[str, dict[int, dict[str, float]]], tokens: int, note: str, memory: dict[str, float] | None = None
+    results: dict[str, dict[int, dict[str, float]]],
+    tokens: int,
+    note: str,
+    memory: dict[str, float] | None = None,
+    rounds: int = 1,
 ) -> str:
     lines = [
         "",
         "## Text generation: gemma-3-270m (GGUF Q4_K_M)",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()} by `bench/generation.py` "
-        f"({tokens} tokens per stream, greedy; one run, one after another).",
+        f"({tokens} tokens per stream, greedy; each figure the median of {rounds} rounds, one after another).",
         "",
         "| target | streams | tokens/s | vs 1 stream | TTFT p50 ms | ITL p50 ms | ITL p99 ms |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -220,7 +245,8 @@ def markdown(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per figure; the median round is reported")
     parser.add_argument("--append", type=Path, help="append the results as markdown to this file")
     parser.add_argument(
         "--llama-python", default=sys.executable, help="Python with llama-cpp-python[server] (default: this one)"
@@ -236,16 +262,13 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         try:
             started = time.perf_counter()
-            httpx.post(
-                f"{base}/v1/completions",
-                json={"model": MODEL, "prompt": "Hi", "max_tokens": 1},
-                headers={"Authorization": f"Bearer {KEY}"},
-                timeout=900,
-            ).raise_for_status()
+            warm_up(base, KEY)
             print(f"first load (GGUF conversion unless cached): {time.perf_counter() - started:.1f} s", flush=True)
             results["OpenMaaS (HTTP)"] = {}
             for c in CONCURRENCY:
-                results["OpenMaaS (HTTP)"][c] = asyncio.run(http_round(base, MODEL, c, args.tokens, KEY))
+                results["OpenMaaS (HTTP)"][c] = median_round(
+                    partial(http_round, base, MODEL, c, args.tokens, KEY), args.rounds
+                )
                 print("http", c, json.dumps(results["OpenMaaS (HTTP)"][c]), flush=True)
             # Free the server's copy before loading the in-process one (same machine, same cores).
             httpx.post(f"{base}/v2/repository/models/{MODEL}/unload", headers={"Authorization": f"Bearer {KEY}"})
@@ -284,7 +307,7 @@ def main() -> None:
             try:
                 results[label] = {}
                 for c in CONCURRENCY:
-                    results[label][c] = asyncio.run(in_process_round(runtime, c, args.tokens))
+                    results[label][c] = median_round(partial(in_process_round, runtime, c, args.tokens), args.rounds)
                     print(label, c, json.dumps(results[label][c]), flush=True)
             finally:
                 runtime.unload()
@@ -298,16 +321,18 @@ def main() -> None:
         else:
             llama, lport = started_llama
             try:
+                warm_up(f"http://127.0.0.1:{lport}", None)  # as the OpenMaaS server was, by its first load
                 results["llama.cpp server"] = {}
                 for c in CONCURRENCY:
-                    results["llama.cpp server"][c] = asyncio.run(
-                        http_round(f"http://127.0.0.1:{lport}", MODEL, c, args.tokens, None)
+                    results["llama.cpp server"][c] = median_round(
+                        partial(http_round, f"http://127.0.0.1:{lport}", MODEL, c, args.tokens, None),
+                        args.rounds,
                     )
                     print("llama.cpp", c, json.dumps(results["llama.cpp server"][c]), flush=True)
             finally:
                 llama.terminate()
                 llama.wait(30)
-    text = markdown(results, args.tokens, note, memory)
+    text = markdown(results, args.tokens, note, memory, args.rounds)
     print(text)
     if args.append:
         with args.append.open("a") as f:
