@@ -274,9 +274,10 @@ class OnnxDecoder:
         if old:
             assert state is not None
             assert state.rows == old
-            logits, state = self.step(state, [ids[-1] for ids in sequences[:old]])
+            # Room for the running rows' next position and the joining prompts: one copy at most, not two.
+            slots = self._reserved(state, len(sequences), max(positions, max(state.lengths) + 1))
+            logits, slots = self.step(slots, [ids[-1] for ids in sequences[:old]])
             parts.append(logits.numpy())
-            slots = self._reserved(state, len(sequences), positions)
         else:
             slots = self._empty(new, self._capacity(positions))
         groups = prefill_groups([len(p) for p in prompts]) if self.indexed else [[i] for i in range(new)]
