@@ -44,7 +44,8 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 import uvicorn
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
+from openmaas.api.http1 import protocol_class  # the server's own HTTP/1.1 protocol (one write a response)
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False, http=protocol_class())
 """
 
 

@@ -51,6 +51,7 @@ def serve(
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import uvicorn
 
+    from openmaas.api.http1 import protocol_class
     from openmaas.app import create_app
     from openmaas.config import Settings, SettingsError
     from openmaas.telemetry import configure_logging
@@ -86,7 +87,7 @@ def serve(
         log_config=None,
         access_log=False,
         loop="auto",
-        http="auto",
+        http=protocol_class(),  # uvicorn's httptools protocol, a response's writes sent in one call
         timeout_graceful_shutdown=10,
     )
 
