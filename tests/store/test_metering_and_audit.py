@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -74,6 +75,39 @@ def test_group_commit_stores_each_record_once_and_counts_months(engine: Engine) 
     assert prior is not None and prior.request_id == "r5" and prior.fingerprint == "f"
     assert usage.prior_call("o1", "idem-5", datetime.now(UTC) + timedelta(hours=25)) is None  # forgotten after 24 h
     assert usage.summary("o2", today, today, []) == []
+
+
+def test_records_of_one_turn_reach_the_writer_in_one_hand_off_and_groups_stay_bounded(engine: Engine) -> None:
+    """The records an event loop takes in one turn wake the writer thread once (one queue hand-off), and a turn
+    larger than a group is committed in groups of at most ``max_group``, every record stored once."""
+    upgrade(engine)
+    groups: list[int] = []
+
+    hand_offs: list[int] = []
+
+    class Spy(GroupCommitWriter):
+        def write(self, records: Sequence[UsageRecord]) -> list[bool]:
+            groups.append(len(records))
+            return super().write(records)
+
+        def _hand_off(self, loop: asyncio.AbstractEventLoop) -> None:
+            hand_offs.append(len(self._turns.get(loop, [])))
+            super()._hand_off(loop)
+
+    writer = Spy(engine, max_group=64)
+    try:
+
+        async def main() -> list[bool]:
+            return await asyncio.gather(*(writer.record(_record(5000 + i, org="o4")) for i in range(150)))
+
+        stored = asyncio.run(main())
+    finally:
+        writer.close()
+    assert stored == [True] * 150
+    assert hand_offs == [150]  # one hand-off for the whole turn
+    assert groups == [64, 64, 22]
+    month = datetime.now(UTC).strftime("%Y-%m")
+    assert UsageQueries(session_factory(engine)).month_totals("o4", month)["requests"] == 150
 
 
 def test_group_commit_under_threads_from_several_loops(engine: Engine) -> None:

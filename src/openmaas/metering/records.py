@@ -68,12 +68,13 @@ class UsageRecord:
             "outcome": self.outcome,
             "idempotency_key": self.idempotency_key,
             "created_at": self.created_at,
-            "day": self.created_at.astimezone(UTC).strftime("%Y-%m-%d"),
+            "day": self.created_at.astimezone(UTC).date().isoformat(),
         }
 
 
 def month_of(when: datetime) -> str:
-    return when.astimezone(UTC).strftime("%Y-%m")
+    utc = when.astimezone(UTC)
+    return f"{utc.year:04d}-{utc.month:02d}"
 
 
 def idempotency_scope(org_id: str | None) -> str:

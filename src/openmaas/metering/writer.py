@@ -63,7 +63,10 @@ class GroupCommitWriter:
         # Billing's settlement of a record's hold, run inside the same transaction as the record (exactly once).
         self._settle = settle
         self._release = release
+        #: Lists of records (one event loop's turn each), or _STOP.
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        #: The records each event loop has taken in its current turn, not yet handed to the thread.
+        self._turns: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
         # The writer thread's own connection, kept open between groups: checking one out of the pool (and, on
         # PostgreSQL, pinging it) for every commit cost a third of a single record's write. Dropped after a
         # failure, so the next group starts on a fresh one.
@@ -93,13 +96,28 @@ class GroupCommitWriter:
 
     async def record(self, record: UsageRecord) -> bool:
         """Store ``record`` and return once it is committed: True if new, False if its idempotency key or
-        request id was already recorded (nothing is counted twice). Raises if the database refused."""
+        request id was already recorded (nothing is counted twice). Raises if the database refused.
+
+        The records of one turn of the event loop reach the writer thread together, at the end of the turn: a
+        hand-off wakes the thread (a system call and a switch of the interpreter lock), once per turn rather than
+        once per record."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
-        self._queue.put(_Pending(record, loop, future))
+        turn = self._turns.get(loop)
+        if turn is None:
+            turn = self._turns[loop] = []
+            loop.call_soon(self._hand_off, loop)
+        turn.append(_Pending(record, loop, future))
         return await future
 
+    def _hand_off(self, loop: asyncio.AbstractEventLoop) -> None:
+        turn = self._turns.pop(loop, None)
+        if turn:
+            self._queue.put(turn)
+
     def close(self) -> None:
+        for loop in list(self._turns):  # records of a turn not handed off yet go first
+            self._hand_off(loop)
         self._queue.put(_STOP)
         self._thread.join(timeout=30)
         self._drop_connection()
@@ -118,12 +136,14 @@ class GroupCommitWriter:
     # -- writer thread ------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            group: list[_Pending] = [first]
-            stop = False
+        group: list[_Pending] = []
+        stop = False
+        while not stop:
+            if not group:
+                first = self._queue.get()
+                if first is _STOP:
+                    return
+                group = list(first)
             while len(group) < self._max_group:
                 try:
                     item = self._queue.get_nowait()
@@ -132,10 +152,13 @@ class GroupCommitWriter:
                 if item is _STOP:
                     stop = True
                     break
-                group.append(item)
-            self._commit(group)
-            if stop:
-                return
+                group.extend(item)
+            # A group holds at most max_group records; what a turn brought beyond that waits for the next one.
+            self._commit(group[: self._max_group])
+            group = group[self._max_group :]
+        while group:
+            self._commit(group[: self._max_group])
+            group = group[self._max_group :]
 
     def _commit(self, group: list[_Pending]) -> None:
         try:
@@ -148,8 +171,12 @@ class GroupCommitWriter:
             return
         if self._metrics is not None:
             self._metrics.metering_group_size.observe(len(group))
+        # One wake-up of each event loop for the whole group, not one per record.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[bool], bool]]] = {}
         for p, was_stored in zip(group, stored, strict=True):
-            p.loop.call_soon_threadsafe(_set_result, p.future, was_stored)
+            by_loop.setdefault(p.loop, []).append((p.future, was_stored))
+        for loop, results in by_loop.items():
+            loop.call_soon_threadsafe(_set_results, results)
 
     def write(self, records: Sequence[UsageRecord]) -> list[bool]:
         """One transaction: claim idempotency keys, insert records, add to the monthly counters.
@@ -190,8 +217,9 @@ class GroupCommitWriter:
                 if r.idempotency_key is None or (idempotency_scope(r.org_id), r.idempotency_key) in claimed
             ]
             inserted: set[str] = set()
+            rows_of = {id(r): r.row() for r in to_store}
             if to_store:
-                inserted = {rid for (rid,) in conn.execute(self._insert_records, [r.row() for r in to_store])}
+                inserted = {rid for (rid,) in conn.execute(self._insert_records, list(rows_of.values()))}
             stored = {id(r) for r in to_store if r.request_id in inserted}
             totals: dict[tuple[str, str, str], int] = defaultdict(int)
             for r in to_store:
@@ -205,14 +233,14 @@ class GroupCommitWriter:
                     conn.execute(
                         self._add_to_counters, {"org_id": org_id, "month": month, "unit": unit, "quantity": quantity}
                     )
-            days = _daily_rollup([r.row() for r in to_store if id(r) in stored])
+            days = _daily_rollup([rows_of[id(r)] for r in to_store if id(r) in stored])
             if days:
                 conn.execute(self._add_to_daily, days)
             for r in records:
                 if r.charge is None:
                     continue
                 if id(r) in stored and self._settle is not None:
-                    self._settle(conn, r.row(), r.charge)
+                    self._settle(conn, rows_of[id(r)], r.charge)
                 elif id(r) not in stored and self._release is not None:
                     self._release(conn, r.charge)  # a duplicate: nothing is charged twice
             extra: dict[int, tuple[Any, list[dict[str, Any]]]] = {}
@@ -245,9 +273,10 @@ def _daily_rollup(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [sums[g] for g in sorted(sums)]
 
 
-def _set_result(future: asyncio.Future[bool], value: bool) -> None:
-    if not future.done():
-        future.set_result(value)
+def _set_results(results: list[tuple[asyncio.Future[bool], bool]]) -> None:
+    for future, value in results:
+        if not future.done():
+            future.set_result(value)
 
 
 def _set_exception(future: asyncio.Future[bool], error: BaseException) -> None:
