@@ -43,8 +43,11 @@ def deadline_from(request: Request, timeout_s: float | None = None) -> float | N
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client disconnects first (so it leaves any queue it waits in)."""
-    task = asyncio.ensure_future(work)
+    """Await ``work`` in this task, cancelling it if the client disconnects first (so it leaves any queue it waits
+    in). One watcher task a request: the work runs in the caller's own task, not in a second one."""
+    current = asyncio.current_task()
+    if current is None:  # pragma: no cover - always called from a request's task
+        return await work
     gone = False
 
     async def watch() -> None:
@@ -53,16 +56,15 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
             message = await request.receive()
             if message["type"] == "http.disconnect":
                 gone = True
-                task.cancel()
+                current.cancel()
                 return
 
     watcher = asyncio.ensure_future(watch())
     try:
-        return await task
+        return await work
     except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if gone and (current is None or not current.cancelling()):
-            # Our own task goes on (only the work was cancelled): answer as an error, not a traceback.
+        # Our own cancellation, and nobody else's: answer as an error, not a traceback.
+        if gone and current.uncancel() == 0:
             raise ClientClosedRequest("the client closed the connection before the answer was ready") from None
         raise
     finally:
