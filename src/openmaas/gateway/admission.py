@@ -10,12 +10,12 @@ which gives back the slot, the idempotency key and a hold that was never settled
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from openmaas.billing.plans import PendingCharge
 from openmaas.billing.service import BillingService
@@ -138,21 +138,11 @@ class AdmissionControl:
             raise
         return call
 
-    @contextlib.asynccontextmanager
-    async def admitted(
+    def admitted(
         self, principal: Principal, mv: ModelVersion, ctx: CallContext, protocol: str, demand: Demand
-    ) -> AsyncIterator[AdmittedCall]:
-        """``admit``, then run the body and close the call with how it went."""
-        call = await self.admit(principal, mv, ctx, protocol, demand)
-        status = "error"
-        try:
-            yield call
-            status = "ok"
-        except BaseException as e:
-            status = status_of(e, self.metrics)
-            raise
-        finally:
-            await call.close(status)
+    ) -> Admitted:
+        """``admit``, then run the body and close the call with how it went (``async with``)."""
+        return Admitted(self, principal, mv, ctx, protocol, demand)
 
     async def close(self) -> None:
         """Close the limiter's connections and flush and stop the metering writer."""
@@ -248,6 +238,35 @@ class AdmissionControl:
                 self.billing.admit, principal.org_id, mv.model, owner, ctx.batch.hold_id, units, batch=True
             )
         return await asyncio.to_thread(self.billing.admit, principal.org_id, mv.model, owner, ctx.request_id, units)
+
+
+class Admitted:
+    """``async with admission.admitted(...) as call``: the call admitted on entry, closed on exit with "ok" or the
+    status of what was raised. A class rather than a generator-based context manager: it is entered on every
+    call, and the generator's machinery cost more than the two methods."""
+
+    __slots__ = ("_admission", "_args", "_call")
+
+    def __init__(
+        self,
+        admission: AdmissionControl,
+        principal: Principal,
+        mv: ModelVersion,
+        ctx: CallContext,
+        protocol: str,
+        demand: Demand,
+    ) -> None:
+        self._admission = admission
+        self._args = (principal, mv, ctx, protocol, demand)
+        self._call: AdmittedCall | None = None
+
+    async def __aenter__(self) -> AdmittedCall:
+        self._call = await self._admission.admit(*self._args)
+        return self._call
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        assert self._call is not None
+        await self._call.close("ok" if error is None else status_of(error, self._admission.metrics))
 
 
 def status_of(error: BaseException, metrics: Metrics) -> str:

@@ -210,15 +210,18 @@ class Batcher:
         self._running_rows: dict[int, int] = {}
         self._metrics = metrics
         # This version's series, looked up once (labels() validates and locks on every call).
-        self._depth = metrics.queue_depth.labels(label)
         self._queue_wait = metrics.queue_wait.labels(label)
         self._batch_size = metrics.batch_size.labels(label)
         self._compute = metrics.compute.labels(label)
         self._queue: deque[Pending] = deque()
         #: Offline batch lines (priority > 0): taken only when no online request waits.
         self._low: deque[Pending] = deque()
-        self._depth_online = metrics.queue_depth_by_priority.labels(label, "online")
-        self._depth_batch = metrics.queue_depth_by_priority.labels(label, "batch")
+        # The depth gauges read the queues when scraped: setting them on every request and batch was a part of
+        # each request's time on the event loop.
+        queue, low = self._queue, self._low
+        metrics.queue_depth.labels(label).set_function(lambda: len(queue) + len(low))
+        metrics.queue_depth_by_priority.labels(label, "online").set_function(lambda: len(queue))
+        metrics.queue_depth_by_priority.labels(label, "batch").set_function(lambda: len(low))
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -235,11 +238,6 @@ class Batcher:
     @property
     def low_depth(self) -> int:
         return len(self._low)
-
-    def _set_depth(self) -> None:
-        self._depth.set(len(self._queue) + len(self._low))
-        self._depth_online.set(len(self._queue))
-        self._depth_batch.set(len(self._low))
 
     def start(self) -> None:
         if self._task is None:
@@ -280,7 +278,6 @@ class Batcher:
             inputs, rows, cost, time.monotonic(), deadline, loop.create_future(), compat_key(inputs), priority=priority
         )
         queue.append(item)
-        self._set_depth()
         self._wakeup.set()
         assert item.future is not None
         try:
@@ -361,7 +358,6 @@ class Batcher:
                     rows = max(1, rows // 8)
                 batch = take_batch(self._low, rows, self.config.max_batch_tokens)
             batch = [p for p in batch if not p.cancelled]
-            self._set_depth()
             if not batch:
                 continue
             for p in batch:
