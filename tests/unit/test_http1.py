@@ -8,7 +8,7 @@ from typing import Any
 import uvicorn
 from uvicorn.server import ServerState
 
-from openmaas.api.http1 import CoalescingTransport, protocol_class
+from openmaas.api.http1 import JOIN_LIMIT, CoalescingTransport, protocol_class
 
 
 class RecordingTransport(asyncio.Transport):
@@ -104,3 +104,16 @@ def test_nothing_is_written_to_a_transport_that_is_closing() -> None:
         return real
 
     assert asyncio.run(main()).writes == []
+
+
+def test_a_large_body_is_not_copied_to_join_it_to_its_head() -> None:
+    async def main() -> RecordingTransport:
+        real = RecordingTransport()
+        coalescing = CoalescingTransport(real, asyncio.get_running_loop())
+        coalescing.write(b"head")
+        coalescing.write(b"x" * (JOIN_LIMIT + 1))
+        await asyncio.sleep(0)
+        return real
+
+    real = asyncio.run(main())
+    assert [len(w) for w in real.writes] == [4, JOIN_LIMIT + 1]

@@ -14,6 +14,10 @@ import asyncio
 from typing import Any, cast
 
 
+#: Writes of a turn are joined into one only up to this many bytes in all.
+JOIN_LIMIT = 64 * 1024
+
+
 class CoalescingTransport:
     """A transport whose writes made in one turn of the event loop leave in one ``write`` of the real transport
     (scheduled with ``call_soon`` at the first write of the turn); ``close`` sends what is held first. Everything
@@ -35,8 +39,15 @@ class CoalescingTransport:
 
     def _flush(self) -> None:
         held, self._held = self._held, None
-        if held and not self._transport.is_closing():
-            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+        if not held or self._transport.is_closing():
+            return
+        if len(held) == 1:
+            self._transport.write(held[0])
+        elif sum(len(part) for part in held) <= JOIN_LIMIT:
+            self._transport.write(b"".join(held))
+        else:  # a large body: a copy of it would cost more than the system calls saved
+            for part in held:
+                self._transport.write(part)
 
     def close(self) -> None:
         self._flush()
