@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-
 #: Writes of a turn are joined into one only up to this many bytes in all.
 JOIN_LIMIT = 64 * 1024
 
