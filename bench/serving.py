@@ -21,7 +21,7 @@ import numpy as np
 from harness import http_request, machine, percentile, sentences, start_server
 from inprocess import in_process_digits
 from library_limit import LibraryLimit
-from loadgen import run_load
+from loadgen import run_load, summarise
 
 
 def _embedding_row(r: dict[str, float]) -> str:
@@ -164,11 +164,7 @@ def interleaved_level(
         cores += part["client_cores"] / rounds
         limits.append(in_process.limit(args.duration / (2 * rounds)))
     return {
-        "concurrency": concurrency,
-        "rps": len(latencies) / seconds,
-        "p50_ms": 1000 * percentile(latencies, 50),
-        "p99_ms": 1000 * percentile(latencies, 99),
-        "errors": errors,
+        **summarise(latencies, seconds, concurrency, errors),
         "client_cores": cores,
         "limit": sum(limits) / len(limits),
         "limit_before": limits[0],
