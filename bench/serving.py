@@ -155,16 +155,15 @@ def interleaved_level(
     limit as the mean of every limit slice around them."""
     limits = [in_process.limit(args.duration / (2 * rounds))]
     latencies: list[float] = []
-    seconds, errors, cores = 0.0, 0, 0.0
+    errors, cores = 0, 0.0
     for k in range(rounds):
         part = run_load(port, reqs, concurrency, args.warmup if k == 0 else 1.0, args.duration / rounds, keep=True)
         latencies += part.pop("latencies")  # type: ignore[arg-type]
-        seconds += args.duration / rounds
         errors += int(part["errors"])
         cores += part["client_cores"] / rounds
         limits.append(in_process.limit(args.duration / (2 * rounds)))
     return {
-        **summarise(latencies, seconds, concurrency, errors),
+        **summarise(latencies, args.duration, concurrency, errors),
         "client_cores": cores,
         "limit": sum(limits) / len(limits),
         "limit_before": limits[0],

@@ -136,14 +136,12 @@ class GroupCommitWriter:
     # -- writer thread ------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        group: list[_Pending] = []
-        stop = False
-        while not stop:
-            if not group:
-                first = self._queue.get()
-                if first is _STOP:
-                    return
-                group = list(first)
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            group: list[_Pending] = list(first)
+            stop = False
             while len(group) < self._max_group:
                 try:
                     item = self._queue.get_nowait()
@@ -153,12 +151,11 @@ class GroupCommitWriter:
                     stop = True
                     break
                 group.extend(item)
-            # A group holds at most max_group records; what a turn brought beyond that waits for the next one.
-            self._commit(group[: self._max_group])
-            group = group[self._max_group :]
-        while group:
-            self._commit(group[: self._max_group])
-            group = group[self._max_group :]
+            # A turn may bring more than a group holds: it is committed in groups of at most max_group.
+            for start in range(0, len(group), self._max_group):
+                self._commit(group[start : start + self._max_group])
+            if stop:
+                return
 
     def _commit(self, group: list[_Pending]) -> None:
         try:
