@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, event, select, update
 
 from openmaas.audit import Actor, AuditLog
 from openmaas.errors import AlreadyExists, InvalidRequest, NotFound, Unauthenticated
@@ -19,7 +19,7 @@ from openmaas.metering.records import UsageRecord
 from openmaas.metering.usage import UsageQueries
 from openmaas.metering.writer import GroupCommitWriter
 from openmaas.store.db import session_factory, upgrade
-from openmaas.store.tables import AuditEventRow, Base
+from openmaas.store.tables import AuditEventRow, Base, UsageRecordRow
 from openmaas.tenancy.service import TenancyService
 
 
@@ -108,6 +108,53 @@ def test_records_of_one_turn_reach_the_writer_in_one_hand_off_and_groups_stay_bo
     assert groups == [64, 64, 22]
     month = datetime.now(UTC).strftime("%Y-%m")
     assert UsageQueries(session_factory(engine)).month_totals("o4", month)["requests"] == 150
+
+
+def test_a_group_of_new_records_is_three_statements_and_a_stored_one_among_them_is_not_counted_again(
+    engine: Engine,
+) -> None:
+    """The common group (no record stored before) is written with one executemany a table and no RETURNING; a
+    group that repeats a stored request id falls back to the statement that says which records are new, and
+    nothing is counted twice. Stored values (a UTC timestamp) read back as the ORM wrote them."""
+    upgrade(engine)
+    statements: list[tuple[str, bool]] = []
+    returning: list[bool] = []
+
+    def spy(conn: object, cursor: object, sql: str, params: object, context: object, many: bool) -> None:
+        if sql.lstrip().upper().startswith("INSERT"):
+            statements.append((sql.split("(")[0].split()[-1], many))
+            if "INTO usage_records" in sql:
+                returning.append("RETURNING" in sql.upper())
+
+    writer = GroupCommitWriter(engine)
+    try:
+        first = [_record(7000 + i, org="o5") for i in range(20)]
+        event.listen(engine, "before_cursor_execute", spy)
+        assert writer.write(first) == [True] * 20
+        written = list(statements)
+        statements.clear()
+        again = [_record(7100, org="o5"), first[3], _record(7101, org="o5")]
+        assert writer.write(again) == [True, False, True]
+        event.remove(engine, "before_cursor_execute", spy)
+    finally:
+        writer.close()
+    # One statement a table (the counters' three units and the day's one row included), no RETURNING.
+    assert [table for table, _ in written] == ["usage_records", "usage_counters", "usage_daily"]
+    assert written[0][1] and written[1][1]
+    assert returning == [
+        False,
+        False,
+        True,
+    ]  # the second group: the fast insert, then the fallback saying which are new
+    month = datetime.now(UTC).strftime("%Y-%m")
+    assert UsageQueries(session_factory(engine)).month_totals("o5", month) == {
+        "requests": 22,
+        "input_tokens": 66,
+        "items": 22,
+    }
+    with session_factory(engine)() as db:
+        row = db.get(UsageRecordRow, "r7003")
+        assert row is not None and row.created_at == first[3].created_at and row.day == first[3].row()["day"]
 
 
 def test_group_commit_under_threads_from_several_loops(engine: Engine) -> None:
