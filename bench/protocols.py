@@ -8,6 +8,10 @@
 2. A real ``openmaas serve`` (free HTTP and gRPC ports); digits-cnn is loaded first.
 3. The same closed-loop load generator as ``bench/serving.py`` (its own process, keep-alive connections) for HTTP,
    and a ``grpc.aio`` client process with the same number of requests in flight for gRPC.
+4. Where nghttp2's ``h2load`` is installed (Debian: ``nghttp2-client``), gRPC again from it: a load generator in C
+   that costs the two cores little, as the raw-socket HTTP generator does, where the Python gRPC client takes a
+   large share of them. It cannot read gRPC's status (sent in trailers), so the server's own statistics for the
+   model say how many calls succeeded: any shortfall counts as errors.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -95,15 +101,7 @@ def _grpc_process(port: int, concurrency: int, warmup: float, duration: float, q
     import grpc
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from openmaas.api.grpc import inference_pb2 as pb
-
-    images = _images(256)
-    requests = []
-    for x in images:
-        r = pb.ModelInferRequest(model_name="digits-cnn")
-        r.inputs.add(name="image", datatype="FP32", shape=[1, 1, 8, 8])
-        r.raw_input_contents.append(x.astype("<f4").tobytes())
-        requests.append(r.SerializeToString())
+    requests = [pb_request(x) for x in _images(256)]
 
     async def main() -> tuple[list[float], int]:
         latencies: list[float] = []
@@ -152,6 +150,51 @@ def run_grpc(port: int, concurrency: int, warmup: float, duration: float) -> dic
     return summarise(result["latencies"], result["duration"], concurrency, result["errors"])
 
 
+def _grpc_statuses(port: int) -> dict[str, float]:
+    """gRPC calls the server has answered, by status code (its Prometheus counter)."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).text
+    found = re.findall(r'^openmaas_http_requests_total\{protocol="grpc",status="(\w+)"\} (\S+)$', text, re.MULTILINE)
+    return {status: float(n) for status, n in found}
+
+
+def run_h2load(
+    grpc_port: int, http_port: int, concurrency: int, warmup: float, duration: float, tmp: Path
+) -> dict[str, float]:
+    """ModelInfer from h2load: one HTTP/2 connection with ``concurrency`` streams (as the Python client's one
+    channel), the same request each time, framed as gRPC (a flag byte and a length, then the message)."""
+    message = pb_request(_images(1)[0])
+    body = tmp / "grpc-request.bin"
+    body.write_bytes(b"\0" + struct.pack(">I", len(message)) + message)
+    log = tmp / "h2load.log"
+    before = _grpc_statuses(http_port)
+    out = subprocess.run(
+        ["h2load", "-c", "1", "-m", str(concurrency), "-D", str(max(1, round(duration))),
+         "--warm-up-time", str(max(1, round(warmup))), "--log-file", str(log), "-d", str(body),
+         "-H", "content-type: application/grpc", "-H", "te: trailers", "-H", f"authorization: Bearer {KEY}",
+         f"http://127.0.0.1:{grpc_port}/inference.GRPCInferenceService/ModelInfer"],
+        capture_output=True, text=True, check=True, timeout=warmup + duration + 60,
+    ).stdout  # fmt: skip
+    after = _grpc_statuses(http_port)
+    counts = re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    measured = [int(line.split("\t")[2]) / 1e6 for line in log.read_text().splitlines() if line.count("\t") == 2]
+    client_errors = int(counts.group(2)) + int(counts.group(3)) if counts else 0
+    # A gRPC error is an HTTP 200 to h2load: the server's count of answers by status has them. CANCELLED: the
+    # calls h2load abandons when its time is up.
+    refused = sum(n - before.get(status, 0) for status, n in after.items() if status not in ("OK", "CANCELLED"))
+    return summarise(measured, float(max(1, round(duration))), concurrency, client_errors + int(refused))
+
+
+def pb_request(image: np.ndarray) -> bytes:
+    from openmaas.api.grpc import inference_pb2 as pb
+
+    r = pb.ModelInferRequest(model_name="digits-cnn")
+    r.inputs.add(name="image", datatype="FP32", shape=[1, 1, 8, 8])
+    r.raw_input_contents.append(image.astype("<f4").tobytes())
+    return r.SerializeToString()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=8.0)
@@ -198,6 +241,16 @@ def main() -> None:
                     ("v2 HTTP, JSON tensors", lambda c=c: run_load(port, jreqs, c, args.warmup, args.duration)),
                     ("v2 HTTP, binary tensors", lambda c=c: run_load(port, breqs, c, args.warmup, args.duration)),
                     ("v2 gRPC, raw tensors", lambda c=c: run_grpc(grpc_port, c, args.warmup, args.duration)),
+                    *(
+                        [
+                            (
+                                "v2 gRPC, raw tensors, h2load (C) client",
+                                lambda c=c: run_h2load(grpc_port, port, c, args.warmup, args.duration, Path(tmp)),
+                            )
+                        ]
+                        if shutil.which("h2load")
+                        else []
+                    ),
                 ):
                     r = runner()
                     rows.append((label, r))
