@@ -51,8 +51,9 @@ class _Compiled:
 
     Each row's values go through the columns' own bind processors (so a UTC datetime is stored exactly as the ORM
     stores it), but the statement is not compiled again, its parameters are not re-processed through SQLAlchemy's
-    execution context, and there is no result to build: a single usage record's write took 290 us of CPU through
-    the Core constructs and 160 us this way (SQLite, with its commit), a group of 32 1030 us and 490 us."""
+    execution context, and there is no result to build: the writer's transaction for one usage record took 290 us
+    of CPU with the Core constructs and 200 us this way (SQLite, its commit included), for a group of 32 1030 us
+    and 580 us; on PostgreSQL a group of 32 went from 4240 to 1240 us."""
 
     def __init__(self, statement: Any, dialect: Dialect) -> None:
         compiled = statement.compile(dialect=dialect)
