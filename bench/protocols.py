@@ -10,8 +10,8 @@
    and a ``grpc.aio`` client process with the same number of requests in flight for gRPC.
 4. Where nghttp2's ``h2load`` is installed (Debian: ``nghttp2-client``), gRPC again from it: a load generator in C
    that costs the two cores little, as the raw-socket HTTP generator does, where the Python gRPC client takes a
-   large share of them. It cannot read gRPC's status (sent in trailers), so the server's own statistics for the
-   model say how many calls succeeded: any shortfall counts as errors.
+   large share of them. It cannot read gRPC's status (sent in trailers), so the server's count of gRPC answers by
+   status (``openmaas_http_requests_total``) says how many failed: every status but OK and CANCELLED is an error.
 """
 
 from __future__ import annotations
@@ -168,9 +168,10 @@ def run_h2load(
     body = tmp / "grpc-request.bin"
     body.write_bytes(b"\0" + struct.pack(">I", len(message)) + message)
     log = tmp / "h2load.log"
+    seconds = max(1, round(duration))  # h2load takes whole seconds
     before = _grpc_statuses(http_port)
     out = subprocess.run(
-        ["h2load", "-c", "1", "-m", str(concurrency), "-D", str(max(1, round(duration))),
+        ["h2load", "-c", "1", "-m", str(concurrency), "-D", str(seconds),
          "--warm-up-time", str(max(1, round(warmup))), "--log-file", str(log), "-d", str(body),
          "-H", "content-type: application/grpc", "-H", "te: trailers", "-H", f"authorization: Bearer {KEY}",
          f"http://127.0.0.1:{grpc_port}/inference.GRPCInferenceService/ModelInfer"],
@@ -183,7 +184,7 @@ def run_h2load(
     # A gRPC error is an HTTP 200 to h2load: the server's count of answers by status has them. CANCELLED: the
     # calls h2load abandons when its time is up.
     refused = sum(n - before.get(status, 0) for status, n in after.items() if status not in ("OK", "CANCELLED"))
-    return summarise(measured, float(max(1, round(duration))), concurrency, client_errors + int(refused))
+    return summarise(measured, float(seconds), concurrency, client_errors + int(refused))
 
 
 def pb_request(image: np.ndarray) -> bytes:

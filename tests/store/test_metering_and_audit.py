@@ -141,11 +141,8 @@ def test_a_group_of_new_records_is_three_statements_and_a_stored_one_among_them_
     # One statement a table (the counters' three units and the day's one row included), no RETURNING.
     assert [table for table, _ in written] == ["usage_records", "usage_counters", "usage_daily"]
     assert written[0][1] and written[1][1]
-    assert returning == [
-        False,
-        False,
-        True,
-    ]  # the second group: the fast insert, then the fallback saying which are new
+    # The first group: one insert without RETURNING; the second: that insert, then the fallback saying which are new.
+    assert returning == [False, False, True]
     month = datetime.now(UTC).strftime("%Y-%m")
     assert UsageQueries(session_factory(engine)).month_totals("o5", month) == {
         "requests": 22,
