@@ -18,10 +18,15 @@ import numpy as np
 
 from openmaas.entities.tensors import Signature, TensorSpec
 from openmaas.runtimes.base import Runtime, RuntimeResult
+from openmaas.runtimes.chunks import length_chunks
 from openmaas.runtimes.onnx import onnx_parameters
 from openmaas.runtimes.sentence_transformers import HEAD_FILE
 
 CONFIG_FILE = "openmaas_embedding.json"
+#: The fixed cost of one ONNX Runtime run in tokens' worth of work (see ``length_chunks``): measured on MiniLM int8,
+#: one thread, batches of 16-32 sentences of 9-17 tokens: runs cut this way were 20-25% faster than one padded run,
+#: and 4 to 32 were within the spread of each other.
+RUN_TOKENS = 8
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -44,6 +49,9 @@ class OnnxEmbeddingRuntime(Runtime):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._session: Any = None
+        #: A session with ``torch_threads`` intra-op threads for a batch that runs alone (see ``set_threads``).
+        self._wide: Any = None
+        self._threads = 1
         self._tokenizer: Any = None
         self._inputs: list[str] = []
         self._head: Any = None
@@ -77,10 +85,11 @@ class OnnxEmbeddingRuntime(Runtime):
         tokenizer = Tokenizer.from_file(str(self.path / TOKENIZER_FILE))
         tokenizer.enable_truncation(self._window)
         tokenizer.enable_padding(pad_id=int(config.get("pad_token_id", 0)))
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.options.onnx_threads
-        opts.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(self.path / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+        session = self._new_session(self.options.onnx_threads)
+        wide = self.options.torch_threads
+        if wide > self.options.onnx_threads:
+            # Its own thread pool, idle between runs (no spinning): under load every batch runs on the narrow one.
+            self._wide = self._new_session(wide, spin=False)
         self._inputs = [i.name for i in session.get_inputs()]
         if (self.path / HEAD_FILE).is_file():  # a text classifier: the head trained on these embeddings
             head_opts = ort.SessionOptions()
@@ -88,32 +97,42 @@ class OnnxEmbeddingRuntime(Runtime):
             self._head = ort.InferenceSession(str(self.path / HEAD_FILE), head_opts, providers=["CPUExecutionProvider"])
         self._tokenizer, self._session = tokenizer, session
 
+    def _new_session(self, threads: int, spin: bool = True) -> Any:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(self.path / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+
+    def set_threads(self, threads: int) -> None:
+        """A batch the pool runs alone (``CoreShare``) uses the wide session: a lone sentence's matrix products on
+        every core, as the library's own single-sentence call does."""
+        self._threads = threads
+
     @property
     def signature(self) -> Signature:
         return _signature(self._dim or int(_config(self.path)["dimension"]), _head_classes(self.path))
 
     def embed(self, texts: list[str], max_batch_tokens: int = 16384) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings (N, dim) and the tokens each text used; texts run longest first in chunks whose padded size
-        stays within ``max_batch_tokens`` (as the sentence-transformers runtime does)."""
-        if self._session is None:
+        """Embeddings (N, dim) and the tokens each text used; texts run longest first, cut into runs of similar
+        lengths (``length_chunks``) whose padded size stays within ``max_batch_tokens``."""
+        session = self._wide if self._threads > 1 and self._wide is not None else self._session
+        if session is None:
             raise RuntimeError("the ONNX embedding model is not loaded")
         encoded = self._tokenizer.encode_batch(texts)  # padded to the longest of all: lengths from the masks
         lengths = np.array([sum(e.attention_mask) for e in encoded], dtype=np.int64)
-        order = np.argsort(-lengths, kind="stable")
         out = np.empty((len(texts), self._dim), dtype=np.float32)
-        start = 0
-        while start < len(texts):
-            longest = int(lengths[order[start]])
-            size = max(1, max_batch_tokens // max(1, longest))
-            idx = order[start : start + size]
-            width = int(lengths[idx].max())
+        for idx in length_chunks(lengths, RUN_TOKENS, max_batch_tokens):
+            width = int(lengths[idx[0]])
             feeds = {
                 "input_ids": np.array([encoded[i].ids[:width] for i in idx], dtype=np.int64),
                 "attention_mask": np.array([encoded[i].attention_mask[:width] for i in idx], dtype=np.int64),
                 "token_type_ids": np.array([encoded[i].type_ids[:width] for i in idx], dtype=np.int64),
             }
-            out[idx] = self._session.run(None, {k: feeds[k] for k in self._inputs})[0]
-            start += size
+            out[idx] = session.run(None, {k: feeds[k] for k in self._inputs})[0]
         return out, lengths
 
     def infer(self, batch: Mapping[str, np.ndarray]) -> RuntimeResult:
@@ -126,7 +145,7 @@ class OnnxEmbeddingRuntime(Runtime):
         return RuntimeResult(outputs=outputs, tokens=tokens)
 
     def memory_bytes(self) -> int:
-        return (self.path / MODEL_FILE).stat().st_size
+        return (self.path / MODEL_FILE).stat().st_size * (2 if self._wide is not None else 1)
 
     def parameters(self) -> int | None:
         head = onnx_parameters(self.path / HEAD_FILE) if (self.path / HEAD_FILE).is_file() else 0
@@ -134,6 +153,7 @@ class OnnxEmbeddingRuntime(Runtime):
 
     def unload(self) -> None:
         self._session = None
+        self._wide = None
         self._head = None
         self._tokenizer = None
 
