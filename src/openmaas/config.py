@@ -130,8 +130,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default_factory=_default_threads,
         ge=1,
-        description="Most intra-op threads a PyTorch model copy uses: all of them while it is the only copy "
-        "running a batch, one while other copies are busy too.",
+        description="Most intra-op threads a PyTorch model copy (or an ONNX text encoder's) uses: all of them "
+        "while it is the only copy running a batch, one while other copies are busy too.",
     )
     max_request_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413."
