@@ -18,7 +18,23 @@ from openmaas.runtimes.chunks import length_chunks
 from openmaas.serving.pool import CoreShare, Instance
 
 # One sentence a text, 9 to 17 word pieces, as the embeddings benchmark sends, and one past the 256-token window.
-WORDS = "the a quick brown fox jumps over lazy dog river mountain quarterly report finance meeting".split()
+WORDS = [
+    "the",
+    "a",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "river",
+    "mountain",
+    "quarterly",
+    "report",
+    "finance",
+    "meeting",
+]
 TEXTS = [" ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(5 + i % 9)) + "." for i in range(24)]
 TEXTS += ["word " * 400]
 
