@@ -23,12 +23,12 @@ from openmaas.runtimes.onnx import onnx_parameters
 from openmaas.runtimes.sentence_transformers import HEAD_FILE
 
 CONFIG_FILE = "openmaas_embedding.json"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
 #: The fixed cost of one ONNX Runtime run in tokens' worth of work (see ``length_chunks``): measured on MiniLM int8,
 #: one thread, batches of 16-32 sentences of 9-17 tokens: runs cut this way were 20-25% faster than one padded run,
 #: and 4 to 32 were within the spread of each other.
 RUN_TOKENS = 8
-MODEL_FILE = "model.onnx"
-TOKENIZER_FILE = "tokenizer.json"
 
 
 def is_onnx_embedding(path: Path) -> bool:
