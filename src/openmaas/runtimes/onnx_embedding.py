@@ -122,17 +122,17 @@ class OnnxEmbeddingRuntime(Runtime):
         session = self._wide if self._threads > 1 and self._wide is not None else self._session
         if session is None:
             raise RuntimeError("the ONNX embedding model is not loaded")
-        encoded = self._tokenizer.encode_batch(texts)  # padded to the longest of all: lengths from the masks
-        lengths = np.array([sum(e.attention_mask) for e in encoded], dtype=np.int64)
+        encoded = self._tokenizer.encode_batch(texts)  # padded on the right to the longest of all
+        columns = {
+            "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encoded], dtype=np.int64),
+        }
+        lengths = columns["attention_mask"].sum(axis=1)
         out = np.empty((len(texts), self._dim), dtype=np.float32)
         for idx in length_chunks(lengths, RUN_TOKENS, max_batch_tokens):
             width = int(lengths[idx[0]])
-            feeds = {
-                "input_ids": np.array([encoded[i].ids[:width] for i in idx], dtype=np.int64),
-                "attention_mask": np.array([encoded[i].attention_mask[:width] for i in idx], dtype=np.int64),
-                "token_type_ids": np.array([encoded[i].type_ids[:width] for i in idx], dtype=np.int64),
-            }
-            out[idx] = session.run(None, {k: feeds[k] for k in self._inputs})[0]
+            out[idx] = session.run(None, {k: columns[k][idx, :width] for k in self._inputs})[0]
         return out, lengths
 
     def infer(self, batch: Mapping[str, np.ndarray]) -> RuntimeResult:

@@ -107,8 +107,9 @@ class SentenceTransformerRuntime(Runtime):
     def embed(self, texts: list[str], max_batch_tokens: int = 16384) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings (N, dim) and the number of tokens the model read for each text.
 
-        The texts are tokenised together (in blocks of ``_TOKENISE_AT_ONCE``), then run longest first in runs of similar lengths (``length_chunks``)
-        whose padded size stays within ``max_batch_tokens``, so short texts do not pay for a long one's padding.
+        The texts are tokenised together (in blocks of ``_TOKENISE_AT_ONCE``), then run longest first in runs of
+        similar lengths (``length_chunks``) whose padded size stays within ``max_batch_tokens``, so short texts do not
+        pay for a long one's padding.
         """
         import torch
 
