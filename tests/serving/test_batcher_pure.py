@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Coroutine
 from typing import Any
@@ -278,3 +279,74 @@ def test_a_batch_gets_every_core_only_when_the_model_has_been_alone_for_a_while(
 
     asyncio.run(scenario())
     assert spare_flags == [True, True, False, False, True], spare_flags
+
+
+def test_a_lone_online_request_starts_on_a_free_copy_without_a_turn_of_the_dispatch_loop() -> None:
+    """At low load the dispatch loop's turn and its wake-up were a part of every request's time on the event loop:
+    a request that would be taken alone starts from ``submit`` itself; one behind a waiting queue does not jump it,
+    and one whose deadline has passed fails as it would in the queue."""
+    import asyncio
+
+    from openmaas.errors import DeadlineExceeded
+    from openmaas.serving.batcher import BatchConfig, Batcher
+    from openmaas.telemetry import Metrics
+
+    started: list[float] = []
+    gate = asyncio.Event()
+
+    async def worker(inputs: dict[str, np.ndarray], spare: bool) -> RuntimeResult:
+        started.extend(inputs["x"][:, 0].tolist())
+        await gate.wait()
+        return RuntimeResult(outputs={"y": inputs["x"]})
+
+    def x(value: float) -> dict[str, np.ndarray]:
+        return {"x": np.full((1, 1), value, np.float32)}
+
+    async def scenario() -> None:
+        batcher = Batcher("m:1", [worker], BatchConfig(max_batch_size=8), Metrics())
+        batcher.start()
+        await asyncio.sleep(0)
+        first = asyncio.ensure_future(batcher.submit(x(1.0), 1, 1, None))
+        await asyncio.sleep(0)  # submit ran and started the batch's task
+        await asyncio.sleep(0)  # the batch's task called the copy
+        assert started == [1.0]
+        # The copy is busy: these two queue and go together, in order, when it frees.
+        second = asyncio.ensure_future(batcher.submit(x(2.0), 1, 1, None))
+        third = asyncio.ensure_future(batcher.submit(x(3.0), 1, 1, None))
+        await asyncio.sleep(0.01)
+        assert started == [1.0] and batcher.depth == 2
+        gate.set()
+        assert (await asyncio.wait_for(first, 1)).outputs["y"][0, 0] == 1.0
+        results = await asyncio.wait_for(asyncio.gather(second, third), 1)
+        assert [r.outputs["y"][0, 0] for r in results] == [2.0, 3.0] and started == [1.0, 2.0, 3.0]
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(x(4.0), 1, 1, time.monotonic() - 1)
+        assert started == [1.0, 2.0, 3.0] and batcher.stats.fail.count == 1
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_with_a_batching_delay_requests_still_wait_for_company() -> None:
+    import asyncio
+
+    from openmaas.serving.batcher import BatchConfig, Batcher
+    from openmaas.telemetry import Metrics
+
+    batches: list[int] = []
+
+    async def worker(inputs: dict[str, np.ndarray], spare: bool) -> RuntimeResult:
+        batches.append(len(inputs["x"]))
+        return RuntimeResult(outputs={"y": inputs["x"]})
+
+    async def scenario() -> None:
+        batcher = Batcher("m:1", [worker], BatchConfig(max_batch_size=8, max_queue_delay_ms=50), Metrics())
+        batcher.start()
+        submits = [batcher.submit({"x": np.zeros((1, 1), np.float32)}, 1, 1, None) for _ in range(3)]
+        first = asyncio.ensure_future(submits[0])
+        await asyncio.sleep(0.005)
+        await asyncio.gather(first, *submits[1:])
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert batches == [3], batches

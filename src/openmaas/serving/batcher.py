@@ -274,12 +274,19 @@ class Batcher:
                 retry_after=max(1.0, batches * self._recent_batch_s),
             )
         loop = asyncio.get_running_loop()
-        item = Pending(
-            inputs, rows, cost, time.monotonic(), deadline, loop.create_future(), compat_key(inputs), priority=priority
-        )
+        now = time.monotonic()
+        item = Pending(inputs, rows, cost, now, deadline, loop.create_future(), compat_key(inputs), priority=priority)
+        assert item.future is not None
+        if priority <= 0 and self._can_start_at_once():
+            # The model is idle: start the batch here, without a turn of the dispatch loop (at low load that turn
+            # and its wake-up were a part of every request's time on the event loop).
+            if deadline is not None and deadline <= now:
+                self.stats.fail.add(0.0)
+                raise DeadlineExceeded(f"the request's deadline passed while it waited for model '{self.label}'")
+            self._start([item], now)
+            return await item.future
         queue.append(item)
         self._wakeup.set()
-        assert item.future is not None
         try:
             return await item.future
         except asyncio.CancelledError:
@@ -358,21 +365,37 @@ class Batcher:
                     rows = max(1, rows // 8)
                 batch = take_batch(self._low, rows, self.config.max_batch_tokens)
             batch = [p for p in batch if not p.cancelled]
-            if not batch:
-                continue
-            for p in batch:
-                self._queue_wait.observe(now - p.enqueued)
-                self.stats.queue.add(now - p.enqueued)
-            # Most recently used copy first: at low load one copy (one thread pool) does all the work.
-            worker = self._free.pop()
-            rows = sum(p.rows for p in batch)
-            if self._queue or self._low or self._running_rows:
-                self._last_crowded = now
-            spare = now - self._last_crowded > CROWD_MEMORY_S
-            self._running_rows[worker] = sum(p.rows for p in batch if p.priority <= 0)
-            task = asyncio.get_running_loop().create_task(self._run_batch(worker, batch, rows, spare))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            if batch:
+                self._start(batch, now)
+
+    def _can_start_at_once(self) -> bool:
+        """Whether an online request can start from ``submit`` itself: the model is idle (no batch running, every
+        copy free, nothing queued) and no batching delay applies. Under load requests go through the queue, so
+        those arriving in the same turn of the event loop share a batch (a batch of one costs about as much machine
+        time as several rows of a full one)."""
+        return (
+            not self._running
+            and len(self._free) == len(self._workers)
+            and not self._queue
+            and not self._low
+            and self.config.max_queue_delay_ms <= 0
+        )
+
+    def _start(self, batch: list[Pending], now: float) -> None:
+        """Run ``batch`` on a free copy (the caller checked that one is free)."""
+        for p in batch:
+            self._queue_wait.observe(now - p.enqueued)
+            self.stats.queue.add(now - p.enqueued)
+        # Most recently used copy first: at low load one copy (one thread pool) does all the work.
+        worker = self._free.pop()
+        rows = sum(p.rows for p in batch)
+        if self._queue or self._low or self._running_rows:
+            self._last_crowded = now
+        spare = now - self._last_crowded > CROWD_MEMORY_S
+        self._running_rows[worker] = sum(p.rows for p in batch if p.priority <= 0)
+        task = asyncio.get_running_loop().create_task(self._run_batch(worker, batch, rows, spare))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def _run_batch(self, worker: int, batch: list[Pending], rows: int, spare: bool) -> None:
         self._batch_size.observe(rows)
@@ -401,7 +424,9 @@ class Batcher:
             self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * elapsed
             self._running_rows.pop(worker, None)
             self._free.append(worker)
-            self._wakeup.set()
+            if self._queue or self._low:
+                # Something waits for this copy (when nothing does, the dispatch loop sleeps until a request comes).
+                self._wakeup.set()
         now = time.monotonic()
         for p, part in zip(batch, parts, strict=True):
             self.stats.success.add(now - p.enqueued)
