@@ -134,7 +134,7 @@ def test_openai_surface_answers_429_when_full(busy_server: ServerProcess, minilm
     with tempfile.TemporaryDirectory() as tmp:
         archive = shutil.make_archive(str(Path(tmp) / "embedder"), "zip", root_dir=minilm_dir)
         _register(busy_server.url, "embedder", Path(archive))
-    long_texts = ["word " * 200] * 64  # heavy requests: the queue of 3 fills at once
+    long_texts = ["word " * 200] * 16  # heavy requests: the queue of 3 fills at once
 
     async def scenario() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=busy_server.url, headers=AUTH, timeout=300) as client:

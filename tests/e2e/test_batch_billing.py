@@ -173,7 +173,7 @@ def test_sigkill_mid_batch_resumes_with_every_line_exactly_once(
     before = _wallet(books, shop)
     usage_before = books.get("/api/usage", params={"group_by": "protocol"}).json()["data"]
     batch_before = next((u["requests"] for u in usage_before if u["protocol"] == "batch"), 0)
-    n = 12_000
+    n = 4_000
     batch = submit(client, _lines(shop, n, "k"), shop["url"])
     _when(client, batch.id, 500)
     server.kill()
