@@ -281,10 +281,10 @@ def test_a_batch_gets_every_core_only_when_the_model_has_been_alone_for_a_while(
     assert spare_flags == [True, True, False, False, True], spare_flags
 
 
-def test_a_lone_online_request_starts_on_a_free_copy_without_a_turn_of_the_dispatch_loop() -> None:
+def test_a_request_to_an_idle_model_starts_without_a_turn_of_the_dispatch_loop() -> None:
     """At low load the dispatch loop's turn and its wake-up were a part of every request's time on the event loop:
-    a request that would be taken alone starts from ``submit`` itself; one behind a waiting queue does not jump it,
-    and one whose deadline has passed fails as it would in the queue."""
+    a request that finds the model idle starts from ``submit`` itself; requests that arrive while its copy is busy
+    queue and go together, in order; one whose deadline has passed fails as it would in the queue."""
     import asyncio
 
     from openmaas.errors import DeadlineExceeded

@@ -282,7 +282,7 @@ class Batcher:
             # and its wake-up were a part of every request's time on the event loop).
             if deadline is not None and deadline <= now:
                 self.stats.fail.add(0.0)
-                raise DeadlineExceeded(f"the request's deadline passed while it waited for model '{self.label}'")
+                raise self._deadline_passed()
             self._start([item], now)
             return await item.future
         queue.append(item)
@@ -341,9 +341,7 @@ class Batcher:
             for item in drop_expired(self._queue, now):
                 self.stats.fail.add(now - item.enqueued)
                 if item.future is not None and not item.future.done():
-                    item.future.set_exception(
-                        DeadlineExceeded(f"the request's deadline passed while it waited for model '{self.label}'")
-                    )
+                    item.future.set_exception(self._deadline_passed())
             if self._queue:
                 share = fair_share(queued, running, copies, self.config.max_batch_size)
                 # Online steps carry online requests only: batch lines in their spare rows made each online step
@@ -367,6 +365,9 @@ class Batcher:
             batch = [p for p in batch if not p.cancelled]
             if batch:
                 self._start(batch, now)
+
+    def _deadline_passed(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"the request's deadline passed while it waited for model '{self.label}'")
 
     def _can_start_at_once(self) -> bool:
         """Whether an online request can start from ``submit`` itself: the model is idle (no batch running, every
