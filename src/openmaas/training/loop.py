@@ -98,12 +98,15 @@ def train(
     for group in opt.param_groups:
         group["base_lr"] = group["lr"]  # the schedule scales each group's own rate
     loss_fn: nn.Module = nn.CrossEntropyLoss() if kind == "classification" else nn.MSELoss()
-    start, best, best_state, waited, done = 0, math.inf, None, 0, False
+    start, best, best_state, waited, done = 0, (math.inf, math.inf), None, 0, False
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)  # our own file, written below; never an upload
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, best, best_state, waited = state["epoch"], state["best"], state["best_state"], state["waited"]
+        if not isinstance(best, tuple | list):  # a checkpoint from before the tie-break: the monitored score alone
+            best = (best, math.inf)
+        best = (float(best[0]), float(best[1]))
         done = state.get("done", False)
         torch.set_rng_state(state["rng"])
     if done:
@@ -171,8 +174,11 @@ def train(
             else:
                 val_loss = float(loss_fn(out[:, 0], yv))
                 val_metric = _r2(yv.numpy(), out[:, 0].numpy())
-        score = val_loss if params.monitor == "val_loss" else -val_metric
-        if score < best - 1e-6:
+        # Validation accuracy moves in steps of one row, so ties are common: among equal accuracies the lower
+        # validation loss is the better epoch (else training stops at the first epoch that reaches the best
+        # accuracy, often the least fitted one).
+        score = (val_loss, math.inf) if params.monitor == "val_loss" else (-val_metric, val_loss)
+        if score[0] < best[0] - 1e-6 or (score[0] <= best[0] + 1e-6 and score[1] < best[1] - 1e-6):
             best, waited = score, 0
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
         else:
