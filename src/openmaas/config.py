@@ -112,7 +112,8 @@ class Settings(BaseSettings):
     prepare_at_start: bool = Field(
         default=True,
         description="At start, begin in the background the one-time preparation models need (converting the bundled "
-        "GGUF model takes about a minute on 2 cores); its progress shows in 'openmaas models show'.",
+        "GGUF model takes about a minute on 2 cores; importing scikit-learn for skops models a few seconds); its "
+        "progress shows in 'openmaas models show'.",
     )
     model_instances: int = Field(
         default_factory=_default_threads,

@@ -59,6 +59,10 @@ class Runtime(ABC):
     platform: str = ""
     #: What the model is served for: ``tensor`` (v2 inference only), ``embedding``, ``generation`` or ``speech``.
     serves: str = "tensor"
+    #: Modules that loading a model of this format imports and that take seconds to import; the server imports
+    #: them in the background once a model of the format is registered or found at start, so that a first call
+    #: does not wait for them (and a loaded model's measured memory is its own, not its libraries').
+    libraries: tuple[str, ...] = ()
 
     def __init__(self, path: Path, options: RuntimeOptions) -> None:
         self.path = path

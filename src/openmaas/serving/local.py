@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import importlib
 import logging
 import os
 import socket
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, fields, replace
@@ -48,6 +51,8 @@ log = logging.getLogger(__name__)
 _BATCH_FIELDS = frozenset(f.name for f in fields(BatchConfig))
 #: Artifacts smaller than this are prepared by their first load rather than in the background at registration.
 _PREPARE_INLINE_BYTES = 32 << 20
+#: Libraries whose background import has started in this process (``LocalBackend._import_libraries``).
+_IMPORTING: set[str] = set()
 
 
 def runtime_options(settings: Settings) -> RuntimeOptions:
@@ -323,6 +328,7 @@ class LocalBackend:
 
     def prepare(self, mv: ModelVersion) -> None:
         cls = runtime_class(mv.format)
+        self._import_libraries(cls)
         if cls.prepare.__func__ is Runtime.prepare.__func__:  # type: ignore[attr-defined]
             return  # the format needs no preparation: no thread for nothing
         path = self.pool.artifact_path(mv)
@@ -346,6 +352,28 @@ class LocalBackend:
         task = asyncio.get_running_loop().create_task(run())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _import_libraries(self, cls: type[Runtime]) -> None:
+        """Import the format's slow libraries in a thread of their own, once (see ``Runtime.libraries``)."""
+        names = [n for n in cls.libraries if n not in sys.modules and n not in _IMPORTING]
+        if not names:
+            return
+        _IMPORTING.update(names)
+
+        def run() -> None:
+            for name in names:
+                started = time.perf_counter()
+                try:
+                    importlib.import_module(name)
+                except Exception:  # the first load imports it again and reports the problem to its caller
+                    log.exception("importing a model library failed", extra={"library": name})
+                else:
+                    log.info(
+                        "model library imported",
+                        extra={"library": name, "seconds": round(time.perf_counter() - started, 2)},
+                    )
+
+        threading.Thread(target=run, name=f"openmaas-import-{cls.format}", daemon=True).start()
 
     async def start(self) -> None:
         """Nothing to connect to: models load in this process on first use."""
