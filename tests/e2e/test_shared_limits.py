@@ -119,7 +119,14 @@ def test_revocation_reaches_the_other_process_within_a_second(
         assert httpx.post(infer, json={"inputs": [X]}, headers=bearer(key["key"])).status_code == 200
         assert c.delete(f"/api/orgs/{org}/keys/{key['id']}").status_code == 200
         revoked_at = time.monotonic()
-    while httpx.post(infer, json={"inputs": [X]}, headers=bearer(key["key"])).status_code == 200:
-        assert time.monotonic() - revoked_at < 1.5, "the other process still accepts a revoked key"
+    sent: list[tuple[float, int]] = []  # (seconds after the revocation a call was sent, its status)
+    while not sent or sent[-1][1] == 200:
+        at = time.monotonic() - revoked_at
+        assert at < 10, ("the other process still accepts a revoked key", sent)
+        sent.append((at, httpx.post(infer, json={"inputs": [X]}, headers=bearer(key["key"]), timeout=30).status_code))
         time.sleep(0.05)
-    assert time.monotonic() - revoked_at <= 1.2
+    assert sent[-1][1] == 401, sent
+    # The other process looked the key up before the revocation and keeps that for at most a second: no call sent
+    # a second after the revocation may be accepted. (When a refusal came back is no bound: on a busy machine the
+    # answer itself can take a few hundred ms, which failed this test at 1.45 s while the key was refused in time.)
+    assert all(at < 1.0 for at, status in sent if status == 200), sent
