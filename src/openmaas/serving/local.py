@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, fields, replace
@@ -338,42 +337,34 @@ class LocalBackend:
             return  # seconds of work: the first load does it, so the model serves from its first call
         where = {"model": mv.model, "version": mv.version}
         log.info("preparing the model in the background: calls get 503 until it is ready", extra=where)
+        # On failure the first load tries again and reports the problem to its caller.
+        self._in_background(functools.partial(cls.prepare, path, self.pool.options), where, "model prepared",
+                            "preparing a model failed")  # fmt: skip
+
+    def _in_background(self, work: Callable[[], object], where: dict[str, Any], done: str, failed: str) -> None:
+        """Run ``work`` on a thread off the event loop, logging ``done`` with its seconds or ``failed``."""
 
         async def run() -> None:
             started = time.perf_counter()
             try:
-                await asyncio.to_thread(cls.prepare, path, self.pool.options)
+                await asyncio.to_thread(work)
             except Exception:
-                # The first load tries again and reports the problem to its caller.
-                log.exception("preparing a model failed", extra=where)
+                log.exception(failed, extra=where)
             else:
-                log.info("model prepared", extra={**where, "seconds": round(time.perf_counter() - started, 1)})
+                log.info(done, extra={**where, "seconds": round(time.perf_counter() - started, 1)})
 
         task = asyncio.get_running_loop().create_task(run())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     def _import_libraries(self, cls: type[Runtime]) -> None:
-        """Import the format's slow libraries in a thread of their own, once (see ``Runtime.libraries``)."""
-        names = [n for n in cls.libraries if n not in sys.modules and n not in _IMPORTING]
-        if not names:
-            return
-        _IMPORTING.update(names)
-
-        def run() -> None:
-            for name in names:
-                started = time.perf_counter()
-                try:
-                    importlib.import_module(name)
-                except Exception:  # the first load imports it again and reports the problem to its caller
-                    log.exception("importing a model library failed", extra={"library": name})
-                else:
-                    log.info(
-                        "model library imported",
-                        extra={"library": name, "seconds": round(time.perf_counter() - started, 2)},
-                    )
-
-        threading.Thread(target=run, name=f"openmaas-import-{cls.format}", daemon=True).start()
+        """Import the format's slow libraries off the event loop, once (see ``Runtime.libraries``); on failure the
+        first load imports them again and reports the problem to its caller."""
+        for name in cls.libraries:
+            if name not in sys.modules and name not in _IMPORTING:
+                _IMPORTING.add(name)
+                self._in_background(functools.partial(importlib.import_module, name), {"library": name},
+                                    "model library imported", "importing a model library failed")  # fmt: skip
 
     async def start(self) -> None:
         """Nothing to connect to: models load in this process on first use."""

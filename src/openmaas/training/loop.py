@@ -104,9 +104,8 @@ def train(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, best, best_state, waited = state["epoch"], state["best"], state["best_state"], state["waited"]
-        if not isinstance(best, tuple | list):  # a checkpoint from before the tie-break: the monitored score alone
+        if not isinstance(best, tuple):  # a checkpoint from before the tie-break: the monitored score alone
             best = (best, math.inf)
-        best = (float(best[0]), float(best[1]))
         done = state.get("done", False)
         torch.set_rng_state(state["rng"])
     if done:
