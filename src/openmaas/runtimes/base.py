@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -160,3 +161,28 @@ def process_rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def settled_rss() -> int:
+    """This process's resident set size once the C allocator has given its free pages back to the system (glibc's
+    ``malloc_trim``; plain :func:`process_rss` elsewhere). Freed memory that the allocator keeps counts in the plain
+    figure, so two plain readings around a load measure the load plus whatever was freed or reused meanwhile.
+    Takes milliseconds (it walks every allocator arena): call it off the event loop."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+    return process_rss()
+
+
+def can_settle_rss() -> bool:
+    """Whether :func:`settled_rss` returns freed memory first (else it is a plain reading)."""
+    return _MALLOC_TRIM is not None
