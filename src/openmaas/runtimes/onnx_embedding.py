@@ -19,7 +19,7 @@ import numpy as np
 from openmaas.entities.tensors import Signature, TensorSpec
 from openmaas.runtimes.base import Runtime, RuntimeResult
 from openmaas.runtimes.chunks import length_chunks
-from openmaas.runtimes.onnx import onnx_parameters
+from openmaas.runtimes.onnx import onnx_parameters, start_onnxruntime
 from openmaas.runtimes.sentence_transformers import HEAD_FILE
 
 CONFIG_FILE = "openmaas_embedding.json"
@@ -74,6 +74,10 @@ class OnnxEmbeddingRuntime(Runtime):
             int(sum(min(len(t) // 4 + 2, window) for t in items)),
             int(sum(min(len(t) + 2, window) for t in items)),
         )
+
+    @classmethod
+    def _set_up(cls) -> None:
+        start_onnxruntime()
 
     def load(self) -> None:
         import onnxruntime as ort

@@ -494,13 +494,15 @@ class ResidencyPool:
         requests, an eviction or the load's own temporary buffers, counted: one load of two 16 MiB copies measured
         71 MiB beside other work, and 2.0 files each time once settled)."""
         started = time.perf_counter()
-        rss_before = await asyncio.to_thread(settled_rss)
         instances: list[Instance] = []
         try:
             for i in range(max(1, count)):
                 executor = ThreadPoolExecutor(1, thread_name_prefix=f"openmaas-{mv.model}-{i}")
                 runtime = create_runtime(mv.format, self._artifact_path(mv), self._options)
                 instances.append(Instance(runtime, executor, self._cores))
+            # The format's one-time set-up in this process is not the model's memory: done before measuring.
+            await asyncio.to_thread(type(instances[0].runtime).set_up_process)
+            rss_before = await asyncio.to_thread(settled_rss)
             for instance in instances:  # copies in processes of their own start side by side
                 await instance.call(instance.runtime.begin_load)
             for instance in instances:
