@@ -34,7 +34,14 @@ serve: $(VENV)/.installed
 # runs everything in one process.
 TEST_WORKERS ?= 2
 
+# The test servers of every suite share one-time model conversions (the bundled Gemma's: minutes of CPU each)
+# through this folder, so a CI run converts it once rather than once a worker and a suite. `make test` empties it
+# first: its generation tests look at a conversion in progress. (`make serve` keeps its conversions in its data dir.)
+CONVERSION_CACHE ?= $(CURDIR)/build/conversion-cache
+test test-slow test-cluster test-browser test-all: export OPENMAAS_CONVERSION_CACHE = $(CONVERSION_CACHE)
+
 test: $(VENV)/.installed-dev
+	rm -rf $(CONVERSION_CACHE)
 	$(BIN)/python -m pytest -m "not slow and not cluster and not browser" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The slow suite (real models quantised and scored end to end); CI runs it after `make test`.
@@ -52,6 +59,7 @@ test-browser: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m browser tests/browser $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed-dev
+	rm -rf $(CONVERSION_CACHE)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev

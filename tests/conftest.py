@@ -48,6 +48,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_server_starts_first(request: pytest.FixtureRequest) -> None:
+    """Where this run has tests of the shared server, it starts before the first test of each worker rather than
+    at the first that asks for it. `make test`'s workers share the bundled model's conversion
+    (OPENMAAS_CONVERSION_CACHE): started together, every worker's server finds that conversion in progress, as the
+    generation tests' first look expects, and never already finished by another worker's."""
+    if any("server" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("server")
+
+
 @pytest.fixture(scope="session")
 def admin_key() -> str:
     return ADMIN_KEY

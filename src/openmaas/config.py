@@ -112,8 +112,15 @@ class Settings(BaseSettings):
     prepare_at_start: bool = Field(
         default=True,
         description="At start, begin in the background the one-time preparation models need (converting the bundled "
-        "GGUF model takes about a minute on 2 cores; importing scikit-learn for skops models a few seconds); its "
+        "GGUF model takes a few minutes on 2 cores; importing scikit-learn for skops models a few seconds); its "
         "progress shows in 'openmaas models show'.",
+    )
+    conversion_cache: Path | None = Field(
+        default=None,
+        description="Folder for the one-time conversions of models (a GGUF file de-quantised, a language model's "
+        "int8 graph), kept by the artifact's digest so that servers on one machine share them: one converts, the "
+        "others wait for it. Unset: beside each artifact in the data dir. Nothing removes entries: delete the "
+        "folder to reclaim the space.",
     )
     model_instances: int = Field(
         default_factory=_default_threads,

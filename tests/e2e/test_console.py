@@ -175,15 +175,16 @@ def test_cross_site_requests_with_the_cookie_are_refused_and_bearer_calls_are_un
         assert r.status_code == 403 and r.json()["code"] == "permission_denied"
         c.close()
     assert admin.get(f"/api/orgs/{alice.org['name']}/keys").json()["keys"] == keys_before
-    # A browser without Sec-Fetch-Site but with this origin's Origin is accepted.
-    c = httpx.Client(base_url=server.url, cookies=cookie, headers={"Origin": server.url})
+    # A browser without Sec-Fetch-Site but with this origin's Origin is accepted. (The call may be the model's first:
+    # a load, seconds beside the other test worker and the bundled model's conversion, past httpx's 5 s default.)
+    c = httpx.Client(base_url=server.url, cookies=cookie, headers={"Origin": server.url}, timeout=120)
     r = c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "x"})
     assert r.status_code == 200, r.text
     c.close()
     # A bearer call carrying a stray cookie of another site's making is judged by its key alone.
     r = httpx.post(f"{server.url}/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "x"},
                    headers={"Authorization": admin.headers["authorization"], "Sec-Fetch-Site": "cross-site"},
-                   cookies=cookie)  # fmt: skip
+                   cookies=cookie, timeout=120)  # fmt: skip
     assert r.status_code == 200
 
 

@@ -20,7 +20,7 @@ def build_gemma(workdir: Path) -> tuple[Path, ModelCard]:
         "conversation as a plain transcript, which suits a base model: "
         f"{PLAIN_CHAT_TEMPLATE!r}, and stops when the model starts the next turn ({' or '.join(map(repr, PLAIN_CHAT_STOPS))}).",
         intended_use="Text continuation, few-shot prompting and experiments with a very small model; first load "
-        "converts the GGUF file once (about a minute on 2 cores), later loads take seconds.",
+        "converts the GGUF file once (a few minutes on 2 cores), later loads take seconds.",
         training_data="Pre-trained by Google on web documents, code and mathematics (see Google's Gemma 3 model "
         "card); context window 32,768 tokens (this server serves up to OPENMAAS_GENERATION_CONTEXT).",
         metrics={"parameters_millions": 270, "context_window": 32768},

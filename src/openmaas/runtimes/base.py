@@ -43,6 +43,8 @@ class RuntimeOptions:
     generation_weights: str = "int8"
     #: Serve each copy of a runtime that asks for it (``Runtime.own_process``) in a child process.
     copy_processes: bool = False
+    #: Where one-time conversions go (``runtimes/conversion.py``, ``use_cache``); None: beside each artifact.
+    conversion_cache: str | None = None
 
 
 @dataclass

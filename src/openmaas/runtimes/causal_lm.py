@@ -23,7 +23,7 @@ from openmaas.entities.models import Preparation
 from openmaas.entities.tensors import Signature, TensorSpec
 from openmaas.errors import Overloaded
 from openmaas.runtimes.base import Runtime, RuntimeOptions, RuntimeResult, process_rss, route_library_logs
-from openmaas.runtimes.conversion import convert_once, progress
+from openmaas.runtimes.conversion import convert_once, home, progress
 from openmaas.runtimes.decoder import OnnxDecoder, TorchDecoder
 from openmaas.runtimes.engine import Engine, Generation
 from openmaas.runtimes.gguf import conversion_progress, converted_folder, converted_target, describe_gguf
@@ -286,9 +286,9 @@ class GGUFRuntime(CausalLMRuntime):
 
 
 def _int8_target(folder: Path) -> Path:
-    """Where the int8 graph of the float32 ``folder`` goes: beside it. (``.int8`` folders of earlier releases, int8
-    weights inside the transformers model, are left unread.)"""
-    return folder.parent / f"{folder.name}.onnx-int8"
+    """Where the int8 graph of the float32 ``folder`` goes: beside it, or in the conversion cache. (``.int8`` folders
+    of earlier releases, int8 weights inside the transformers model, are left unread.)"""
+    return home(folder) / f"{folder.name}.onnx-int8"
 
 
 def _ids(value: Any) -> set[int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from openmaas.entities.models import Preparation
-from openmaas.runtimes.conversion import child_start, convert_once, progress, report
+from openmaas.runtimes.conversion import child_start, convert_once, home, progress, report
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +78,15 @@ def describe_gguf(path: Path) -> dict[str, Any]:
 
 def converted_folder(gguf_path: Path) -> Path:
     """The safetensors folder converted from ``gguf_path``, made on first use (in a child process) and kept beside
-    the artifact."""
+    the artifact or in the conversion cache."""
     return convert_once(
         converted_target(gguf_path), "openmaas.runtimes.gguf", [str(gguf_path)], "converting GGUF to safetensors"
     )
 
 
 def converted_target(gguf_path: Path) -> Path:
-    """Where the conversion of ``gguf_path`` goes: beside the artifact."""
-    return gguf_path.parent / "converted"
+    """Where the conversion of ``gguf_path`` goes: beside the artifact, or in the conversion cache."""
+    return home(gguf_path) / "converted"
 
 
 def conversion_progress(gguf_path: Path) -> Preparation | None:

@@ -30,6 +30,7 @@ import orjson
 
 from openmaas.entities.tensors import Signature
 from openmaas.runtimes.base import Runtime, RuntimeOptions, RuntimeResult, process_rss
+from openmaas.runtimes.conversion import use_cache
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +262,7 @@ def child(fmt: str, path: str, options_json: str) -> int:
     from openmaas.runtimes import runtime_class
 
     options = RuntimeOptions(**orjson.loads(options_json))
+    use_cache(options.conversion_cache)
     runtime = runtime_class(fmt)(Path(path), options)
     try:
         runtime.load()

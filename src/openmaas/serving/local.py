@@ -27,6 +27,7 @@ from openmaas.entities.speech import Transcript
 from openmaas.errors import InvalidRequest
 from openmaas.runtimes import Runtime, RuntimeOptions, runtime_class
 from openmaas.runtimes.causal_lm import CausalLMRuntime
+from openmaas.runtimes.conversion import use_cache
 from openmaas.runtimes.engine import Generation
 from openmaas.runtimes.whisper import SAMPLE_RATE, AudioError, WhisperRuntime, decode_audio
 from openmaas.serving.backend import (
@@ -64,6 +65,7 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         generation_queue=settings.generation_queue,
         generation_weights=settings.generation_weights,
         copy_processes=settings.model_processes,
+        conversion_cache=str(settings.conversion_cache) if settings.conversion_cache else None,
     )
 
 
@@ -76,6 +78,7 @@ def local_backend(
 ) -> LocalBackend:
     """The backend the server runs (and an evaluation job runs in its worker): each model's batching, copies
     and pin from its ``serving_config``, the rest from settings."""
+    use_cache(options.conversion_cache)
     defaults = BatchConfig(
         max_batch_size=settings.max_batch_size,
         max_queue_delay_ms=settings.max_queue_delay_ms,
