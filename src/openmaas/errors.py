@@ -77,6 +77,11 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.INTERNAL: 500,
 }
 
+#: 5xx answers that refuse work the server cannot take now (back-pressure, a model still being prepared): the
+#: client is told when to retry and the metrics count them by status, so they are not logged as the server's
+#: errors (a flood logged an error line for every refused request, at the moment the server had least to spare).
+REFUSALS = frozenset({ErrorCode.OVERLOADED, ErrorCode.MODEL_NOT_READY})
+
 
 class OpenMaaSError(Exception):
     """A domain error with a catalogue code, a human message and optionally the offending parameter."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,6 +126,10 @@ def test_flood_is_refused_fast_with_retry_after(busy_server: ServerProcess) -> N
     # ...and what was admitted waited for at most the bounded queue ahead of it (queue 3 + 1 running),
     # with a generous allowance for this busy 2-core machine.
     assert max(admitted) < 5 * one + 2.0
+    # Refusals are counted, not logged as the server's errors (before: an error line for each refused request).
+    logged = [json.loads(line) for line in busy_server.log().splitlines() if line.startswith("{")]
+    assert not [e for e in logged if e.get("level") == "error" and e.get("code") == "overloaded"]
+    assert [e for e in logged if e.get("msg") == "request" and e.get("status") == 503]  # the access log has them
 
 
 def test_openai_surface_answers_429_when_full(busy_server: ServerProcess, minilm_dir: Path) -> None:

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import HTMLResponse, Response
 
 from openmaas.api.responses import JSONResponse, ProblemResponse
-from openmaas.errors import STATUS, ErrorCode, ModelNotFound, OpenMaaSError
+from openmaas.errors import REFUSALS, STATUS, ErrorCode, ModelNotFound, OpenMaaSError
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,19 @@ def validation_message(exc: RequestValidationError) -> tuple[ErrorCode, str, str
     return ErrorCode.INVALID_REQUEST, f"invalid value for '{param}': {msg}" if param else msg, param
 
 
-def domain_error_response(path: str, exc: OpenMaaSError) -> Response:
-    if exc.status >= 500:
+def log_server_error(exc: OpenMaaSError) -> None:
+    """Log a domain error the server answers with a 5xx: an error, except a refusal (``REFUSALS``), which is only
+    counted (debug level here)."""
+    if exc.status < 500:
+        return
+    if exc.code in REFUSALS:
+        log.debug("refused", extra={"code": exc.code.value, "error": exc.message})
+    else:
         log.error("server error", extra={"code": exc.code.value, "error": exc.message})
+
+
+def domain_error_response(path: str, exc: OpenMaaSError) -> Response:
+    log_server_error(exc)
     protocol = protocol_of(path)
     message = exc.triton_message if protocol == "v2" and isinstance(exc, ModelNotFound) else exc.message
     return error_response(protocol, exc.code, message, param=exc.param, headers=exc.headers)

@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 from openmaas import __version__
 from openmaas.api import v2_views as views
 from openmaas.api.deps import bearer_of
-from openmaas.api.errors import GRPC_STATUS
+from openmaas.api.errors import GRPC_STATUS, log_server_error
 from openmaas.api.grpc import inference_pb2 as pb
 from openmaas.api.grpc.codec import decode_infer, encode_infer
 from openmaas.audit import Actor
@@ -198,8 +198,7 @@ class GrpcSurface:
             yield rid
         except OpenMaaSError as e:
             status = _status(e.code).name
-            if e.status >= 500:
-                log.error("server error", extra={"code": e.code.value, "error": e.message})
+            log_server_error(e)
             trailing = tuple((k.lower(), v) for k, v in (e.headers or {}).items())
             await context.abort(_status(e.code), e.message, trailing_metadata=trailing)
         except (grpc.aio.AbortError, asyncio.CancelledError):
