@@ -19,7 +19,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from openmaas.entities.models import Preparation
@@ -88,7 +87,7 @@ def _lock(target: Path) -> threading.Lock:
         return _LOCKS.setdefault(target, threading.Lock())
 
 
-@contextmanager
+@contextlib.contextmanager
 def _between_processes(target: Path) -> Iterator[None]:
     """Hold the file lock of ``target`` (``.<name>.lock`` beside it), waiting for another process that holds it."""
     target.parent.mkdir(parents=True, exist_ok=True)

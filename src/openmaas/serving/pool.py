@@ -492,7 +492,7 @@ class ResidencyPool:
         """Load ``count`` copies, each on its own new thread; the footprint is the process's memory growth, read with
         freed memory given back to the system on both sides (else memory freed or reused meanwhile, by other models'
         requests, an eviction or the load's own temporary buffers, counted: one load of two 16 MiB copies measured
-        71 MiB beside other work, and 2.0 files each time once settled)."""
+        71 MiB beside other work, and 2.0-3.0 files once settled)."""
         started = time.perf_counter()
         instances: list[Instance] = []
         try:
