@@ -175,7 +175,7 @@ def test_a_skops_models_first_call_after_a_restart_does_not_wait_for_scikit_lear
         proc.log_path.unlink()
         proc.start()
         deadline = time.monotonic() + 60
-        while "model library imported" not in proc.log():
+        while "model format set up" not in proc.log():
             assert time.monotonic() < deadline, proc.log()[-3000:]
             time.sleep(0.1)
         body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 13], "data": x[0].tolist()}]}
@@ -184,8 +184,8 @@ def test_a_skops_models_first_call_after_a_restart_does_not_wait_for_scikit_lear
     finally:
         proc.stop()
     lines = [orjson.loads(line) for line in proc.log().splitlines() if line.startswith("{")]
-    imported = [e for e in lines if e.get("msg") == "model library imported"]
-    assert [e["library"] for e in imported] == ["skops.io"]
+    set_up = [e for e in lines if e.get("msg") == "model format set up"]
+    assert [(e["format"], e["libraries"]) for e in set_up] == [("skops", ["skops.io"])]
     loaded = [e for e in lines if e.get("msg") == "model loaded" and e.get("model") == "wine"]
     assert len(loaded) == 1, loaded
     assert loaded[0]["seconds"] < 1.0 and loaded[0]["bytes"] < 32 << 20, loaded[0]

@@ -97,12 +97,17 @@ class Runtime(ABC):
         return None
 
     @classmethod
+    def is_set_up(cls) -> bool:
+        """Whether this process has nothing left to set up for the format (``set_up_process``)."""
+        return cls in _SET_UP or (not cls.libraries and cls._set_up.__func__ is Runtime._set_up.__func__)  # type: ignore[attr-defined]
+
+    @classmethod
     def set_up_process(cls) -> None:
         """The one-time, process-wide work a format's first load would otherwise do inside it: importing its
         ``libraries`` and starting them (``_set_up``). The pool runs it before it measures a load, so that a model
         is charged its own memory only (ONNX Runtime's import and environment made the first ONNX load in a
         process read 3.8 times its file). Once per process and format; thread-safe."""
-        if cls in _SET_UP:
+        if cls.is_set_up():
             return
         with _SET_UP_LOCK:
             if cls not in _SET_UP:

@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import importlib
 import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, fields, replace
@@ -51,8 +49,8 @@ log = logging.getLogger(__name__)
 _BATCH_FIELDS = frozenset(f.name for f in fields(BatchConfig))
 #: Artifacts smaller than this are prepared by their first load rather than in the background at registration.
 _PREPARE_INLINE_BYTES = 32 << 20
-#: Libraries whose background import has started in this process (``LocalBackend._import_libraries``).
-_IMPORTING: set[str] = set()
+#: Formats whose background set-up has started in this process (``LocalBackend._set_up_format``).
+_SETTING_UP: set[type[Runtime]] = set()
 
 
 def runtime_options(settings: Settings) -> RuntimeOptions:
@@ -330,7 +328,7 @@ class LocalBackend:
 
     def prepare(self, mv: ModelVersion) -> None:
         cls = runtime_class(mv.format)
-        self._import_libraries(cls)
+        self._set_up_format(cls)
         if cls.prepare.__func__ is Runtime.prepare.__func__:  # type: ignore[attr-defined]
             return  # the format needs no preparation: no thread for nothing
         path = self.pool.artifact_path(mv)
@@ -360,14 +358,15 @@ class LocalBackend:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _import_libraries(self, cls: type[Runtime]) -> None:
-        """Import the format's slow libraries off the event loop, once (see ``Runtime.libraries``); on failure the
-        first load imports them again and reports the problem to its caller."""
-        for name in cls.libraries:
-            if name not in sys.modules and name not in _IMPORTING:
-                _IMPORTING.add(name)
-                self._in_background(functools.partial(importlib.import_module, name), {"library": name},
-                                    "model library imported", "importing a model library failed")  # fmt: skip
+    def _set_up_format(self, cls: type[Runtime]) -> None:
+        """Run the format's one-time set-up in this process (``Runtime.set_up_process``: its slow imports, ONNX
+        Runtime's environment) off the event loop, once, so that a first call does not wait for it; on failure the
+        first load runs it again and reports the problem to its caller."""
+        if cls.is_set_up() or cls in _SETTING_UP:
+            return
+        _SETTING_UP.add(cls)
+        self._in_background(cls.set_up_process, {"format": cls.format, "libraries": list(cls.libraries)},
+                            "model format set up", "setting up a model format failed")  # fmt: skip
 
     async def start(self) -> None:
         """Nothing to connect to: models load in this process on first use."""
