@@ -83,16 +83,8 @@ def test_two_processes_sharing_a_target_convert_it_once(tmp_path: Path) -> None:
 def test_a_process_waiting_for_another_ones_conversion_says_so(tmp_path: Path) -> None:
     source, runs, target = tmp_path / "source.json", tmp_path / "runs.txt", tmp_path / "converted"
     source.write_text("{}")
-    other = subprocess.Popen(
-        [sys.executable, "-c", _CONVERT, str(source), str(runs), str(target)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        env={**os.environ, "SLOW_CONVERTER_SECONDS": "3"},
-    )
+    other = _converting_elsewhere(source, runs, target, seconds=3)  # it holds the lock
     try:
-        deadline = time.monotonic() + 30
-        while not runs.exists() and time.monotonic() < deadline:  # the other process holds the lock
-            time.sleep(0.05)
         done: list[Path] = []
         waiting = threading.Thread(
             target=lambda: done.append(
@@ -119,15 +111,7 @@ def test_a_converter_does_not_outlive_the_process_that_waits_for_it(
     minutes into a folder nobody would use. The next conversion of the target clears what it left."""
     source, runs, target = tmp_path / "source.json", tmp_path / "runs.txt", tmp_path / "converted"
     source.write_text("{}")
-    parent = subprocess.Popen(
-        [sys.executable, "-c", _CONVERT, str(source), str(runs), str(target)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        env={**os.environ, "SLOW_CONVERTER_SECONDS": "60"},
-    )
-    deadline = time.monotonic() + 30
-    while not runs.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    parent = _converting_elsewhere(source, runs, target, seconds=60)
     child = int(runs.read_text().split()[0])
     parent.kill()
     parent.wait()
@@ -141,6 +125,20 @@ def test_a_converter_does_not_outlive_the_process_that_waits_for_it(
     monkeypatch.setenv("SLOW_CONVERTER_SECONDS", "0")
     conversion.convert_once(target, "tests.unit.slow_converter", [str(source), str(runs)], "converting")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("converted")) == ["converted"]
+
+
+def _converting_elsewhere(source: Path, runs: Path, target: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """Another process converting ``target`` (its converter takes ``seconds``), once its converter has started."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _CONVERT, str(source), str(runs), str(target)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "SLOW_CONVERTER_SECONDS": str(seconds)},
+    )
+    deadline = time.monotonic() + 30
+    while not runs.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return process
 
 
 def _alive(pid: int) -> bool:
