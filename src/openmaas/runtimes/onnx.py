@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,13 +53,7 @@ class OnnxRuntime(Runtime):
         start_onnxruntime()
 
     def load(self) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.options.onnx_threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+        session = cpu_session(str(self.path), self.options.onnx_threads)
         self._signature = Signature(
             inputs=[_spec(a) for a in session.get_inputs()],
             outputs=[_spec(a) for a in session.get_outputs()],
@@ -118,16 +113,22 @@ def onnx_parameters(path: Path) -> int:
 def start_onnxruntime() -> None:
     """Import ONNX Runtime and run a one-node graph: its environment (thread pools, allocators, kernel registry) is
     made by the first session in a process, ~40 MiB with the import that no model should be charged."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "set-up", [x], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    cpu_session(model.SerializeToString(), 1).run(None, {"x": np.ones(1, np.float32)})
+
+
+def cpu_session(model: str | bytes, threads: int) -> Any:
+    """An ONNX Runtime session of ``model`` (a path or the graph's bytes) on the CPU with ``threads`` intra-op
+    threads, one inter-op thread, and only errors logged."""
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
+    opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-    session.run(None, {"x": np.ones(1, np.float32)})
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
